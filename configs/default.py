@@ -1,0 +1,28 @@
+"""The default main job: a small ViT on the offline `digits` dataset (8x8 images, 10 classes).
+
+Trains to >= 97% test accuracy in under three minutes on a 2-core CPU.
+"""
+from vit_jax.config_schema import base_config
+
+
+def get_config():
+  config = base_config()
+  config.model.name = 'vit_pico'
+  config.dataset.name = 'digits'
+  config.dataset.image_size = 8
+  config.dataset.train_crop = 'pad_and_crop'
+  config.dataset.crop_padding = 1
+  config.dataset.flip = False  # Mirrored digits are different digits.
+  config.dataset.eval_crop_fraction = 1.0
+  config.dataset.shuffle_buffer = 2000
+  config.dataset.cache = True
+  config.batch_size = 128
+  config.total_steps = 1500
+  config.log_every = 100
+  config.eval_every = 500
+  config.checkpoint_every = 500
+  config.optimizer.name = 'adamw'
+  config.optimizer.lr = 2e-3
+  config.optimizer.warmup_steps = 100
+  config.optimizer.weight_decay = 0.05
+  return config

@@ -1,0 +1,95 @@
+"""Every config builds its model and optimizer, validates, and every schema field is read by the package."""
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+from ml_collections import config_flags  # noqa: F401  (the loader the CLI uses)
+from ml_collections.config_flags import config_flags as cf_impl
+
+from vit_jax import config_schema, optim, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted((ROOT / 'configs').glob('*.py'))
+
+
+def load_config(path: pathlib.Path, arg: str = '') -> ml_collections.ConfigDict:
+  spec = f'{path}:{arg}' if arg else str(path)
+  return cf_impl._ConfigFileParser(name='config').parse(spec)  # pylint: disable=protected-access
+
+
+def _leaf_paths(config, prefix=''):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaf_paths(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}'
+
+
+def test_configs_exist():
+  names = {p.name for p in CONFIG_FILES}
+  assert {'default.py', 'vit_b16.py', 'vit_l16.py'} <= names
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=lambda p: p.name)
+def test_config_validates_and_builds(path):
+  config = load_config(path)
+  config_schema.validate_config(config)
+  model = train.build_model(config, num_classes=10)
+  size = config.dataset.image_size
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+  tx, schedule = optim.create_optimizer(config.optimizer, config.total_steps)
+  jax.eval_shape(tx.init, variables['params'])
+  assert float(schedule(config.total_steps)) >= 0.0
+
+
+def test_config_variant_argument():
+  config = load_config(ROOT / 'configs' / 'vit_b16.py', '90')
+  assert config.total_steps == 90 * 1_281_167 // 4096
+
+
+def test_every_schema_field_is_read_by_the_package():
+  source = '\n'.join(p.read_text() for p in (ROOT / 'vit_jax').rglob('*.py') if p.name != 'config_schema.py')
+  unread = []
+  for path in _leaf_paths(config_schema.base_config()):
+    section, _, leaf = path.rpartition('.')
+    # A field counts as read where the package accesses it by attribute or key on its section.
+    owner = section.split('.')[-1] if section else 'config'
+    patterns = [rf'\b{owner}\.{leaf}\b', rf'\b{owner}_config\.{leaf}\b', rf"\[['\"]{leaf}['\"]\]",
+                rf'config\.{leaf}\b']
+    if not any(re.search(p, source) for p in patterns):
+      unread.append(path)
+  assert not unread, f'Config fields nothing reads: {unread}'
+
+
+def test_unknown_key_is_named():
+  config = config_schema.base_config()
+  config.optimzer = ml_collections.ConfigDict({'lr': 1.0})
+  config.dataset.nmae = 'x'
+  with pytest.raises(ValueError, match='optimzer.*dataset.nmae|dataset.nmae.*optimzer'):
+    config_schema.validate_config(config)
+
+
+def test_override_of_unknown_key_fails_at_parse():
+  with pytest.raises(Exception, match='optimzer'):
+    config = load_config(ROOT / 'configs' / 'default.py')
+    config.lock()
+    config.optimzer = 1
+
+
+@pytest.mark.parametrize('key,value,match', [('total_steps', 0, 'total_steps'), ('batch_size', -1, 'batch_size'),
+                                             ('eval_every', -5, 'eval_every')])
+def test_bad_values_are_named(key, value, match):
+  config = config_schema.base_config()
+  config[key] = value
+  with pytest.raises(ValueError, match=match):
+    config_schema.validate_config(config)
+
+
+def test_warmup_longer_than_training():
+  config = config_schema.base_config()
+  config.optimizer.warmup_steps = config.total_steps + 1
+  with pytest.raises(ValueError, match='warmup_steps'):
+    config_schema.validate_config(config)

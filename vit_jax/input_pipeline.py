@@ -1,0 +1,314 @@
+"""tf.data input pipelines over TFDS datasets, yielding numpy batches for the trainer.
+
+Reads every field of `config.dataset` (see config_schema.py). Each process reads only its own part of a split
+(`tfds.split_for_jax_process`), so batches here are per-process: global_batch_size // process_count examples.
+Images come out as float32 (b, image_size, image_size, 3) in [-1, 1] (x / 127.5 - 1, as the official ViT), labels
+as int32 (b,).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+import dataclasses
+import difflib
+import logging
+import math
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vit_jax import datasets as _vit_jax_datasets  # Registers vit_jax's own TFDS builders (digits).
+
+del _vit_jax_datasets
+
+try:  # tf is only an input pipeline here: keep it off the accelerators so it never takes their memory.
+  tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:  # TF already initialised its devices (someone used TF first); nothing we can change now.
+  logging.warning('TensorFlow devices were already initialised; could not hide GPUs from tf.data.')
+
+TRAIN_CROPS = ('inception', 'pad_and_crop', 'resize')
+_AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the trainer needs to know about a dataset. Example counts are for whole splits (all processes)."""
+  num_classes: int
+  num_train_examples: int
+  num_eval_examples: int
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Builders and splits.
+
+
+def _is_vit_jax_builder(builder: tfds.core.DatasetBuilder) -> bool:
+  """Whether `builder` is one of ours (prepared from bundled data, so it can be prepared anywhere)."""
+  return type(builder).__module__.startswith('vit_jax.')
+
+
+def _get_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """Returns the prepared builder for `dataset_config.name`, preparing vit_jax's own builders when missing."""
+  name, data_dir = dataset_config.name, dataset_config.data_dir
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    base = name.split(':')[0].split('/')[0]
+    close = difflib.get_close_matches(base, tfds.list_builders(with_community_datasets=False), n=5)
+    hint = f' Did you mean one of {close}?' if close else ''
+    raise ValueError(f'Unknown dataset {name!r} (config.dataset.name): no TFDS or vit_jax builder has that name.'
+                     f'{hint}') from None
+  if builder.is_prepared():
+    return builder
+  if _is_vit_jax_builder(builder):
+    logging.info('Preparing vit_jax dataset %r into %s.', name, builder.data_dir)
+    builder.download_and_prepare()
+    return builder
+  where = data_dir if data_dir is not None else 'the TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)'
+  manual = ''
+  if builder.name == 'imagenet2012':
+    manual = (' imagenet2012 cannot be downloaded by TFDS: first place ILSVRC2012_img_train.tar and '
+              'ILSVRC2012_img_val.tar in DATA_DIR/downloads/manual/.')
+  raise FileNotFoundError(
+      f'Dataset {name!r} is not prepared in data_dir={where} (looked for {builder.data_dir}), and this machine '
+      f'cannot download it. Prepare it on a machine with internet with `tfds build {builder.name} '
+      f'--data_dir=DATA_DIR` and copy DATA_DIR/{builder.name} into the data_dir here, or set '
+      f'config.dataset.data_dir to a directory where it is already prepared.{manual}')
+
+
+def _num_examples(builder: tfds.core.DatasetBuilder, split: Any, field: str) -> int:
+  """Number of examples in `split` (a name, slice like 'train[:90%]', or sub-split); clear error if invalid."""
+  try:
+    return builder.info.splits[split].num_examples
+  except (KeyError, ValueError) as e:
+    raise ValueError(f'Invalid split {str(split)!r} (config.dataset.{field}) for dataset {builder.name!r}: {e} '
+                     f'Available splits: {sorted(builder.info.splits.keys())}.') from None
+
+
+def _process_split(dataset_config: ml_collections.ConfigDict, field: str, global_batch_size: int,
+                   process_index: int | None, process_count: int | None,
+                   ) -> tuple[tfds.core.DatasetBuilder, Any, int, int, int]:
+  """Validates arguments; returns (builder, this process's sub-split, process_index, process_count, local batch)."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f'Need 0 <= process_index < process_count, got {process_index} and {process_count}.')
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f'global_batch_size={global_batch_size} must be a positive multiple of the number of '
+                     f'processes ({process_count}).')
+  builder = _get_builder(dataset_config)
+  split = dataset_config[field]
+  _num_examples(builder, split, field)
+  subsplit = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
+  return builder, subsplit, process_index, process_count, global_batch_size // process_count
+
+
+def get_dataset_info(dataset_config: ml_collections.ConfigDict) -> DatasetInfo:
+  """Classes and whole-split sizes of the configured dataset (preparing vit_jax builders if needed)."""
+  builder = _get_builder(dataset_config)
+  return DatasetInfo(
+      num_classes=builder.info.features['label'].num_classes,
+      num_train_examples=_num_examples(builder, dataset_config.train_split, 'train_split'),
+      num_eval_examples=_num_examples(builder, dataset_config.eval_split, 'eval_split'),
+  )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image ops (tf, per example). Images are uint8 (h, w, c) until resized; resizing gives float32 in [0, 255].
+
+
+def _decoders() -> dict[str, Any]:
+  """Read images still encoded, so shuffle buffers hold compressed bytes and decoding runs after shuffling."""
+  return {'image': tfds.decode.SkipDecoding()}
+
+
+def _decode_fn(builder: tfds.core.DatasetBuilder) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+  """Returns a fn decoding the (skipped) image with the dataset's own Image feature, keeping only image/label."""
+  image_feature = builder.info.features['image']
+
+  def decode(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    return {'image': image_feature.decode_example(example['image']), 'label': example['label']}
+  return decode
+
+
+def _to_rgb(image: tf.Tensor) -> tf.Tensor:
+  """Grayscale -> RGB by repeating the channel; RGBA -> RGB by dropping alpha. Always returns 3 channels."""
+  channels = image.shape[-1]
+  if channels == 3:
+    return image
+  if channels == 1:
+    return tf.tile(image, [1, 1, 3])
+  if channels is None:
+    image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.tile(image, [1, 1, 3]), lambda: image[..., :3])
+  else:
+    image = image[..., :3]
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _resize(image: tf.Tensor, height: Any, width: Any) -> tf.Tensor:
+  """Bilinear resize to (height, width) as float32 in [0, 255]; a no-op cast when the static size already matches."""
+  if image.shape[0] == height and image.shape[1] == width:
+    return tf.cast(image, tf.float32)
+  image = tf.image.resize(image, [height, width], method='bilinear')
+  return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def _inception_crop(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
+  """Random crop of 5%..100% of the area with aspect ratio 3/4..4/3, resized to size x size (as in ViT/big_vision)."""
+  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image), bounding_boxes=tf.zeros([0, 0, 4], tf.float32), seed=seed, min_object_covered=0.0,
+      aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.05, 1.0), use_image_if_no_bounding_boxes=True)
+  crop = tf.slice(image, begin, crop_size)
+  crop.set_shape([None, None, 3])
+  return _resize(crop, size, size)
+
+
+def _pad_and_crop(image: tf.Tensor, size: int, padding: int, seed: tf.Tensor) -> tf.Tensor:
+  """Resize to size, zero-pad by `padding` on every side, and take a random size x size crop (CIFAR-style)."""
+  image = _resize(image, size, size)
+  if padding > 0:
+    image = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+  return tf.image.stateless_random_crop(image, [size, size, 3], seed=seed)
+
+
+def _resize_small_and_center_crop(image: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:
+  """Resize the shorter side to size / crop_fraction (keeping aspect), then take the central size x size crop."""
+  if crop_fraction == 1.0:
+    return _resize(image, size, size)
+  small = size / crop_fraction
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = small / tf.reduce_min(shape)
+  new_hw = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
+  image = tf.image.resize(image, new_hw, method='bilinear')
+  image = tf.clip_by_value(image, 0.0, 255.0)
+  top, left = (new_hw[0] - size) // 2, (new_hw[1] - size) // 2
+  image = tf.slice(image, [top, left, 0], [size, size, 3])
+  image.set_shape([size, size, 3])
+  return image
+
+
+def _normalize(image: tf.Tensor) -> tf.Tensor:
+  """[0, 255] -> [-1, 1], as the official ViT."""
+  return image / 127.5 - 1.0
+
+
+def _check_image_config(dataset_config: ml_collections.ConfigDict) -> None:
+  """Validates the image fields, so that mistakes fail at iterator creation, not inside tf.data."""
+  if dataset_config.image_size < 1:
+    raise ValueError(f'config.dataset.image_size must be positive, got {dataset_config.image_size}.')
+  if dataset_config.train_crop not in TRAIN_CROPS:
+    raise ValueError(f'config.dataset.train_crop must be one of {TRAIN_CROPS}, got {dataset_config.train_crop!r}.')
+  if dataset_config.crop_padding < 0:
+    raise ValueError(f'config.dataset.crop_padding must be >= 0, got {dataset_config.crop_padding}.')
+  if not 0.0 < dataset_config.eval_crop_fraction <= 1.0:
+    raise ValueError(f'config.dataset.eval_crop_fraction must be in (0, 1], got {dataset_config.eval_crop_fraction}.')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Iterators.
+
+
+def _process_seeds(seed: int, process_index: int) -> tuple[int, int, np.ndarray]:
+  """(shuffle seed, file-shuffle seed, augmentation seed pair) derived from (seed, process_index): differ by process."""
+  words = np.random.SeedSequence([seed, process_index]).generate_state(4, dtype=np.uint32)
+  return int(words[0]), int(words[1]), words[2:].astype(np.int64)
+
+
+def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                          process_index: int | None = None,
+                          process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Endless, shuffled, augmented per-process training batches; deterministic given `seed` and the process.
+
+  Yields {'image': float32 (b, image_size, image_size, 3) in [-1, 1], 'label': int32 (b,)} with
+  b = global_batch_size // process_count. Errors in the config are raised here, not at the first `next()`.
+  """
+  _check_image_config(dataset_config)
+  builder, subsplit, process_index, _, local_batch = _process_split(
+      dataset_config, 'train_split', global_batch_size, process_index, process_count)
+  shuffle_seed, file_seed, aug_seed = _process_seeds(seed, process_index)
+  size = dataset_config.image_size
+  train_crop, padding, flip = dataset_config.train_crop, dataset_config.crop_padding, dataset_config.flip
+  decode = _decode_fn(builder)
+
+  ds = builder.as_dataset(split=subsplit, shuffle_files=True, decoders=_decoders(),
+                          read_config=tfds.ReadConfig(shuffle_seed=file_seed))
+  if dataset_config.cache:  # Small datasets: decode once and keep the decoded images in memory.
+    ds = ds.map(decode, num_parallel_calls=_AUTOTUNE).cache()
+  if dataset_config.shuffle_buffer and dataset_config.shuffle_buffer > 1:
+    ds = ds.shuffle(dataset_config.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
+  ds = ds.repeat().enumerate()  # The running index gives each example its own stateless augmentation seed.
+
+  def preprocess(index: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    if not dataset_config.cache:
+      example = decode(example)
+    rng = tf.random.experimental.stateless_fold_in(tf.constant(aug_seed), index)
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(rng, 2))
+    image = _to_rgb(example['image'])
+    if train_crop == 'inception':
+      image = _inception_crop(image, size, crop_seed)
+    elif train_crop == 'pad_and_crop':
+      image = _pad_and_crop(image, size, padding, crop_seed)
+    else:
+      image = _resize(image, size, size)
+    if flip:
+      image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    return {'image': _normalize(image), 'label': tf.cast(example['label'], tf.int32)}
+
+  ds = ds.map(preprocess, num_parallel_calls=_AUTOTUNE)
+  ds = ds.batch(local_batch, drop_remainder=True).prefetch(_AUTOTUNE)
+  return iter(ds.as_numpy_iterator())
+
+
+def create_eval_iterator(dataset_config: ml_collections.ConfigDict, *, global_batch_size: int,
+                         process_index: int | None = None,
+                         process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """One deterministic pass over this process's part of the eval split, padded to whole batches.
+
+  Yields {'image', 'label', 'mask'} with mask float32 (b,): 1 for real examples, 0 for padding. Every process
+  yields the same number of batches (ceil(largest per-process part / local batch)), padding with all-masked
+  batches where needed, so collective eval steps never hang. Over all processes, each example of the split
+  appears exactly once with mask 1.
+  """
+  _check_image_config(dataset_config)
+  builder, subsplit, _, process_count, local_batch = _process_split(
+      dataset_config, 'eval_split', global_batch_size, process_index, process_count)
+  split = dataset_config.eval_split
+  largest_part = max(builder.info.splits[s].num_examples
+                     for s in tfds.even_splits(split, n=process_count))
+  num_batches = math.ceil(largest_part / local_batch)
+  size, fraction = dataset_config.image_size, dataset_config.eval_crop_fraction
+  decode = _decode_fn(builder)
+
+  def preprocess(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    example = decode(example)
+    image = _resize_small_and_center_crop(_to_rgb(example['image']), size, fraction)
+    return {'image': _normalize(image), 'label': tf.cast(example['label'], tf.int32)}
+
+  ds = builder.as_dataset(split=subsplit, shuffle_files=False, decoders=_decoders())
+  ds = ds.map(preprocess, num_parallel_calls=_AUTOTUNE).batch(local_batch).prefetch(_AUTOTUNE)
+
+  def padded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    n = len(batch['label'])
+    out = {k: np.zeros((local_batch,) + v.shape[1:], v.dtype) for k, v in batch.items()}
+    for k, v in batch.items():
+      out[k][:n] = v
+    out['mask'] = (np.arange(local_batch) < n).astype(np.float32)
+    return out
+
+  def batches() -> Iterator[dict[str, np.ndarray]]:
+    count = 0
+    for batch in ds.as_numpy_iterator():
+      count += 1
+      if count > num_batches:
+        raise RuntimeError(f'Eval split {split!r} of {builder.name!r} has more examples than its metadata says '
+                           f'({largest_part} per process at most); re-prepare the dataset.')
+      yield padded(batch)
+    empty = {'image': np.zeros((0, size, size, 3), np.float32), 'label': np.zeros((0,), np.int32)}
+    for _ in range(num_batches - count):
+      yield padded(empty)
+
+  return batches()

@@ -1,0 +1,40 @@
+"""Command-line entry: `python -m vit_jax.main --config=configs/NAME.py --workdir=DIR [--config.key=value]`."""
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/NAME.py[:arg]).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard events and metrics.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'Multi-host: host:port of process 0. Omit on TPU pods and SLURM (auto-detected).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process\'s index.')
+_MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() (auto-detects TPU/SLURM).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Imports after flag parsing keep `--help` fast and TF out of the way until needed.
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax import config_schema, train  # pylint: disable=g-import-not-at-top
+
+  if _MULTIHOST.value or _COORDINATOR.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  config = _CONFIG.value
+  config_schema.validate_config(config)
+  logging.info('JAX process %d/%d, %d local / %d global devices (%s).', jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+  train.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,8 @@
+"""Vision Transformer model zoo: `create_model(name, num_classes=...)` and `list_models()`.
+
+Importing this package registers every family.
+"""
+from vit_jax.models import vit  # noqa: F401  (registers the ViT family)
+from vit_jax.models.registry import ModelSpec, create_model, get_model_spec, list_models, register_model
+
+__all__ = ['ModelSpec', 'create_model', 'get_model_spec', 'list_models', 'register_model']

@@ -1,0 +1,262 @@
+"""Vision Transformer (Dosovitskiy et al. 2020) with the official flax parameter names.
+
+Parameter paths match google-research/vision_transformer, so the published .npz files load through
+`vit_jax.pretrained.load_pretrained`; `classifier='map'` and `posemb='sincos2d'` follow big_vision.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.models import layers
+from vit_jax.models import registry
+
+Array = jax.Array
+
+# Widths of big_vision's variant letters (Table 2 of https://arxiv.org/abs/2106.04560).
+_VARIANTS = {
+    # name: (hidden_size, num_layers, mlp_dim, num_heads)
+    'Ti': (192, 12, 768, 3),
+    'S': (384, 12, 1536, 6),
+    'M': (512, 12, 2048, 8),
+    'B': (768, 12, 3072, 12),
+    'L': (1024, 24, 4096, 16),
+    'So400m': (1152, 27, 4304, 16),
+    'H': (1280, 32, 5120, 16),
+    'g': (1408, 40, 6144, 16),
+    'G': (1664, 48, 8192, 16),
+    'e': (1792, 56, 15360, 16),
+}
+
+
+def parse_variant(variant: str) -> dict[str, int]:
+  """Decodes a big_vision variant string such as 'B/16' (or just 'B') into VisionTransformer fields."""
+  name, _, patch = variant.partition('/')
+  if name not in _VARIANTS:
+    raise ValueError(f'Unknown ViT variant {variant!r}; expected one of {sorted(_VARIANTS)} optionally '
+                     'followed by /<patch size>, e.g. "B/16".')
+  hidden, depth, mlp, heads = _VARIANTS[name]
+  out = dict(hidden_size=hidden, num_layers=depth, mlp_dim=mlp, num_heads=heads)
+  if patch:
+    if not patch.isdigit() or int(patch) <= 0:
+      raise ValueError(f'Bad patch size in ViT variant {variant!r}; expected e.g. "B/16".')
+    out['patch_size'] = int(patch)
+  return out
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.) -> np.ndarray:
+  """Fixed 2-D sin-cos position table (MoCo v3 / big_vision layout), shape (1, h*w, width)."""
+  if width % 4:
+    raise ValueError(f'posemb="sincos2d" needs hidden_size divisible by 4, got {width}.')
+  y, x = np.mgrid[:h, :w]
+  omega = np.arange(width // 4) / max(width // 4 - 1, 1)
+  omega = 1. / (temperature ** omega)
+  y = np.einsum('m,d->md', y.reshape(-1), omega)
+  x = np.einsum('m,d->md', x.reshape(-1), omega)
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return pe[None].astype(np.float32)
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds position embeddings to a (B, [cls +] h*w, D) sequence.
+
+  'learn': param `pos_embedding` (1, tokens, D), normal(0.02) init, including a slot for the class token.
+  'sincos2d': a fixed table (no parameter); the class token gets a zero row, which matches big_vision
+  (posemb added before the class token is concatenated).
+  """
+  posemb: str = 'learn'
+  has_cls: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, *, grid: tuple[int, int]) -> Array:
+    _, length, width = x.shape
+    if self.posemb == 'learn':
+      shape = (1, length, width)
+      if self.has_variable('params', 'pos_embedding'):
+        have = self.get_variable('params', 'pos_embedding').shape
+        if tuple(have) != shape:
+          raise ValueError(
+              f'Input image gives a {grid[0]}x{grid[1]} patch grid, i.e. position embedding shape {shape}, but '
+              f'the parameters hold pos_embedding of shape {tuple(have)}. Use the image size the model was '
+              'initialised with, or resize the position embeddings (vit_jax.checkpoint / '
+              'vit_jax.pretrained.resize_posemb, position-embedding interpolation).')
+      pe = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), shape, jnp.float32)
+    elif self.posemb == 'sincos2d':
+      pe = posemb_sincos_2d(grid[0], grid[1], width)
+      if self.has_cls:
+        pe = np.concatenate([np.zeros((1, 1, width), pe.dtype), pe], axis=1)
+    else:
+      raise ValueError(f"Unknown posemb {self.posemb!r}; expected 'learn' or 'sincos2d'.")
+    return x + jnp.asarray(pe).astype(x.dtype)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-norm transformer block: x + DropPath(attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  gelu_approximate: bool = True
+  layer_norm_eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    # `deterministic` is positional so that nn.remat can mark it static.
+    ln = dict(epsilon=self.layer_norm_eps, dtype=self.dtype)
+    y = nn.LayerNorm(name='LayerNorm_0', **ln)(x)
+    y = layers.MultiHeadAttention(num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
+                                  dtype=self.dtype, name='MultiHeadDotProductAttention_0')(
+                                      y, deterministic=deterministic)
+    y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
+    x = x + layers.DropPath(self.drop_path_rate)(y, deterministic=deterministic)
+    y = nn.LayerNorm(name='LayerNorm_1', **ln)(x)
+    y = layers.MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                        gelu_approximate=self.gelu_approximate, dtype=self.dtype, name='MlpBlock_0')(
+                            y, deterministic=deterministic)
+    return x + layers.DropPath(self.drop_path_rate)(y, deterministic=deterministic)
+
+
+class Encoder(nn.Module):
+  """Position embeddings, dropout, `num_layers` blocks and the final `encoder_norm`."""
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  posemb: str = 'learn'
+  has_cls: bool = True
+  gelu_approximate: bool = True
+  layer_norm_eps: float = 1e-6
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, *, grid: tuple[int, int], train: bool = False) -> Array:
+    x = AddPositionEmbs(posemb=self.posemb, has_cls=self.has_cls, name='posembed_input')(x, grid=grid)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+    block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
+    dpr = np.linspace(0.0, self.drop_path_rate, self.num_layers)  # Stochastic depth grows with depth.
+    for i in range(self.num_layers):
+      x = block_cls(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
+                    attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=float(dpr[i]),
+                    gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
+                    dtype=self.dtype, name=f'encoderblock_{i}')(x, not train)
+    return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name='encoder_norm')(x)
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier. Images are NHWC floats; logits come back as float32 whatever `dtype` is.
+
+  classifier: 'token' (class token), 'gap' (mean over patch tokens) or 'map' (attention pooling, `MAPHead_0`).
+  num_classes == 0 drops the head; the outputs are then the pooled (pre-logits) features.
+  """
+  num_classes: int
+  patch_size: int = 16
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  classifier: str = 'token'
+  representation_size: Optional[int] = None
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  posemb: str = 'learn'
+  gelu_approximate: bool = True
+  layer_norm_eps: float = 1e-6
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    if self.classifier not in ('token', 'gap', 'map'):
+      raise ValueError(f"Unknown classifier {self.classifier!r}; expected 'token', 'gap' or 'map'.")
+    p = self.patch_size
+    self.embedding = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                             param_dtype=jnp.float32, name='embedding')
+    if self.classifier == 'token':
+      self.cls = self.param('cls', nn.initializers.zeros, (1, 1, self.hidden_size), jnp.float32)
+    self.encoder = Encoder(
+        num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+        drop_path_rate=self.drop_path_rate, posemb=self.posemb, has_cls=self.classifier == 'token',
+        gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+        remat=self.remat, name='Transformer')
+    if self.classifier == 'map':
+      self.map_head = layers.MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                                     gelu_approximate=self.gelu_approximate,
+                                     layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, name='MAPHead_0')
+    if self.representation_size:
+      self.pre_logits_dense = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=jnp.float32,
+                                       name='pre_logits')
+    if self.num_classes:
+      self.head = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                           kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros, name='head')
+
+  @property
+  def num_features(self) -> int:
+    """Width of the pooled pre-logits features."""
+    return self.representation_size or self.hidden_size
+
+  def forward_features(self, images: Array, *, train: bool = False) -> Array:
+    """Final-normed, unpooled token sequence (B, [1 +] h*w, hidden_size)."""
+    b, h, w, _ = images.shape
+    p = self.patch_size
+    if h % p or w % p:
+      raise ValueError(f'Image size {h}x{w} is not divisible by patch_size={p}. Resize or crop the images to a '
+                       f'multiple of {p} (e.g. {h - h % p or p}x{w - w % p or p}) or pick a model with a '
+                       'patch size that divides the image size.')
+    x = self.embedding(images.astype(self.dtype))
+    _, gh, gw, d = x.shape
+    x = x.reshape(b, gh * gw, d)
+    if self.classifier == 'token':
+      cls = jnp.broadcast_to(self.cls.astype(x.dtype), (b, 1, d))
+      x = jnp.concatenate([cls, x], axis=1)
+    return self.encoder(x, grid=(gh, gw), train=train)
+
+  def forward_head(self, features: Array, *, pre_logits: bool = False) -> Array:
+    """Pools `forward_features` output; returns the pre-logits (B, num_features) or the float32 logits."""
+    if self.classifier == 'token':
+      x = features[:, 0]
+    elif self.classifier == 'gap':
+      x = jnp.mean(features, axis=1)
+    else:
+      x = self.map_head(features)
+    if self.representation_size:
+      x = jnp.tanh(self.pre_logits_dense(x))
+    if pre_logits or not self.num_classes:
+      return x
+    return self.head(x).astype(jnp.float32)
+
+  def __call__(self, images: Array, *, train: bool = False) -> Array:
+    """Logits (B, num_classes) for NHWC `images` (pooled features when num_classes == 0)."""
+    return self.forward_head(self.forward_features(images, train=train))
+
+
+# --- Registered variants. Counts: official vision_transformer tests (224 px, 1000 classes, token, no rep).
+_TIMM = 'vit_{}_patch{}_224.{}'
+_OFFICIAL = [
+    # name, variant, num_params, timm_name
+    ('vit_ti16', 'Ti/16', 5_717_416, _TIMM.format('tiny', 16, 'augreg_in21k_ft_in1k')),
+    ('vit_s16', 'S/16', 22_050_664, _TIMM.format('small', 16, 'augreg_in21k_ft_in1k')),
+    ('vit_s32', 'S/32', 22_878_952, _TIMM.format('small', 32, 'augreg_in21k_ft_in1k')),
+    ('vit_b8', 'B/8', 86_576_872, _TIMM.format('base', 8, 'augreg_in21k_ft_in1k')),
+    ('vit_b16', 'B/16', 86_567_656, _TIMM.format('base', 16, 'augreg_in21k_ft_in1k')),
+    ('vit_b32', 'B/32', 88_224_232, _TIMM.format('base', 32, 'augreg_in21k_ft_in1k')),
+    ('vit_l16', 'L/16', 304_326_632, _TIMM.format('large', 16, 'augreg_in21k_ft_in1k')),
+    ('vit_l32', 'L/32', 306_535_400, _TIMM.format('large', 32, 'orig_in21k')),
+    ('vit_h14', 'H/14', 632_045_800, _TIMM.format('huge', 14, 'orig_in21k')),
+]
+for _name, _variant, _count, _timm in _OFFICIAL:
+  registry.register_model(_name, VisionTransformer, family='vit', image_size=224, num_params=_count,
+                          timm_name=_timm, classifier='token', **parse_variant(_variant))
+
+# Tiny model for the 8x8 digits default config and for tests.
+registry.register_model('vit_pico', VisionTransformer, family='vit', image_size=8, num_params=None,
+                        patch_size=2, hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128, classifier='token')

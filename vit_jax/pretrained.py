@@ -1,0 +1,199 @@
+"""Loading and exporting the published ViT checkpoints (.npz) exactly as released.
+
+Handles the original google-research/vision_transformer files (old block numbering) and big_vision files
+(new numbering, top-level `pos_embedding` without a class-token slot, `params/` prefix, scan-stacked blocks).
+Every load is all-or-nothing: unknown, missing or mis-shaped parameters raise a ValueError.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+from absl import logging
+from etils import epath
+import flax
+from flax import traverse_util
+import jax
+import numpy as np
+import scipy.ndimage
+
+_POSEMB = 'Transformer/posembed_input/pos_embedding'
+# Block submodule names in the original .npz files -> names used by the model (and by big_vision).
+_OLD_TO_NEW = {
+    'MultiHeadDotProductAttention_1': 'MultiHeadDotProductAttention_0',
+    'LayerNorm_2': 'LayerNorm_1',
+    'MlpBlock_3': 'MlpBlock_0',
+}
+_NEW_TO_OLD = {v: k for k, v in _OLD_TO_NEW.items()}
+_PREFIXES = ('params/', 'opt/target/')
+_BLOCK_RE = re.compile(r'^Transformer/encoderblock_\d+$')
+_MAP_PARTS = ('probe', 'MultiHeadDotProductAttention_0', 'LayerNorm_0', 'MlpBlock_0')
+
+
+def _rename_block_parts(key: str, mapping: Mapping[str, str]) -> str:
+  """Renames the submodule right under `Transformer/encoderblock_i` according to `mapping`."""
+  parts = key.split('/')
+  if len(parts) > 2 and _BLOCK_RE.match('/'.join(parts[:2])):
+    parts[2] = mapping.get(parts[2], parts[2])
+  return '/'.join(parts)
+
+
+def _flatten_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+  """'/'-joined flat dict of a params tree; also says whether it was wrapped in {'params': ...}."""
+  params = flax.core.unfreeze(params)
+  wrapped = set(params) == {'params'} and isinstance(params['params'], Mapping)
+  return traverse_util.flatten_dict(params['params'] if wrapped else params, sep='/'), wrapped
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  """All arrays of an .npz file (local or gs://), loaded without pickle."""
+  with epath.Path(path).open('rb') as f:
+    with np.load(f, allow_pickle=False) as data:
+      return {k: np.asarray(data[k]) for k in data.files}
+
+
+def _normalise_keys(ckpt: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bool]:
+  """Maps every known checkpoint layout onto the model's names.
+
+  Returns the renamed arrays and whether their pos_embedding includes a class-token slot.
+  """
+  for prefix in _PREFIXES:
+    if any(k.startswith(prefix) for k in ckpt):
+      dropped = sorted(k for k in ckpt if not k.startswith(prefix))
+      if dropped:
+        logging.info('load_pretrained: ignoring %d entries outside %r, e.g. %s', len(dropped), prefix, dropped[:3])
+      ckpt = {k[len(prefix):]: v for k, v in ckpt.items() if k.startswith(prefix)}
+      break
+
+  out: dict[str, np.ndarray] = {}
+
+  def put(key: str, value: np.ndarray) -> None:
+    if key in out:
+      raise ValueError(f'Checkpoint holds {key!r} twice (under different layouts); cannot tell which to load.')
+    out[key] = value
+
+  stacked = 'Transformer/encoderblock/'
+  for key, value in ckpt.items():
+    if key.startswith(stacked):  # big_vision scan layout: leading layer dimension.
+      for i, layer in enumerate(value):
+        put(_rename_block_parts(f'Transformer/encoderblock_{i}/{key[len(stacked):]}', _OLD_TO_NEW), layer)
+    else:
+      put(_rename_block_parts(key, _OLD_TO_NEW), value)
+
+  has_cls_slot = 'cls' in out
+  if 'pos_embedding' in out:  # big_vision: added before the class token is concatenated, so no cls slot.
+    put(_POSEMB, out.pop('pos_embedding'))
+    has_cls_slot = False
+  if 'probe' in out:  # big_vision ViT-g development files had the MAP head inlined at the top level.
+    for part in _MAP_PARTS:
+      for key in [k for k in out if k == part or k.startswith(part + '/')]:
+        put('MAPHead_0/' + key, out.pop(key))
+  return out, has_cls_slot
+
+
+def resize_posemb(posemb: np.ndarray, new_num_tokens: int, *, has_cls: bool,
+                  method: str = 'linear') -> np.ndarray:
+  """Resizes a (1, [1 +] g*g, D) position embedding to (1, new_num_tokens, D) on its square grid.
+
+  The class-token slot (when `has_cls`) is kept as is. 'linear' is scipy.ndimage.zoom(order=1), as the
+  official loader; 'bilinear' and 'bicubic' use jax.image.resize.
+  """
+  posemb = np.asarray(posemb)
+  if posemb.ndim != 3 or posemb.shape[0] != 1:
+    raise ValueError(f'Expected a position embedding of shape (1, tokens, D), got {posemb.shape}.')
+  if posemb.shape[1] == new_num_tokens:
+    return posemb
+  extra = 1 if has_cls else 0
+  tok, grid = posemb[:, :extra], posemb[0, extra:]
+  gs_old, gs_new = int(round(np.sqrt(len(grid)))), int(round(np.sqrt(new_num_tokens - extra)))
+  if gs_old ** 2 != len(grid) or gs_new ** 2 != new_num_tokens - extra:
+    raise ValueError(f'Cannot resize position embedding {posemb.shape} to {new_num_tokens} tokens '
+                     f'(has_cls={has_cls}): both patch grids must be square.')
+  logging.info('Resizing position embedding grid %dx%d -> %dx%d (%s).', gs_old, gs_old, gs_new, gs_new, method)
+  grid = grid.reshape(gs_old, gs_old, -1)
+  if method == 'linear':
+    zoom = gs_new / gs_old
+    grid = scipy.ndimage.zoom(grid, (zoom, zoom, 1), order=1)
+  elif method in ('bilinear', 'bicubic'):
+    grid = np.asarray(jax.image.resize(grid, (gs_new, gs_new, grid.shape[-1]), method=method))
+  else:
+    raise ValueError(f"Unknown posemb interpolation {method!r}; expected 'linear', 'bilinear' or 'bicubic'.")
+  grid = grid.reshape(1, gs_new * gs_new, -1).astype(posemb.dtype)
+  return np.concatenate([tok, grid], axis=1)
+
+
+def _group(keys, name: str) -> set[str]:
+  return {k for k in keys if k == name or k.startswith(name + '/')}
+
+
+def load_pretrained(path: str, init_params: Mapping[str, Any], *, keep_pre_logits: bool = False,
+                    posemb_interpolation: str = 'linear') -> Any:
+  """Loads a published ViT .npz into the structure of `init_params` (from `model.init`).
+
+  The head is taken from the file when its shape matches, else init_params' head is kept (new class count).
+  `pre_logits` is loaded only when `keep_pre_logits` and the model has one. Position embeddings are resized to
+  the model's grid with `posemb_interpolation` ('linear', 'bilinear', 'bicubic'). Any other missing, unexpected
+  or mis-shaped parameter raises a ValueError. Loaded leaves are numpy arrays in init_params' dtypes; kept
+  leaves are init_params' own. `init_params` may be wrapped as {'params': ...}; the result is wrapped alike.
+  """
+  init, wrapped = _flatten_params(init_params)
+  ckpt, has_cls_slot = _normalise_keys(_read_npz(path))
+  keep_init: set[str] = set()
+
+  head_file, head_init = _group(ckpt, 'head'), _group(init, 'head')
+  if head_init:
+    if head_file != head_init or any(ckpt[k].shape != tuple(init[k].shape) for k in head_init):
+      desc = {k: ckpt[k].shape for k in sorted(head_file)} or 'none'
+      logging.warning('load_pretrained: keeping the freshly initialised head %s; checkpoint head: %s.',
+                      {k: tuple(init[k].shape) for k in sorted(head_init)}, desc)
+      keep_init |= head_init
+      for k in head_file:
+        del ckpt[k]
+  elif head_file:
+    logging.info('load_pretrained: model has no head (num_classes=0); dropping the checkpoint head.')
+    for k in head_file:
+      del ckpt[k]
+
+  pre_file, pre_init = _group(ckpt, 'pre_logits'), _group(init, 'pre_logits')
+  if pre_file and not (keep_pre_logits and pre_init):
+    why = 'keep_pre_logits=False' if not keep_pre_logits else 'the model has no representation layer'
+    logging.info('load_pretrained: dropping the checkpoint pre_logits (%s).', why)
+    for k in pre_file:
+      del ckpt[k]
+  if pre_init and not keep_pre_logits:
+    logging.warning('load_pretrained: keeping the freshly initialised pre_logits layer.')
+    keep_init |= pre_init
+
+  missing = sorted(set(init) - set(ckpt) - keep_init)
+  unexpected = sorted(set(ckpt) - set(init))
+  if missing or unexpected:
+    raise ValueError(f'Checkpoint {path} does not match the model. Missing from the checkpoint: {missing}. '
+                     f'Not in the model: {unexpected}. Check the model name/options (classifier, '
+                     'representation_size, posemb) against the checkpoint.')
+
+  if _POSEMB in ckpt:
+    pe, want = ckpt[_POSEMB], tuple(init[_POSEMB].shape)
+    model_has_cls = 'cls' in init
+    if model_has_cls and not has_cls_slot:  # big_vision: zero slot == "no posemb on the class token".
+      pe = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
+    if pe.ndim == 3 and pe.shape[2] == want[2] and pe.shape[1] != want[1]:
+      pe = resize_posemb(pe, want[1], has_cls=model_has_cls, method=posemb_interpolation)
+    ckpt[_POSEMB] = pe
+
+  mismatched = [f'{k}: checkpoint {ckpt[k].shape} vs model {tuple(init[k].shape)}'
+                for k in sorted(ckpt) if ckpt[k].shape != tuple(init[k].shape)]
+  if mismatched:
+    raise ValueError(f'Checkpoint {path} has parameters of the wrong shape: ' + '; '.join(mismatched) +
+                     '. Check the model variant (width, depth, patch size) against the checkpoint.')
+
+  flat = {k: init[k] if k in keep_init else np.asarray(ckpt[k], dtype=init[k].dtype) for k in init}
+  params = traverse_util.unflatten_dict(flat, sep='/')
+  return {'params': params} if wrapped else params
+
+
+def save_npz_official(params: Mapping[str, Any], path: str) -> None:
+  """Writes `params` as an .npz in the original vision_transformer layout (old block numbering)."""
+  flat, _ = _flatten_params(params)
+  arrays = {_rename_block_parts(k, _NEW_TO_OLD): np.asarray(v) for k, v in flat.items()}
+  with epath.Path(path).open('wb') as f:
+    np.savez(f, **arrays)

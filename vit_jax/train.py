@@ -1,0 +1,178 @@
+"""The training loop: build mesh, model, optimizer and state; train with periodic eval and checkpoints.
+
+The trainer sees models only through the registry, data only through `input_pipeline`, and devices only through
+`sharding`, so each piece can change without touching this file.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import time
+from typing import Any, Iterator, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import periodic_actions
+from etils import epath
+from flax.training import train_state
+
+from vit_jax import checkpoint, input_pipeline, metrics, models, optim, sharding
+
+FINAL_METRICS_FILENAME = 'final_metrics.json'
+
+
+class TrainState(train_state.TrainState):
+  """Step, params and optimizer state; apply_fn and tx are static, so they are not checkpointed."""
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  """The registry model named by config.model.name; the other model.* keys override its hyperparameters."""
+  overrides = {k: v for k, v in config.model.items() if k != 'name'}
+  return models.create_model(config.model.name, num_classes=num_classes, **overrides)
+
+
+def count_params(params: Any) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, *, image_size: int, seed: int,
+                       mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
+  """Initialises the state directly into its shardings; also returns those shardings."""
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+
+  def init(key: jax.Array) -> TrainState:
+    params = model.init({'params': key}, dummy, train=False)['params']
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  key = jax.random.key(seed)
+  abstract = jax.eval_shape(init, key)
+  shardings = sharding.state_sharding(mesh, abstract)
+  state = jax.jit(init, out_shardings=shardings)(key)
+  return state, shardings
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, dropout_key: jax.Array,
+               schedule: optax.Schedule) -> tuple[TrainState, metrics.TrainMetrics]:
+  """One optimizer update; dropout randomness depends only on (seed, step)."""
+  step_key = jax.random.fold_in(dropout_key, state.step)
+
+  def loss_fn(params):
+    logits = state.apply_fn({'params': params}, batch['image'], train=True, rngs={'dropout': step_key})
+    outputs = metrics.classification_outputs(logits, batch['label'])
+    return outputs['loss'].mean(), outputs
+
+  grads, outputs = jax.grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads)
+  step_metrics = metrics.TrainMetrics.single_from_model_output(
+      loss=outputs['loss'], accuracy=outputs['accuracy'], grad_norm=optax.global_norm(grads),
+      learning_rate=schedule(state.step))
+  return new_state, step_metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> metrics.EvalMetrics:
+  """Masked metrics of one eval batch; padding examples (mask 0) count for nothing."""
+  logits = state.apply_fn({'params': state.params}, batch['image'], train=False)
+  outputs = metrics.classification_outputs(logits, batch['label'])
+  return metrics.EvalMetrics.single_from_model_output(mask=batch['mask'], **outputs)
+
+
+def evaluate(eval_fn, state: TrainState, batches: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh,
+             num_classes: int) -> dict[str, float]:
+  """Runs `eval_fn` over one full pass of the eval split and returns `eval_*` scalars."""
+  totals: Optional[metrics.EvalMetrics] = None
+  for batch in batches:
+    batch_metrics = eval_fn(state, sharding.shard_batch(batch, mesh))
+    totals = batch_metrics if totals is None else totals.merge(batch_metrics)
+  if totals is None:
+    raise ValueError('The eval split produced no batches; check config.dataset.eval_split.')
+  return metrics.to_scalars(totals, 'eval', num_classes=num_classes)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds this run) and returns the final metrics."""
+  resuming = checkpoint.claim_workdir(workdir, config)
+  final_path = epath.Path(workdir) / FINAL_METRICS_FILENAME
+  mesh = sharding.create_mesh(config.mesh)
+  sharding.check_global_batch(config.batch_size, mesh)
+  info = input_pipeline.get_dataset_info(config.dataset)
+  model = build_model(config, info.num_classes)
+  tx, schedule = optim.create_optimizer(config.optimizer, config.total_steps)
+  state, state_shardings = create_train_state(model, tx, image_size=config.dataset.image_size,
+                                              seed=config.seed, mesh=mesh)
+  logging.info('Model %s: %s parameters, %d classes; mesh %s.', config.model.name,
+               f'{count_params(state.params):,}', info.num_classes, dict(mesh.shape))
+
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+  start_step = 0
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state)
+    start_step = int(state.step)
+    logging.info('Resumed from step %d of %d.', start_step, config.total_steps)
+  else:
+    if resuming:
+      logging.info('Workdir %s has this config but no checkpoint yet; starting from step 0.', workdir)
+    if config.init_from:
+      logging.info('Initialising weights from %s.', config.init_from)
+      params = checkpoint.load_pretrained(config.init_from, jax.device_get(state.params))
+      state = state.replace(params=jax.device_put(params, state_shardings.params))
+  if start_step >= config.total_steps and final_path.exists():
+    logging.info('Run already complete at step %d; %s is unchanged.', start_step, final_path)
+    ckpt.close()
+    return json.loads(final_path.read_text())
+
+  writer = metrics.create_writer(workdir)
+  if start_step == 0:
+    metrics.write_hparams(writer, config.to_dict())
+  batch_spec = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  p_train_step = jax.jit(
+      functools.partial(train_step, dropout_key=dropout_key, schedule=schedule),
+      in_shardings=(state_shardings, batch_spec), out_shardings=(state_shardings, replicated), donate_argnums=0)
+  p_eval_step = jax.jit(eval_step, in_shardings=(state_shardings, batch_spec), out_shardings=replicated)
+
+  # Resumed runs draw a fresh shuffle so they do not replay the first steps' batches.
+  train_iter = input_pipeline.create_train_iterator(
+      config.dataset, global_batch_size=config.batch_size, seed=config.seed + 1_000_003 * start_step)
+  run_eval = functools.partial(evaluate, p_eval_step, mesh=mesh, num_classes=info.num_classes)
+  new_eval_iter = functools.partial(input_pipeline.create_eval_iterator, config.dataset,
+                                    global_batch_size=config.batch_size)
+  report_progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
+
+  final: dict[str, Any] = {}
+  train_metrics: Optional[metrics.TrainMetrics] = None
+  start_time = time.time()
+  for step in range(start_step + 1, config.total_steps + 1):
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      state, step_metrics = p_train_step(state, sharding.shard_batch(next(train_iter), mesh))
+    train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+    report_progress(step, time.time())
+    is_last = step == config.total_steps
+    if step % config.log_every == 0 or is_last:
+      scalars = metrics.to_scalars(train_metrics, 'train', num_classes=info.num_classes)
+      writer.write_scalars(step, scalars)
+      final.update(scalars)
+      train_metrics = None
+    if (config.eval_every and step % config.eval_every == 0) or is_last:
+      scalars = run_eval(state, new_eval_iter())
+      writer.write_scalars(step, scalars)
+      final.update(scalars)
+    if step % config.checkpoint_every == 0 or is_last:
+      ckpt.save(step, state)
+
+  if start_step >= config.total_steps:  # Finished earlier but final_metrics.json is missing: evaluate again.
+    final.update(run_eval(state, new_eval_iter()))
+  ckpt.wait_until_finished()
+  ckpt.close()
+  writer.flush()
+  final.update(step=int(state.step), num_params=count_params(state.params),
+               train_seconds=round(time.time() - start_time, 2), resumed_from_step=start_step)
+  if jax.process_index() == 0:
+    final_path.write_text(json.dumps(final, indent=2, sort_keys=True))
+  logging.info('Final metrics: %s', final)
+  return final
