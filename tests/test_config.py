@@ -9,7 +9,7 @@ import pytest
 from ml_collections import config_flags  # noqa: F401  (the loader the CLI uses)
 from ml_collections.config_flags import config_flags as cf_impl
 
-from vit_jax import config_schema, optim, train
+from vit_jax import config_schema, optim, sharding, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((ROOT / 'configs').glob('*.py'))
@@ -55,6 +55,10 @@ def test_every_schema_field_is_read_by_the_package():
   unread = []
   for path in _leaf_paths(config_schema.base_config()):
     section, _, leaf = path.rpartition('.')
+    if section == 'mesh':  # sharding.create_mesh reads mesh.<axis> for every axis it knows.
+      if leaf not in sharding.MESH_AXES:
+        unread.append(path)
+      continue
     # A field counts as read where the package accesses it by attribute or key on its section.
     owner = section.split('.')[-1] if section else 'config'
     patterns = [rf'\b{owner}\.{leaf}\b', rf'\b{owner}_config\.{leaf}\b', rf"\[['\"]{leaf}['\"]\]",
@@ -70,13 +74,6 @@ def test_unknown_key_is_named():
   config.dataset.nmae = 'x'
   with pytest.raises(ValueError, match='optimzer.*dataset.nmae|dataset.nmae.*optimzer'):
     config_schema.validate_config(config)
-
-
-def test_override_of_unknown_key_fails_at_parse():
-  with pytest.raises(Exception, match='optimzer'):
-    config = load_config(ROOT / 'configs' / 'default.py')
-    config.lock()
-    config.optimzer = 1
 
 
 @pytest.mark.parametrize('key,value,match', [('total_steps', 0, 'total_steps'), ('batch_size', -1, 'batch_size'),

@@ -111,6 +111,7 @@ def test_data_parallel_loss_matches_single_device(digits_data_dir):
 def test_bad_input_names_the_problem(digits_data_dir, tmp_path, overrides, error, match):
   with pytest.raises(error, match=match):
     train.train_and_evaluate(tiny_config(digits_data_dir, **overrides), str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists(), 'a config that fails must not claim the workdir'
 
 
 def test_other_config_never_overwrites_workdir(digits_data_dir, tmp_path):
@@ -127,11 +128,18 @@ def _main_cmd(workdir, data_dir, *flags):
           f'--config.dataset.data_dir={data_dir}', *flags]
 
 
+def test_cli_model_override_and_unknown_keys(tmp_path, digits_data_dir):
+  proc = subprocess.run(_main_cmd(tmp_path / 'w', digits_data_dir, '--config.model.num_layerz=1'),
+                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert proc.returncode != 0 and "no option(s) ['num_layerz']" in proc.stderr
+  assert not (tmp_path / 'w').exists()
+
+
 def test_cli_rejects_unknown_override(tmp_path, digits_data_dir):
   proc = subprocess.run(_main_cmd(tmp_path / 'w', digits_data_dir, '--config.optimizer.lrr=0.1'),
                         capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert proc.returncode != 0
-  assert 'lrr' in proc.stderr
+  assert 'Unknown config key(s): optimizer.lrr' in proc.stderr
   assert not (tmp_path / 'w').exists()
 
 

@@ -8,8 +8,10 @@ from ml_collections import config_flags
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+# New attributes are accepted at parse time so that model.* hyperparameters can be overridden; misspelt keys are then
+# rejected by config_schema.validate_config (and model.* by models.create_model) with the key named.
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/NAME.py[:arg]).',
-                                          lock_config=True)
+                                          lock_config=False, accept_new_attributes=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard events and metrics.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'Multi-host: host:port of process 0. Omit on TPU pods and SLURM (auto-detected).')

@@ -95,7 +95,6 @@ def evaluate(eval_fn, state: TrainState, batches: Iterator[dict[str, np.ndarray]
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds this run) and returns the final metrics."""
-  resuming = checkpoint.claim_workdir(workdir, config)
   final_path = epath.Path(workdir) / FINAL_METRICS_FILENAME
   mesh = sharding.create_mesh(config.mesh)
   sharding.check_global_batch(config.batch_size, mesh)
@@ -106,6 +105,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                               seed=config.seed, mesh=mesh)
   logging.info('Model %s: %s parameters, %d classes; mesh %s.', config.model.name,
                f'{count_params(state.params):,}', info.num_classes, dict(mesh.shape))
+  # Only a config that builds its model and state may claim the workdir, so a typo never blocks the fixed rerun.
+  resuming = checkpoint.claim_workdir(workdir, config)
 
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   start_step = 0
