@@ -165,3 +165,23 @@ def test_cli_killed_run_resumes(tmp_path, digits_data_dir):
   final = json.loads((workdir / 'final_metrics.json').read_text())
   assert final['step'] == 400
   assert final['resumed_from_step'] >= 40
+
+
+def test_init_from_official_npz(digits_data_dir, tmp_path):
+  """Fine-tuning start: weights from an official-format .npz with another class count; the head is re-initialised."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from vit_jax import models, pretrained  # pylint: disable=g-import-not-at-top
+  config = tiny_config(digits_data_dir, total_steps=1, log_every=1, eval_every=0, checkpoint_every=1)
+  config.optimizer.lr = 1e-9
+  config.optimizer.warmup_steps = 0
+  overrides = {k: v for k, v in config.model.items() if k != 'name'}
+  source = models.create_model(config.model.name, num_classes=3, **overrides)
+  params = source.init(jax.random.key(42), np.zeros((1, 16, 16, 3), np.float32))['params']
+  npz = tmp_path / 'pretrained.npz'
+  pretrained.save_npz_official(params, str(npz))
+  config.init_from = str(npz)
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(config, str(workdir))
+  restored = ocp.StandardCheckpointer().restore(workdir / 'checkpoints' / '1' / 'default')['params']
+  np.testing.assert_allclose(restored['embedding']['kernel'], params['embedding']['kernel'], atol=1e-6)
+  assert restored['head']['kernel'].shape[-1] == 10  # digits has 10 classes; the 3-class head was dropped.
