@@ -2,6 +2,8 @@
 
 Handles the original google-research/vision_transformer files (old block numbering) and big_vision files
 (new numbering, top-level `pos_embedding` without a class-token slot, `params/` prefix, scan-stacked blocks).
+Hybrid (R+ViT) files add the BiT ResNet stem at the top level (`conv_root`, `gn_root`, `block{i}/unit{j}/...`);
+their GroupNorm scale/bias are stored as (1, 1, 1, C) and load as (C,).
 Every load is all-or-nothing: unknown, missing or mis-shaped parameters raise a ValueError.
 """
 from __future__ import annotations
@@ -28,6 +30,12 @@ _NEW_TO_OLD = {v: k for k, v in _OLD_TO_NEW.items()}
 _PREFIXES = ('params/', 'opt/target/')
 _BLOCK_RE = re.compile(r'^Transformer/encoderblock_\d+$')
 _MAP_PARTS = ('probe', 'MultiHeadDotProductAttention_0', 'LayerNorm_0', 'MlpBlock_0')
+# GroupNorm params of the hybrids' ResNet stem, which the original files store as (1, 1, 1, C).
+_STEM_GN_RE = re.compile(r'^(gn_root|block\d+/unit\d+/gn(\d+|_proj))/(scale|bias)$')
+
+
+def _is_stem_gn(key: str) -> bool:
+  return bool(_STEM_GN_RE.match(key))
 
 
 def _rename_block_parts(key: str, mapping: Mapping[str, str]) -> str:
@@ -77,6 +85,8 @@ def _normalise_keys(ckpt: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
     if key.startswith(stacked):  # big_vision scan layout: leading layer dimension.
       for i, layer in enumerate(value):
         put(_rename_block_parts(f'Transformer/encoderblock_{i}/{key[len(stacked):]}', _OLD_TO_NEW), layer)
+    elif _is_stem_gn(key) and value.ndim == 4 and value.shape[:3] == (1, 1, 1):
+      put(key, value.reshape(value.shape[-1]))  # Old flax GroupNorm layout (1, 1, 1, C) -> (C,).
     else:
       put(_rename_block_parts(key, _OLD_TO_NEW), value)
 
@@ -192,8 +202,16 @@ def load_pretrained(path: str, init_params: Mapping[str, Any], *, keep_pre_logit
 
 
 def save_npz_official(params: Mapping[str, Any], path: str) -> None:
-  """Writes `params` as an .npz in the original vision_transformer layout (old block numbering)."""
+  """Writes `params` as an .npz in the original vision_transformer layout.
+
+  Old block numbering; the hybrids' stem GroupNorm scale/bias are written as (1, 1, 1, C) like the released files.
+  """
   flat, _ = _flatten_params(params)
-  arrays = {_rename_block_parts(k, _NEW_TO_OLD): np.asarray(v) for k, v in flat.items()}
+  arrays = {}
+  for k, v in flat.items():
+    v = np.asarray(v)
+    if _is_stem_gn(k) and v.ndim == 1:
+      v = v.reshape(1, 1, 1, -1)
+    arrays[_rename_block_parts(k, _NEW_TO_OLD)] = v
   with epath.Path(path).open('wb') as f:
     np.savez(f, **arrays)

@@ -14,6 +14,7 @@ import numpy as np
 
 from vit_jax.models import layers
 from vit_jax.models import registry
+from vit_jax.models import resnet_stem
 
 Array = jax.Array
 
@@ -156,6 +157,9 @@ class VisionTransformer(nn.Module):
 
   classifier: 'token' (class token), 'gap' (mean over patch tokens) or 'map' (attention pooling, `MAPHead_0`).
   num_classes == 0 drops the head; the outputs are then the pooled (pre-logits) features.
+  Hybrids (R+ViT): `resnet` = units per BiT ResNet stage (() = root only, None = no stem) and `resnet_width`
+  = its width factor (root width 64 * resnet_width); the patch embedding then runs on the stem's feature map.
+  The stem's parameters (`conv_root`, `gn_root`, `block{i}/unit{j}/...`) sit at the top level, as officially.
   """
   num_classes: int
   patch_size: int = 16
@@ -173,10 +177,16 @@ class VisionTransformer(nn.Module):
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
   remat: bool = False
+  resnet: Optional[tuple[int, ...]] = None
+  resnet_width: float = 1
 
   def setup(self):
     if self.classifier not in ('token', 'gap', 'map'):
       raise ValueError(f"Unknown classifier {self.classifier!r}; expected 'token', 'gap' or 'map'.")
+    if self.resnet is not None:
+      self.stem = resnet_stem.ResNetStem(num_layers=tuple(self.resnet), width_factor=self.resnet_width,
+                                         dtype=self.dtype)
+      nn.share_scope(self, self.stem)  # Official names: conv_root, gn_root, block1/... at the top level.
     p = self.patch_size
     self.embedding = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
                              param_dtype=jnp.float32, name='embedding')
@@ -208,11 +218,19 @@ class VisionTransformer(nn.Module):
     """Final-normed, unpooled token sequence (B, [1 +] h*w, hidden_size)."""
     b, h, w, _ = images.shape
     p = self.patch_size
-    if h % p or w % p:
+    x = images.astype(self.dtype)
+    if self.resnet is not None:
+      step = p * self.stem.stride
+      if h % step or w % step:
+        raise ValueError(f'Image size {h}x{w} is not divisible by {step} (ResNet stem stride {self.stem.stride} '
+                         f'x patch_size={p}). Resize or crop the images to a multiple of {step} '
+                         f'(e.g. {h - h % step or step}x{w - w % step or step}).')
+      x = self.stem(x)
+    elif h % p or w % p:
       raise ValueError(f'Image size {h}x{w} is not divisible by patch_size={p}. Resize or crop the images to a '
                        f'multiple of {p} (e.g. {h - h % p or p}x{w - w % p or p}) or pick a model with a '
                        'patch size that divides the image size.')
-    x = self.embedding(images.astype(self.dtype))
+    x = self.embedding(x)
     _, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
     if self.classifier == 'token':
@@ -256,6 +274,20 @@ _OFFICIAL = [
 for _name, _variant, _count, _timm in _OFFICIAL:
   registry.register_model(_name, VisionTransformer, family='vit', image_size=224, num_params=_count,
                           timm_name=_timm, classifier='token', **parse_variant(_variant))
+
+# Hybrids (official `resnet` configs): BiT ResNet stem, then the ViT on its feature map.
+_HYBRIDS = [
+    # name, variant, patch on the stem's map, resnet units per stage, num_params, timm_name
+    ('r_vit_ti16', 'Ti', 8, (), 6_337_704, 'vit_tiny_r_s16_p8_224.augreg_in21k_ft_in1k'),
+    ('r26_vit_s32', 'S', 1, (2, 2, 2, 2), 36_431_912, 'vit_small_r26_s32_224.augreg_in21k_ft_in1k'),
+    ('r26_vit_b32', 'B', 1, (2, 2, 2, 2), 101_383_976, None),  # timm: vit_base_r26_s32_224, no weights.
+    ('r50_vit_b16', 'B', 1, (3, 4, 9), 98_659_112, 'vit_base_r50_s16_224.orig_in21k'),
+    ('r50_vit_l32', 'L', 1, (3, 4, 6, 3), 328_994_856, 'vit_large_r50_s32_224.augreg_in21k_ft_in1k'),
+]
+for _name, _variant, _patch, _units, _count, _timm in _HYBRIDS:
+  registry.register_model(_name, VisionTransformer, family='vit', image_size=224, num_params=_count,
+                          timm_name=_timm, classifier='token', patch_size=_patch, resnet=_units, resnet_width=1,
+                          **parse_variant(_variant))
 
 # Tiny model for the 8x8 digits default config and for tests.
 registry.register_model('vit_pico', VisionTransformer, family='vit', image_size=8, num_params=None,
