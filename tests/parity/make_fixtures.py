@@ -1,0 +1,148 @@
+"""Regenerates the timm parity fixtures used by tests/test_convert.py.
+
+Needs torch and timm (NOT needed by the tests themselves):
+
+    python tests/parity/make_fixtures.py
+
+For a tiny configuration of each supported family it builds the timm model with fixed, randomised weights (the
+zero-initialised parts such as the head, SwinV2 post-norms and biases are perturbed too, so that the comparison is
+meaningful), runs a fixed input and writes, under tests/parity/fixtures/:
+
+  {family}.safetensors  the timm state dict (float32)
+  {family}.npz          'input_nhwc' (B, H, W, 3) and 'logits' (B, classes) from timm
+  {family}.json         timm class + kwargs, and the vit_jax model name, create_model overrides and image size
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import json
+import os
+import sys
+import types
+
+import numpy as np
+
+OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+NUM_CLASSES = 5
+BATCH = 2
+
+
+class _Anything(types.ModuleType):
+  """Module stub whose attributes are further stubs (timm imports torchvision names it does not need here)."""
+
+  def __getattr__(self, name):
+    if name.startswith('__'):
+      raise AttributeError(name)
+    if name[:1].isupper():
+      class _Meta(type):
+        def __getattr__(cls, n):
+          if n.startswith('__'):
+            raise AttributeError(n)
+          return n
+      return _Meta(name, (), {})
+    return _Anything(f'{self.__name__}.{name}')
+
+
+class _StubTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+  def find_spec(self, fullname, path, target=None):
+    if fullname == 'torchvision' or fullname.startswith('torchvision.'):
+      return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+    return None
+
+  def create_module(self, spec):
+    m = _Anything(spec.name)
+    m.__path__ = []
+    m.__version__ = '0.0'
+    return m
+
+  def exec_module(self, module):
+    pass
+
+
+def _import_timm():
+  try:
+    import torchvision  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except Exception:  # pylint: disable=broad-except
+    sys.modules.pop('torchvision', None)
+    sys.meta_path.insert(0, _StubTorchvision())
+  import timm  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+
+
+_SWIN_TIMM = dict(embed_dim=8, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=4, patch_size=4)
+_SWIN_OURS = dict(embed_dim=8, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=4, patch_size=4,
+                  drop_path_rate=0.0)
+# family: (timm module, timm class, timm kwargs, vit_jax model, vit_jax overrides, image size)
+# 32 px Swin: stage resolutions 8, 4, 2 with window 4 -> shifted windows in stage 0, a whole-map window in stage 1
+# and a clamped window (timm's 3x3 v1 table, placed at the centre of our 7x7 one) in stage 2.
+CONFIGS = {
+    'vit': ('timm.models.vision_transformer', 'VisionTransformer',
+            dict(patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_ratio=4.0),
+            'vit_ti16', dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=128,
+                             classifier='token', gelu_approximate=False), 32),
+    'deit': ('timm.models.deit', 'VisionTransformerDistilled',
+             dict(patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_ratio=4.0),
+             'deit_ti16_distilled', dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=128), 32),
+    'mixer': ('timm.models.mlp_mixer', 'MlpMixer', dict(patch_size=4, embed_dim=32, num_blocks=2, mlp_ratio=(0.5, 4.0)),
+              'mixer_s16', dict(patch_size=4, hidden_dim=32, num_blocks=2, tokens_mlp_dim=16, channels_mlp_dim=128,
+                                gelu_approximate=False), 32),
+    'swin': ('timm.models.swin_transformer', 'SwinTransformer', _SWIN_TIMM, 'swin_t', _SWIN_OURS, 32),
+    'swinv2': ('timm.models.swin_transformer_v2', 'SwinTransformerV2', _SWIN_TIMM, 'swinv2_t', _SWIN_OURS, 32),
+}
+
+
+def _randomize(model, seed: int) -> None:
+  import torch  # pylint: disable=g-import-not-at-top
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith('logit_scale'):
+        p.copy_(torch.rand(p.shape, generator=g) * 3.0 + 2.0)  # 2..5: some above the log(100) clamp.
+      elif p.ndim == 1 and name.split('.')[-2].startswith('norm'):  # LayerNorm weights/biases.
+        base = 1.0 if name.endswith('weight') else 0.0
+        p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
+      else:
+        p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.ndim == 1 else 0.1))
+
+
+def make(family: str, seed: int = 0) -> None:
+  import importlib  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+
+  module, cls_name, tkw, model, overrides, size = CONFIGS[family]
+  torch.manual_seed(seed)
+  tcls = getattr(importlib.import_module(module), cls_name)
+  kwargs = dict(img_size=size, num_classes=NUM_CLASSES, drop_path_rate=0.0, **tkw)
+  tmodel = tcls(**kwargs).eval()
+  _randomize(tmodel, seed)
+  x = np.random.default_rng(seed).standard_normal((BATCH, 3, size, size)).astype(np.float32)
+  with torch.no_grad():
+    logits = tmodel(torch.from_numpy(x)).numpy()
+  sd = {k: v.detach().contiguous().clone() for k, v in tmodel.state_dict().items()}
+  os.makedirs(OUT_DIR, exist_ok=True)
+  base = os.path.join(OUT_DIR, family)
+  save_file(sd, base + '.safetensors')
+  np.savez(base + '.npz', input_nhwc=x.transpose(0, 2, 3, 1), logits=logits)
+  meta = dict(timm_class=f'{module}.{cls_name}', timm_kwargs=kwargs, timm_version=__import__('timm').__version__,
+              torch_version=torch.__version__, seed=seed, model=model, model_overrides=overrides, image_size=size,
+              num_classes=NUM_CLASSES)
+  with open(base + '.json', 'w') as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+    f.write('\n')
+  for ext in ('.safetensors', '.npz', '.json'):
+    os.chmod(base + ext, 0o644)
+  sizes = {ext: os.path.getsize(base + ext) for ext in ('.safetensors', '.npz', '.json')}
+  print(f'{family}: {len(sd)} tensors, logits |max| {np.abs(logits).max():.3f}, bytes {sizes}')
+
+
+def main() -> None:
+  _import_timm()
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_grad_enabled(False)
+  for family in sys.argv[1:] or CONFIGS:
+    make(family)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,151 @@
+"""timm -> flax conversion (vit_jax.convert): logit parity on committed fixtures, and the error paths.
+
+The fixtures under tests/parity/fixtures/ were made by tests/parity/make_fixtures.py (torch + timm); these tests
+need neither.
+"""
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from vit_jax import convert
+from vit_jax import pretrained
+from vit_jax.models import create_model
+
+FIXTURES = os.path.join(os.path.dirname(__file__), 'parity', 'fixtures')
+FAMILIES = ('vit', 'deit', 'mixer', 'swin', 'swinv2')
+
+
+@functools.lru_cache(maxsize=None)
+def _fixture(family):
+  base = os.path.join(FIXTURES, family)
+  with open(base + '.json') as f:
+    meta = json.load(f)
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in meta['model_overrides'].items()}
+  with np.load(base + '.npz', allow_pickle=False) as data:
+    io = {k: data[k] for k in data.files}
+  return meta, overrides, io, base + '.safetensors'
+
+
+def _state_dict(family):
+  return convert.load_safetensors(_fixture(family)[3])
+
+
+def _convert(family, sd=None, **kwargs):
+  meta, overrides, _, _ = _fixture(family)
+  return convert.timm_to_params(meta['model'], _state_dict(family) if sd is None else sd,
+                                model_overrides=overrides, image_size=meta['image_size'], **kwargs)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_logits_match_timm(family):
+  meta, overrides, io, _ = _fixture(family)
+  params = _convert(family)
+  model = create_model(meta['model'], num_classes=meta['num_classes'], **overrides)
+  logits = np.asarray(jax.jit(model.apply)({'params': params}, io['input_nhwc']))
+  diff = float(np.abs(logits - io['logits']).max())
+  print(f'\n[parity] {family}: max |logit diff| vs timm = {diff:.3e} (|logits| max {np.abs(io["logits"]).max():.3f})')
+  assert logits.shape == io['logits'].shape
+  assert diff < 1e-4
+
+
+def test_fixtures_are_small_and_have_no_pickle():
+  for family in FAMILIES:
+    for ext in ('.safetensors', '.npz', '.json'):
+      assert os.path.getsize(os.path.join(FIXTURES, family + ext)) < 300_000
+
+
+def test_unused_key_raises():
+  sd = _state_dict('vit')
+  sd['blocks.0.attn.extra.weight'] = np.zeros((3,), np.float32)
+  sd['blocks.0.ls1.gamma'] = np.zeros((32,), np.float32)
+  with pytest.raises(ValueError, match=r'Unused checkpoint keys \(2\).*blocks\.0\.attn\.extra\.weight'):
+    _convert('vit', sd)
+
+
+def test_missing_param_raises():
+  sd = _state_dict('vit')
+  del sd['blocks.1.mlp.fc2.bias']
+  with pytest.raises(ValueError, match=r'not in the checkpoint \(1\).*encoderblock_1/MlpBlock_0/Dense_1/bias'):
+    _convert('vit', sd)
+
+
+def test_deeper_checkpoint_reports_extra_blocks():
+  sd = _state_dict('vit')
+  sd.update({k.replace('blocks.1.', 'blocks.2.'): v for k, v in sd.items() if k.startswith('blocks.1.')})
+  with pytest.raises(ValueError, match=r"Unused checkpoint keys \(12\): \['blocks\.2\.attn\.proj\.bias'"):
+    _convert('vit', sd)
+
+
+def test_shape_mismatch_names_param_and_shapes():
+  sd = _state_dict('vit')
+  sd['norm.weight'] = np.ones((31,), np.float32)
+  with pytest.raises(ValueError, match=r'Transformer/encoder_norm/scale \(from norm.weight\): '
+                                       r'checkpoint gives \(31,\), model expects \(32,\)'):
+    _convert('vit', sd)
+
+
+def test_known_buffers_are_ignored_and_unsupported_family_raises(monkeypatch):
+  sd = _state_dict('swin')
+  sd['layers.0.blocks.0.attn.relative_position_index'] = np.zeros((16, 16), np.int64)
+  sd['layers.0.blocks.1.attn_mask'] = np.zeros((4, 16, 16), np.float32)
+  params = _convert('swin', sd)
+  assert params['layers_2']['blocks_0']['attn']['relative_position_bias_table'].shape == (49, 4)
+  monkeypatch.delitem(convert._TABLES, 'vit')  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="No timm conversion table for model family 'vit'"):
+    convert.timm_to_params('vit_ti16', {})
+
+
+def test_num_classes_drop_or_new_head():
+  params = _convert('vit', num_classes=0)
+  assert 'head' not in params
+  params = _convert('vit', num_classes=3)
+  assert params['head']['kernel'].shape == (32, 3) and not params['head']['kernel'].any()
+
+
+def test_pickled_checkpoint_refused(tmp_path):
+  path = tmp_path / 'weights.pth'
+  path.write_bytes(b'not read')
+  with pytest.raises(ValueError, match=r"(?s)pickled.*safetensors.*weights_only=True.*'model'"):
+    convert.load_safetensors(str(path))
+
+
+def test_cli_writes_npz_loadable_by_load_pretrained_and_refuses_non_empty_out(tmp_path):
+  meta, overrides, io, src = _fixture('vit')
+  out = tmp_path / 'converted'
+  argv = ['convert', f'--model={meta["model"]}', f'--src={src}', f'--out={out}',
+          f'--model_overrides={json.dumps(meta["model_overrides"])}']
+  path = convert.main(argv)
+  assert sorted(os.listdir(out)) == ['convert.json', 'params.npz']
+  # config.init_from goes through load_pretrained: the flat npz must load into the model's structure.
+  model = create_model(meta['model'], num_classes=meta['num_classes'], **overrides)
+  loaded = pretrained.load_pretrained(path, _zeros_like_params(model, io['input_nhwc'][:1]))
+  logits = np.asarray(model.apply({'params': loaded}, io['input_nhwc']))
+  assert np.abs(logits - io['logits']).max() < 1e-4
+  with pytest.raises(ValueError, match='refusing to overwrite'):
+    convert.main(argv)
+
+
+def test_swin_npz_loads_through_load_pretrained(tmp_path):
+  meta, overrides, io, _ = _fixture('swinv2')
+  params = _convert('swinv2')
+  path = str(tmp_path / 'params.npz')
+  convert.save_params_npz(params, path)
+  model = create_model(meta['model'], num_classes=meta['num_classes'], **overrides)
+  loaded = pretrained.load_pretrained(path, _zeros_like_params(model, io['input_nhwc'][:1]))
+  flat = jax.tree_util.tree_leaves_with_path(loaded)
+  assert all(np.array_equal(v, _get(params, p)) for p, v in flat)
+
+
+def _zeros_like_params(model, x):
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))['params']
+  return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k.key]
+  return tree

@@ -1,0 +1,396 @@
+"""Converts timm (PyTorch) checkpoints into this project's flax parameters.
+
+    params = timm_to_params('swin_t', load_safetensors('swin_tiny_patch4_window7_224.safetensors'))
+    logits = create_model('swin_t', num_classes=1000).apply({'params': params}, images_nhwc)
+
+Each model family has ONE rule table (`_TABLES`) from timm state-dict keys to our '/'-joined parameter paths; the
+family comes from the registry (`get_model_spec(name).family`), so supporting a new family is adding a table.
+A rule is (timm regex, our path template, kind). For module kinds ('linear', 'conv', 'norm', 'qkv', 'mha_out') the
+regex names the module and the '.weight' / '.bias' leaf is handled by the kind; 'raw' copies one tensor as is and
+'rel_table' is a Swin v1 relative-position table. Keys matching a family's ignore list (timm buffers recomputed by
+our model) are dropped; any other unused key, or any model parameter not produced, raises a ValueError, and every
+array is checked against `jax.eval_shape` of the model.
+
+Layout facts (REFERENCE.md section 3): PyTorch Linear weight is (out, in) -> flax kernel (in, out); conv weight
+OIHW -> HWIO; LayerNorm weight -> scale. timm ViT and Mixer use exact GELU: build our vit_* / mixer_* models
+with gelu_approximate=False (their registry default is the tanh approximation; deit_* and Swin are exact already)
+for exact parity. Families with tables: vit, deit (incl. distilled), mixer, swin, swinv2.
+
+Only safetensors files are read (`load_safetensors`); pickled .pth/.pt/.bin files are refused, never unpickled.
+
+CLI (writes DIR/params.npz with flat '/'-joined keys, readable by `vit_jax.checkpoint.load_pretrained`, i.e. usable
+as `config.init_from=DIR/params.npz` for a config whose model is --model):
+
+    python -m vit_jax.convert --model swin_t --src swin_tiny.safetensors --out DIR [--num_classes N]
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.models import registry
+
+# Importing the model modules registers their families.
+import vit_jax.models  # noqa: F401  pylint: disable=unused-import
+
+Rule = tuple[str, str, str]  # (timm key regex, our path template with \1.. groups, kind)
+
+_B = r'blocks\.(\d+)\.'
+_VB = r'Transformer/encoderblock_\1/'
+_VIT: Sequence[Rule] = (
+    (r'cls_token', 'cls', 'raw'),
+    (r'pos_embed', 'Transformer/posembed_input/pos_embedding', 'raw'),
+    (r'patch_embed\.proj', 'embedding', 'conv'),
+    (_B + r'norm1', _VB + 'LayerNorm_0', 'norm'),
+    (_B + r'attn\.qkv', _VB + 'MultiHeadDotProductAttention_0', 'qkv'),
+    (_B + r'attn\.proj', _VB + 'MultiHeadDotProductAttention_0/out', 'mha_out'),
+    (_B + r'norm2', _VB + 'LayerNorm_1', 'norm'),
+    (_B + r'mlp\.fc1', _VB + 'MlpBlock_0/Dense_0', 'linear'),
+    (_B + r'mlp\.fc2', _VB + 'MlpBlock_0/Dense_1', 'linear'),
+    (r'norm', 'Transformer/encoder_norm', 'norm'),
+    (r'head', 'head', 'linear'),
+)
+
+_SB = r'layers\.(\d+)\.blocks\.(\d+)\.'
+_OB = r'layers_\1/blocks_\2/'
+_SWIN: Sequence[Rule] = (
+    (r'patch_embed\.proj', 'patch_embed/proj', 'conv'),
+    (r'patch_embed\.norm', 'patch_embed/norm', 'norm'),
+    (r'layers\.(\d+)\.downsample\.norm', r'layers_\1/downsample/norm', 'norm'),
+    (r'layers\.(\d+)\.downsample\.reduction', r'layers_\1/downsample/reduction', 'linear'),
+    (_SB + r'norm([12])', _OB + r'norm\3', 'norm'),
+    (_SB + r'attn\.(qkv|proj)', _OB + r'attn/\3', 'linear'),
+    (_SB + r'attn\.relative_position_bias_table', _OB + 'attn/relative_position_bias_table', 'rel_table'),
+    (_SB + r'attn\.(q_bias|v_bias|logit_scale)', _OB + r'attn/\3', 'raw'),
+    (_SB + r'attn\.cpb_mlp\.0', _OB + 'attn/cpb_mlp/fc1', 'linear'),
+    (_SB + r'attn\.cpb_mlp\.2', _OB + 'attn/cpb_mlp/fc2', 'linear'),
+    (_SB + r'mlp\.fc([12])', _OB + r'mlp/fc\3', 'linear'),
+    (r'norm', 'norm', 'norm'),
+    (r'head\.fc', 'head', 'linear'),
+    (r'head', 'head', 'linear'),  # Older timm Swin checkpoints.
+)
+# timm buffers that our modules recompute from the geometry (present in older checkpoints).
+_SWIN_IGNORED = (r'.*\.relative_position_index', r'.*\.attn_mask', r'.*\.relative_coords_table')
+
+# DeiT: plain ViT names plus the distillation token and head (timm VisionTransformerDistilled).
+_DEIT: Sequence[Rule] = _VIT + (
+    (r'dist_token', 'dist', 'raw'),
+    (r'head_dist', 'head_dist', 'linear'),
+)
+
+_MB = r'blocks\.(\d+)\.'
+_OMB = r'MixerBlock_\1/'
+_MIXER: Sequence[Rule] = (
+    (r'stem\.proj', 'stem', 'conv'),
+    (_MB + r'norm1', _OMB + 'LayerNorm_0', 'norm'),
+    (_MB + r'mlp_tokens\.fc1', _OMB + 'token_mixing/Dense_0', 'linear'),
+    (_MB + r'mlp_tokens\.fc2', _OMB + 'token_mixing/Dense_1', 'linear'),
+    (_MB + r'norm2', _OMB + 'LayerNorm_1', 'norm'),
+    (_MB + r'mlp_channels\.fc1', _OMB + 'channel_mixing/Dense_0', 'linear'),
+    (_MB + r'mlp_channels\.fc2', _OMB + 'channel_mixing/Dense_1', 'linear'),
+    (r'norm', 'pre_head_layer_norm', 'norm'),
+    (r'head', 'head', 'linear'),
+)
+
+# family -> (rules, ignored-key regexes). Add a family by adding its table here.
+_TABLES: dict[str, tuple[Sequence[Rule], Sequence[str]]] = {
+    'vit': (_VIT, ()),
+    'deit': (_DEIT, ()),
+    'mixer': (_MIXER, ()),
+    'swin': (_SWIN, _SWIN_IGNORED),
+    'swinv2': (_SWIN, _SWIN_IGNORED + (r'.*\.attn\.k_bias',)),
+}
+# Classifier heads: timm module prefixes and our top-level modules (dropped / re-initialised for a new class count).
+_TIMM_HEADS = ('head', 'head.fc', 'head_dist')
+_OUR_HEADS = ('head', 'head_dist')
+
+
+def supported_families() -> list[str]:
+  return sorted(_TABLES)
+
+
+def load_safetensors(path: str) -> dict[str, np.ndarray]:
+  """The tensors of a .safetensors file as numpy arrays. Pickled PyTorch files are refused (never unpickled)."""
+  ext = os.path.splitext(str(path))[1].lower()
+  if ext in ('.pth', '.pt', '.bin', '.ckpt', '.pkl', '.tar'):
+    raise ValueError(
+        f'{path} is a pickled PyTorch checkpoint; it is not loaded because unpickling can run arbitrary code. '
+        'Convert it once to safetensors in a trusted environment, e.g.\n'
+        "  python -c \"import torch, safetensors.torch as st; "
+        "st.save_file(torch.load('x.pth', map_location='cpu', weights_only=True), 'x.safetensors')\"\n"
+        "If the file wraps the weights in a sub-dict (e.g. {'model': state_dict} or {'state_dict': ...}), save that "
+        "sub-dict instead (torch.load(...)['model']); tensors that share memory may need "
+        "{k: v.contiguous().clone() for k, v in sd.items()}. timm / Hugging Face models also ship "
+        'model.safetensors directly.')
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  return dict(load_file(str(path)))
+
+
+def _centre_table(table: np.ndarray, target_rows: int, key: str) -> np.ndarray:
+  """Places a v1 bias table built for a clamped (smaller) window at the centre of our full-window table."""
+  rows, heads = table.shape
+  big = int(round(math.sqrt(target_rows)))
+  if big * big != target_rows or big % 2 == 0:
+    raise ValueError(f'{key}: unexpected target table with {target_rows} rows.')
+  full = (big + 1) // 2  # Our (square) configured window.
+  cands = [(h, w) for h in range(1, full + 1) for w in range(1, full + 1) if (2 * h - 1) * (2 * w - 1) == rows]
+  square = [c for c in cands if c[0] == c[1]]
+  if len(cands) > 1 and square:
+    cands = square
+  if len(cands) != 1:
+    raise ValueError(f'{key}: cannot tell which clamped window a ({rows}, {heads}) bias table belongs to '
+                     f'(configured window {full}); candidates {cands}.')
+  (h, w), = cands
+  out = np.zeros((2 * full - 1, 2 * full - 1, heads), table.dtype)
+  out[full - h:full + h - 1, full - w:full + w - 1] = table.reshape(2 * h - 1, 2 * w - 1, heads)
+  return out.reshape(-1, heads)
+
+
+def _convert_leaf(kind: str, leaf: Optional[str], value: np.ndarray, path: str, key: str,
+                  shapes: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Our arrays for one timm tensor. `leaf` is 'weight'/'bias' for module kinds, None for 'raw'/'rel_table'."""
+  if kind == 'raw':
+    return {path: value}
+  if kind == 'rel_table':
+    want = shapes.get(path)
+    if want is not None and value.ndim == 2 and value.shape[1] == want.shape[1] and value.shape[0] < want.shape[0]:
+      value = _centre_table(value, want.shape[0], key)
+    return {path: value}
+  if kind == 'norm':
+    return {f'{path}/{"scale" if leaf == "weight" else "bias"}': value}
+  if kind == 'linear':
+    return {f'{path}/kernel': value.T} if leaf == 'weight' else {f'{path}/bias': value}
+  if kind == 'conv':
+    return {f'{path}/kernel': value.transpose(2, 3, 1, 0)} if leaf == 'weight' else {f'{path}/bias': value}
+  if kind in ('qkv', 'mha_out'):
+    ref = shapes.get(f'{path}/query/kernel' if kind == 'qkv' else f'{path}/kernel')
+    if ref is None:
+      return {}  # Reported as an unused key by the caller.
+    heads, head_dim = (ref.shape[1], ref.shape[2]) if kind == 'qkv' else (ref.shape[0], ref.shape[1])
+    if kind == 'mha_out':  # (D_out, H*Dh) -> (H, Dh, D_out)
+      if leaf == 'bias':
+        return {f'{path}/bias': value}
+      if value.ndim != 2 or value.shape[1] != heads * head_dim:
+        raise ValueError(f'{key}: shape {value.shape} does not fit {heads} heads of width {head_dim} '
+                         f'({path}/kernel expects {tuple(ref.shape)}).')
+      return {f'{path}/kernel': value.T.reshape(heads, head_dim, -1)}
+    if value.shape[0] != 3 * heads * head_dim:
+      raise ValueError(f'{key}: shape {value.shape} does not split into q, k, v of {heads} heads x {head_dim} '
+                       f'({path}/query/kernel expects {tuple(ref.shape)}).')
+    parts = value.reshape((3, heads, head_dim) + value.shape[1:])
+    out = {}
+    for j, name in enumerate(('query', 'key', 'value')):
+      if leaf == 'weight':  # (H, Dh, D_in) -> (D_in, H, Dh)
+        out[f'{path}/{name}/kernel'] = parts[j].transpose(2, 0, 1)
+      else:
+        out[f'{path}/{name}/bias'] = parts[j]
+    return out
+  raise AssertionError(kind)
+
+
+def model_param_shapes(name: str, *, num_classes: int, image_size: Optional[int] = None,
+                       model_overrides: Optional[Mapping[str, Any]] = None) -> dict[str, jax.ShapeDtypeStruct]:
+  """Flat '/'-joined {path: ShapeDtypeStruct} of registry model `name`'s params (via jax.eval_shape)."""
+  spec = registry.get_model_spec(name)
+  model = registry.create_model(name, num_classes=num_classes, **dict(model_overrides or {}))
+  size = image_size or spec.image_size
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype)))
+  return traverse_util.flatten_dict(variables['params'], sep='/')
+
+
+def _infer_image_size(sd: Mapping[str, np.ndarray], overrides: Mapping[str, Any],
+                      spec: registry.ModelSpec) -> Optional[int]:
+  """ViT/DeiT (pos_embed) and Mixer (token MLP) shapes depend on the image size: read it off the checkpoint."""
+  tokens = None
+  if 'pos_embed' in sd:
+    tokens = sd['pos_embed'].shape[1] - sum(k in sd for k in ('cls_token', 'dist_token'))
+  elif 'blocks.0.mlp_tokens.fc1.weight' in sd:
+    tokens = sd['blocks.0.mlp_tokens.fc1.weight'].shape[1]
+  if tokens:
+    patch = overrides.get('patch_size', spec.kwargs.get('patch_size', 16))
+    grid = int(round(math.sqrt(tokens)))
+    if grid * grid == tokens:
+      return grid * patch
+  return None
+
+
+def timm_to_params(name: str, state_dict: Mapping[str, np.ndarray], *, num_classes: Optional[int] = None,
+                   model_overrides: Optional[Mapping[str, Any]] = None, image_size: Optional[int] = None) -> dict:
+  """Our params pytree (nested dicts of float32 numpy arrays) for registry model `name` from a timm state dict.
+
+  num_classes: None keeps the checkpoint's head (0 if it has none); 0 drops the head; another count than the
+    checkpoint's gives a zero-initialised head of that size (as the official ViT fine-tuning does), with a warning.
+  model_overrides: create_model overrides (must describe the architecture the checkpoint was trained with).
+  image_size: the square input size used to derive parameter shapes (ViT/DeiT/Mixer: inferred from the
+    checkpoint; else the registry's image_size). Swin parameters do not depend on it, but it must be a valid
+    size for the Swin geometry.
+  Raises ValueError listing unused checkpoint keys, missing parameters, or mismatched shapes.
+  """
+  spec = registry.get_model_spec(name)
+  if spec.family not in _TABLES:
+    raise ValueError(f'No timm conversion table for model family {spec.family!r} (model {name!r}). Supported '
+                     f'families: {supported_families()}; add a table to vit_jax.convert._TABLES.')
+  overrides = dict(model_overrides or {})
+  if spec.family in ('vit', 'deit'):
+    classifier = overrides.get('classifier', spec.kwargs.get('classifier', 'token'))
+    if classifier != 'token' or overrides.get('representation_size', spec.kwargs.get('representation_size')):
+      raise ValueError("timm ViT conversion supports classifier='token' without representation_size only "
+                       f'(got classifier={classifier!r}).')
+  rules, ignored = _TABLES[spec.family]
+  sd = {k: np.asarray(v) for k, v in state_dict.items()}
+
+  ckpt_classes = None
+  for head in _TIMM_HEADS:
+    if f'{head}.weight' in sd and sd[f'{head}.weight'].ndim == 2:
+      ckpt_classes = int(sd[f'{head}.weight'].shape[0])
+  if num_classes is None:
+    num_classes = ckpt_classes or 0
+  drop_head = ckpt_classes is not None and num_classes != ckpt_classes
+  if drop_head:
+    for head in _TIMM_HEADS:
+      sd.pop(f'{head}.weight', None)
+      sd.pop(f'{head}.bias', None)
+    if num_classes:
+      logging.warning('timm_to_params: checkpoint head has %d classes, model %d; the head is zero-initialised.',
+                      ckpt_classes, num_classes)
+
+  image_size = image_size or _infer_image_size(sd, overrides, spec)
+  shapes = model_param_shapes(name, num_classes=num_classes, image_size=image_size, model_overrides=overrides)
+
+  flat: dict[str, np.ndarray] = {}
+  source: dict[str, str] = {}  # our path -> timm key, for error messages.
+  unused: list[str] = []
+  compiled = [(re.compile(rx), re.compile(rx + r'\.(weight|bias)'), tmpl, kind) for rx, tmpl, kind in rules]
+  for key in sorted(sd):
+    if any(re.fullmatch(rx, key) for rx in ignored):
+      continue
+    produced = None
+    for plain, with_leaf, tmpl, kind in compiled:
+      if kind in ('raw', 'rel_table'):
+        m, leaf = plain.fullmatch(key), None
+      else:
+        m = with_leaf.fullmatch(key)
+        leaf = m.groups()[-1] if m else None
+      if m:
+        produced = _convert_leaf(kind, leaf, sd[key], m.expand(tmpl), key, shapes)
+        break
+    if not produced:
+      unused.append(key)
+      continue
+    for path, value in produced.items():
+      if path in flat:
+        raise ValueError(f'Checkpoint key {key!r} maps onto {path!r}, which another key already set.')
+      flat[path], source[path] = value, key
+
+  if drop_head and num_classes:
+    for path in shapes:
+      if path.split('/')[0] in _OUR_HEADS:
+        flat[path] = np.zeros(shapes[path].shape, np.float32)
+
+  missing = sorted(set(shapes) - set(flat))
+  # Keys whose converted name the model lacks (e.g. a deeper checkpoint) are unused too.
+  unused = sorted(set(unused) | {source[p] for p in set(flat) - set(shapes)})
+  if unused or missing:
+    raise ValueError(f'timm checkpoint does not match model {name!r} (family {spec.family!r}, overrides '
+                     f'{overrides}). Unused checkpoint keys ({len(unused)}): {unused}. Model parameters not in the '
+                     f'checkpoint ({len(missing)}): {missing}. Check the model name/options against the checkpoint.')
+  bad = [f'{p} (from {source.get(p, "a new head")}): checkpoint gives {tuple(flat[p].shape)}, '
+         f'model expects {tuple(shapes[p].shape)}'
+         for p in sorted(flat) if tuple(flat[p].shape) != tuple(shapes[p].shape)]
+  if bad:
+    raise ValueError(f'timm checkpoint has parameters of the wrong shape for model {name!r}: ' + '; '.join(bad) +
+                     '. Check the model variant (width, depth, heads, window, patch size) and num_classes.')
+  flat = {p: np.asarray(v, dtype=shapes[p].dtype) for p, v in flat.items()}
+  return traverse_util.unflatten_dict(flat, sep='/')
+
+
+def save_params_npz(params: Mapping[str, Any], path: str) -> None:
+  """Writes params as an .npz with flat '/'-joined keys (no pickle); `load_pretrained` reads it."""
+  flat = traverse_util.flatten_dict(dict(params), sep='/')
+  with open(path, 'xb') as f:  # 'x': never overwrite.
+    np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
+
+
+def convert_file(model: str, src: str, out_dir: str, *, num_classes: Optional[int] = None,
+                 image_size: Optional[int] = None, model_overrides: Optional[Mapping[str, Any]] = None) -> str:
+  """Converts `src` (.safetensors) into `out_dir`/params.npz (+ convert.json); returns the .npz path.
+
+  Refuses a non-empty `out_dir`.
+  """
+  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    raise ValueError(f'--out {out_dir} exists and is not an empty directory; refusing to overwrite. '
+                     'Pick a new directory.')
+  params = timm_to_params(model, load_safetensors(src), num_classes=num_classes, image_size=image_size,
+                          model_overrides=model_overrides)
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, 'params.npz')
+  save_params_npz(params, path)
+  head = params.get('head', {}).get('kernel')
+  meta = dict(model=model, source=os.path.abspath(src), num_classes=int(head.shape[-1]) if head is not None else 0,
+              model_overrides=dict(model_overrides or {}), format='flat "/"-joined flax param paths (np.savez)')
+  with open(os.path.join(out_dir, 'convert.json'), 'x') as f:
+    json.dump(meta, f, indent=2)
+  return path
+
+
+def _define_flags() -> flags.FlagValues:
+  """The CLI's flags, on a private FlagValues so that importing this module defines no global flags."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string('model', None, 'Registry model name, e.g. swin_t.', flag_values=fv)
+  flags.DEFINE_string('src', None, 'timm weights (.safetensors).', flag_values=fv)
+  flags.DEFINE_string('out', None, 'New (or empty) output directory; receives params.npz and convert.json.',
+                      flag_values=fv)
+  flags.DEFINE_integer('num_classes', None, 'Head size (default: the checkpoint head; 0 drops it).',
+                       flag_values=fv)
+  flags.DEFINE_integer('image_size', None, 'Input size for parameter shapes (ViT: read from pos_embed).',
+                       flag_values=fv)
+  flags.DEFINE_string('model_overrides', None, 'JSON dict of create_model overrides, e.g. \'{"depths": [2, 2]}\'.',
+                      flag_values=fv)
+  return fv
+
+
+def main(argv: Sequence[str]) -> str:
+  """CLI entry point: `argv` as sys.argv (program name first). Returns the written .npz path."""
+  fv = _define_flags()
+  rest = fv(list(argv))
+  if len(rest) > 1:
+    raise app.UsageError(f'Unexpected arguments: {rest[1:]}')
+  for flag in ('model', 'src', 'out'):
+    if not fv[flag].value:
+      raise app.UsageError(f'--{flag} is required.')
+  overrides = None
+  if fv.model_overrides:
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(fv.model_overrides).items()}
+  path = convert_file(fv.model, fv.src, fv.out, num_classes=fv.num_classes, image_size=fv.image_size,
+                      model_overrides=overrides)
+  print(f'Wrote {path}; use it as config.init_from={path!r} with config.model.name={fv.model!r}.')
+  return path
+
+
+def _cli(argv: Sequence[str]) -> None:
+  try:
+    main(argv)
+  except ValueError as e:
+    raise SystemExit(f'Error: {e}') from None
+
+
+def _parse_global_flags(argv: list[str]) -> list[str]:
+  # absl's own (logging) flags keep their defaults; the converter's flags are parsed by `main`.
+  flags.FLAGS([argv[0]])
+  return argv
+
+
+if __name__ == '__main__':
+  app.run(_cli, flags_parser=_parse_global_flags)
