@@ -16,7 +16,7 @@ from vit_jax import pretrained
 from vit_jax.models import create_model
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'parity', 'fixtures')
-FAMILIES = ('vit', 'deit', 'mixer', 'swin', 'swinv2')
+FAMILIES = ('vit', 'deit', 'mixer', 'swin', 'swinv2', 'hybrid', 'hybrid_ti', 'pvt_v2', 'pvt_v2_li', 'mvitv2')
 
 
 @functools.lru_cache(maxsize=None)

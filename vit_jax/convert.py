@@ -14,7 +14,11 @@ array is checked against `jax.eval_shape` of the model.
 Layout facts (REFERENCE.md section 3): PyTorch Linear weight is (out, in) -> flax kernel (in, out); conv weight
 OIHW -> HWIO; LayerNorm weight -> scale. timm ViT and Mixer use exact GELU: build our vit_* / mixer_* models
 with gelu_approximate=False (their registry default is the tanh approximation; deit_* and Swin are exact already)
-for exact parity. Families with tables: vit, deit (incl. distilled), mixer, swin, swinv2.
+for exact parity. Families with tables: vit (incl. the R+ViT hybrids, whose timm ResNetV2 stem maps onto our
+BiT stem names), deit (incl. distilled), mixer, swin, swinv2, pvt_v2, mvitv2.
+Hybrid caveat: timm's ResNetV2 standardises conv weights with (w - mean) / sqrt(var + 1e-8) and uses GroupNorm
+eps 1e-5, where the official JAX code (and ours) uses (w - mean) / (std + 1e-5) and eps 1e-6; every conv is
+followed by a GroupNorm, which absorbs most of that difference (see tests/parity/ for the measured logit gap).
 
 Only safetensors files are read (`load_safetensors`); pickled .pth/.pt/.bin files are refused, never unpickled.
 
@@ -29,7 +33,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from absl import app
 from absl import flags
@@ -44,9 +48,19 @@ from vit_jax.models import registry
 # Importing the model modules registers their families.
 import vit_jax.models  # noqa: F401  pylint: disable=unused-import
 
-Rule = tuple[str, str, str]  # (timm key regex, our path template with \1.. groups, kind)
+# (timm key regex, our path: a template with \1.. groups or a function of the match, kind)
+Rule = tuple[str, Union[str, Callable[['re.Match[str]'], str]], str]
+
+
+def _one_based(fmt: str, count: int = 2) -> Callable[['re.Match[str]'], str]:
+  """Path builder for timm's 0-based indices that our names count from 1: the first `count` groups get + 1."""
+  def expand(m):
+    return fmt.format(*[int(g) + 1 if i < count else g for i, g in enumerate(m.groups())])
+  return expand
+
 
 _B = r'blocks\.(\d+)\.'
+_RB = r'patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.'
 _VB = r'Transformer/encoderblock_\1/'
 _VIT: Sequence[Rule] = (
     (r'cls_token', 'cls', 'raw'),
@@ -60,6 +74,13 @@ _VIT: Sequence[Rule] = (
     (_B + r'mlp\.fc2', _VB + 'MlpBlock_0/Dense_1', 'linear'),
     (r'norm', 'Transformer/encoder_norm', 'norm'),
     (r'head', 'head', 'linear'),
+    # Hybrids (timm HybridEmbed over a ResNetV2 stem): our BiT stem names sit at the top level, 1-based.
+    (r'patch_embed\.backbone\.(?:stem\.)?conv', 'conv_root', 'conv'),
+    (r'patch_embed\.backbone\.(?:stem\.)?norm', 'gn_root', 'norm'),
+    (_RB + r'conv([123])', _one_based('block{}/unit{}/conv{}'), 'conv'),
+    (_RB + r'norm([123])', _one_based('block{}/unit{}/gn{}'), 'norm'),
+    (_RB + r'downsample\.conv', _one_based('block{}/unit{}/conv_proj'), 'conv'),
+    (_RB + r'downsample\.norm', _one_based('block{}/unit{}/gn_proj'), 'norm'),
 )
 
 _SB = r'layers\.(\d+)\.blocks\.(\d+)\.'
@@ -103,6 +124,36 @@ _MIXER: Sequence[Rule] = (
     (r'head', 'head', 'linear'),
 )
 
+_PB = r'stages\.(\d+)\.blocks\.(\d+)\.'
+_OPB = r'stages_\1/blocks_\2/'
+_PVT_V2: Sequence[Rule] = (
+    (r'patch_embed\.proj', 'patch_embed/proj', 'conv'),
+    (r'patch_embed\.norm', 'patch_embed/norm', 'norm'),
+    (r'stages\.(\d+)\.downsample\.proj', r'stages_\1/downsample/proj', 'conv'),
+    (r'stages\.(\d+)\.downsample\.norm', r'stages_\1/downsample/norm', 'norm'),
+    (_PB + r'norm([12])', _OPB + r'norm\3', 'norm'),
+    (_PB + r'attn\.(q|kv|proj)', _OPB + r'attn/\3', 'linear'),
+    (_PB + r'attn\.sr', _OPB + 'attn/sr', 'conv'),
+    (_PB + r'attn\.norm', _OPB + 'attn/norm', 'norm'),
+    (_PB + r'mlp\.fc([12])', _OPB + r'mlp/fc\3', 'linear'),
+    (_PB + r'mlp\.dwconv', _OPB + 'mlp/dwconv', 'conv'),  # Depthwise: (C, 1, 3, 3) -> (3, 3, 1, C).
+    (r'stages\.(\d+)\.norm', r'stages_\1/norm', 'norm'),
+    (r'head', 'head', 'linear'),
+)
+
+_MVITV2: Sequence[Rule] = (
+    (r'patch_embed\.proj', 'patch_embed/proj', 'conv'),
+    (_PB + r'norm([12])', _OPB + r'norm\3', 'norm'),
+    (_PB + r'shortcut_proj_attn', _OPB + 'shortcut_proj_attn', 'linear'),
+    (_PB + r'attn\.(qkv|proj)', _OPB + r'attn/\3', 'linear'),
+    (_PB + r'attn\.pool_([qkv])', _OPB + r'attn/pool_\3', 'conv'),
+    (_PB + r'attn\.norm_([qkv])', _OPB + r'attn/norm_\3', 'norm'),
+    (_PB + r'attn\.(rel_pos_[hw])', _OPB + r'attn/\3', 'raw'),
+    (_PB + r'mlp\.fc([12])', _OPB + r'mlp/fc\3', 'linear'),
+    (r'norm', 'norm', 'norm'),
+    (r'head\.fc', 'head', 'linear'),
+)
+
 # family -> (rules, ignored-key regexes). Add a family by adding its table here.
 _TABLES: dict[str, tuple[Sequence[Rule], Sequence[str]]] = {
     'vit': (_VIT, ()),
@@ -110,6 +161,8 @@ _TABLES: dict[str, tuple[Sequence[Rule], Sequence[str]]] = {
     'mixer': (_MIXER, ()),
     'swin': (_SWIN, _SWIN_IGNORED),
     'swinv2': (_SWIN, _SWIN_IGNORED + (r'.*\.attn\.k_bias',)),
+    'pvt_v2': (_PVT_V2, ()),
+    'mvitv2': (_MVITV2, ()),
 }
 # Classifier heads: timm module prefixes and our top-level modules (dropped / re-initialised for a new class count).
 _TIMM_HEADS = ('head', 'head.fc', 'head_dist')
@@ -212,17 +265,26 @@ def model_param_shapes(name: str, *, num_classes: int, image_size: Optional[int]
 
 def _infer_image_size(sd: Mapping[str, np.ndarray], overrides: Mapping[str, Any],
                       spec: registry.ModelSpec) -> Optional[int]:
-  """ViT/DeiT (pos_embed) and Mixer (token MLP) shapes depend on the image size: read it off the checkpoint."""
+  """ViT/DeiT/hybrid (pos_embed) and Mixer (token MLP) shapes depend on the image size: read it off the checkpoint.
+
+  MViTv2's tables depend on its `img_size` option instead, and only that input size is sure to fit them.
+  """
   tokens = None
   if 'pos_embed' in sd:
     tokens = sd['pos_embed'].shape[1] - sum(k in sd for k in ('cls_token', 'dist_token'))
   elif 'blocks.0.mlp_tokens.fc1.weight' in sd:
     tokens = sd['blocks.0.mlp_tokens.fc1.weight'].shape[1]
+  option = lambda k, default: overrides.get(k, spec.kwargs.get(k, default))
   if tokens:
-    patch = overrides.get('patch_size', spec.kwargs.get('patch_size', 16))
+    stride = option('patch_size', 16)
+    resnet = option('resnet', None)
+    if resnet is not None:  # Hybrids: the patches are cut from the stem's feature map.
+      stride *= 4 * 2 ** max(len(resnet) - 1, 0)
     grid = int(round(math.sqrt(tokens)))
     if grid * grid == tokens:
-      return grid * patch
+      return grid * stride
+  if spec.family == 'mvitv2':  # Its relative-position tables are sized for img_size: use that input size.
+    return option('img_size', None)
   return None
 
 
@@ -284,7 +346,8 @@ def timm_to_params(name: str, state_dict: Mapping[str, np.ndarray], *, num_class
         m = with_leaf.fullmatch(key)
         leaf = m.groups()[-1] if m else None
       if m:
-        produced = _convert_leaf(kind, leaf, sd[key], m.expand(tmpl), key, shapes)
+        path = m.expand(tmpl) if isinstance(tmpl, str) else tmpl(m)
+        produced = _convert_leaf(kind, leaf, sd[key], path, key, shapes)
         break
     if not produced:
       unused.append(key)

@@ -25,7 +25,7 @@ import numpy as np
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 NUM_CLASSES = 5
-BATCH = 2
+BATCH = 2  # 1 for the 64 px fixtures, to keep them small.
 
 
 class _Anything(types.ModuleType):
@@ -72,9 +72,19 @@ def _import_timm():
 _SWIN_TIMM = dict(embed_dim=8, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=4, patch_size=4)
 _SWIN_OURS = dict(embed_dim=8, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=4, patch_size=4,
                   drop_path_rate=0.0)
+_HYBRID_VIT_OURS = dict(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=64, classifier='token',
+                        gelu_approximate=False)
+_PVT = dict(depths=(1, 1, 1, 1), embed_dims=(8, 16, 16, 24), num_heads=(1, 2, 2, 3))
+_MVIT = dict(depths=(1, 2, 1, 1), embed_dim=(8, 16, 24, 32), num_heads=(1, 2, 3, 4))
 # family: (timm module, timm class, timm kwargs, vit_jax model, vit_jax overrides, image size)
 # 32 px Swin: stage resolutions 8, 4, 2 with window 4 -> shifted windows in stage 0, a whole-map window in stage 1
 # and a clamped window (timm's 3x3 v1 table, placed at the centre of our 7x7 one) in stage 2.
+# Hybrids: timm's VisionTransformer + HybridEmbed on the ResNetV2 stem built exactly as timm's `_resnetv2`
+# (StdConv2dSame eps 1e-8, 'same' stem, no pre-activation), at width factor 0.5 (32-channel root, the least that
+# GroupNorm(32) allows). 'hybrid': root + one bottleneck stage (projection shortcut), patch 1 on the stride-4 map
+# (the R26/R50 layout); 'hybrid_ti': root only with 2x2 patches (the R+Ti/16 layout).
+# PVTv2 at 64 px: stage maps 16, 8, 4, 2 with sr 8, 4, 2, 1 (sra) or the 7x7 adaptive pool (uneven bins, linear).
+# MViTv2 at 64 px (img_size 64 sizes the relative-position tables): pooled q/kv, a width change per stage.
 CONFIGS = {
     'vit': ('timm.models.vision_transformer', 'VisionTransformer',
             dict(patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_ratio=4.0),
@@ -88,7 +98,48 @@ CONFIGS = {
                                 gelu_approximate=False), 32),
     'swin': ('timm.models.swin_transformer', 'SwinTransformer', _SWIN_TIMM, 'swin_t', _SWIN_OURS, 32),
     'swinv2': ('timm.models.swin_transformer_v2', 'SwinTransformerV2', _SWIN_TIMM, 'swinv2_t', _SWIN_OURS, 32),
+    'hybrid': ('timm.models.vision_transformer', 'VisionTransformer',
+               dict(patch_size=1, embed_dim=16, depth=2, num_heads=2, mlp_ratio=4.0,
+                    backbone=dict(layers=(1,), width_factor=0.5)),
+               'r26_vit_s32', dict(patch_size=1, resnet=(1,), resnet_width=0.5, **_HYBRID_VIT_OURS), 32),
+    'hybrid_ti': ('timm.models.vision_transformer', 'VisionTransformer',
+                  dict(patch_size=2, embed_dim=16, depth=2, num_heads=2, mlp_ratio=4.0,
+                       backbone=dict(layers=(), width_factor=0.5)),
+                  'r_vit_ti16', dict(patch_size=2, resnet=(), resnet_width=0.5, **_HYBRID_VIT_OURS), 32),
+    'pvt_v2': ('timm.models.pvt_v2', 'PyramidVisionTransformerV2', _PVT,
+               'pvt_v2_b0', dict(drop_path_rate=0.0, **_PVT), 64),
+    'pvt_v2_li': ('timm.models.pvt_v2', 'PyramidVisionTransformerV2', dict(linear=True, **_PVT),
+                  'pvt_v2_b2_li', dict(drop_path_rate=0.0, **_PVT), 64),
+    'mvitv2': ('timm.models.mvitv2', 'MultiScaleVit', dict(cfg=_MVIT),
+               'mvitv2_t', dict(drop_path_rate=0.0, img_size=64, **_MVIT), 64),
 }
+
+
+def _hybrid_backbone(layers, width_factor):
+  """timm's `_resnetv2` (vision_transformer_hybrid.py) with a width factor."""
+  import functools  # pylint: disable=g-import-not-at-top
+  from timm.layers import StdConv2dSame  # pylint: disable=g-import-not-at-top
+  from timm.models.resnetv2 import ResNetV2, create_resnetv2_stem  # pylint: disable=g-import-not-at-top
+  conv = functools.partial(StdConv2dSame, eps=1e-8)
+  if layers:
+    return ResNetV2(layers=layers, num_classes=0, global_pool='', preact=False, stem_type='same', conv_layer=conv,
+                    width_factor=width_factor)
+  return create_resnetv2_stem(3, out_chs=int(64 * width_factor), stem_type='same', preact=False, conv_layer=conv)
+
+
+def _timm_model(module, cls_name, kwargs):
+  """The timm model for `kwargs` (a 'backbone' entry builds a hybrid; a 'cfg' entry a MultiScaleVitCfg)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import importlib  # pylint: disable=g-import-not-at-top
+  tcls = getattr(importlib.import_module(module), cls_name)
+  kwargs = dict(kwargs)
+  if 'backbone' in kwargs:
+    from timm.models.vision_transformer_hybrid import HybridEmbed  # pylint: disable=g-import-not-at-top
+    kwargs['embed_layer'] = functools.partial(HybridEmbed, backbone=_hybrid_backbone(**kwargs.pop('backbone')))
+  if 'cfg' in kwargs:
+    from timm.models.mvitv2 import MultiScaleVitCfg  # pylint: disable=g-import-not-at-top
+    kwargs['cfg'] = MultiScaleVitCfg(**kwargs['cfg'])
+  return tcls(**kwargs)
 
 
 def _randomize(model, seed: int) -> None:
@@ -106,17 +157,17 @@ def _randomize(model, seed: int) -> None:
 
 
 def make(family: str, seed: int = 0) -> None:
-  import importlib  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
 
   module, cls_name, tkw, model, overrides, size = CONFIGS[family]
   torch.manual_seed(seed)
-  tcls = getattr(importlib.import_module(module), cls_name)
-  kwargs = dict(img_size=size, num_classes=NUM_CLASSES, drop_path_rate=0.0, **tkw)
-  tmodel = tcls(**kwargs).eval()
+  kwargs = dict(num_classes=NUM_CLASSES, drop_path_rate=0.0, **tkw)
+  if not family.startswith('pvt'):  # timm's PVTv2 takes any input size and has no img_size.
+    kwargs['img_size'] = size
+  tmodel = _timm_model(module, cls_name, kwargs).eval()
   _randomize(tmodel, seed)
-  x = np.random.default_rng(seed).standard_normal((BATCH, 3, size, size)).astype(np.float32)
+  x = np.random.default_rng(seed).standard_normal((BATCH if size <= 32 else 1, 3, size, size)).astype(np.float32)
   with torch.no_grad():
     logits = tmodel(torch.from_numpy(x)).numpy()
   sd = {k: v.detach().contiguous().clone() for k, v in tmodel.state_dict().items()}
