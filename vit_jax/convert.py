@@ -16,9 +16,9 @@ OIHW -> HWIO; LayerNorm weight -> scale. timm ViT and Mixer use exact GELU: buil
 with gelu_approximate=False (their registry default is the tanh approximation; deit_* and Swin are exact already)
 for exact parity. Families with tables: vit (incl. the R+ViT hybrids, whose timm ResNetV2 stem maps onto our
 BiT stem names), deit (incl. distilled), mixer, swin, swinv2, pvt_v2, mvitv2.
-Hybrid caveat: timm's ResNetV2 standardises conv weights with (w - mean) / sqrt(var + 1e-8) and uses GroupNorm
-eps 1e-5, where the official JAX code (and ours) uses (w - mean) / (std + 1e-5) and eps 1e-6; every conv is
-followed by a GroupNorm, which absorbs most of that difference (see tests/parity/ for the measured logit gap).
+Hybrids: timm's ResNetV2 standardises conv weights as (w - mean) / sqrt(var + 1e-8) and uses GroupNorm eps 1e-5,
+where the official JAX code uses (w - mean) / (std + 1e-5) and eps 1e-6; build hybrids with
+resnet_norm_style='timm' (and gelu_approximate=False) to reproduce timm's logits.
 
 Only safetensors files are read (`load_safetensors`); pickled .pth/.pt/.bin files are refused, never unpickled.
 

@@ -72,8 +72,9 @@ def _import_timm():
 _SWIN_TIMM = dict(embed_dim=8, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=4, patch_size=4)
 _SWIN_OURS = dict(embed_dim=8, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=4, patch_size=4,
                   drop_path_rate=0.0)
-_HYBRID_VIT_OURS = dict(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=64, classifier='token',
-                        gelu_approximate=False)
+# timm's hybrids differ from the official JAX code in the activation and in the stem's eps (both model options).
+_HYBRID_OURS = dict(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=64, classifier='token', gelu_approximate=False,
+                    resnet_width=0.5, resnet_norm_style='timm')
 _PVT = dict(depths=(1, 1, 1, 1), embed_dims=(8, 16, 16, 24), num_heads=(1, 2, 2, 3))
 _MVIT = dict(depths=(1, 2, 1, 1), embed_dim=(8, 16, 24, 32), num_heads=(1, 2, 3, 4))
 # family: (timm module, timm class, timm kwargs, vit_jax model, vit_jax overrides, image size)
@@ -101,11 +102,11 @@ CONFIGS = {
     'hybrid': ('timm.models.vision_transformer', 'VisionTransformer',
                dict(patch_size=1, embed_dim=16, depth=2, num_heads=2, mlp_ratio=4.0,
                     backbone=dict(layers=(1,), width_factor=0.5)),
-               'r26_vit_s32', dict(patch_size=1, resnet=(1,), resnet_width=0.5, **_HYBRID_VIT_OURS), 32),
+               'r26_vit_s32', dict(patch_size=1, resnet=(1,), **_HYBRID_OURS), 32),
     'hybrid_ti': ('timm.models.vision_transformer', 'VisionTransformer',
                   dict(patch_size=2, embed_dim=16, depth=2, num_heads=2, mlp_ratio=4.0,
                        backbone=dict(layers=(), width_factor=0.5)),
-                  'r_vit_ti16', dict(patch_size=2, resnet=(), resnet_width=0.5, **_HYBRID_VIT_OURS), 32),
+                  'r_vit_ti16', dict(patch_size=2, resnet=(), **_HYBRID_OURS), 32),
     'pvt_v2': ('timm.models.pvt_v2', 'PyramidVisionTransformerV2', _PVT,
                'pvt_v2_b0', dict(drop_path_rate=0.0, **_PVT), 64),
     'pvt_v2_li': ('timm.models.pvt_v2', 'PyramidVisionTransformerV2', dict(linear=True, **_PVT),

@@ -179,13 +179,14 @@ class VisionTransformer(nn.Module):
   remat: bool = False
   resnet: Optional[tuple[int, ...]] = None
   resnet_width: float = 1
+  resnet_norm_style: str = 'official'  # 'timm': timm's ResNetV2 eps (resnet_stem.NORM_STYLES), for timm parity.
 
   def setup(self):
     if self.classifier not in ('token', 'gap', 'map'):
       raise ValueError(f"Unknown classifier {self.classifier!r}; expected 'token', 'gap' or 'map'.")
     if self.resnet is not None:
       self.stem = resnet_stem.ResNetStem(num_layers=tuple(self.resnet), width_factor=self.resnet_width,
-                                         dtype=self.dtype)
+                                         norm_style=self.resnet_norm_style, dtype=self.dtype)
       nn.share_scope(self, self.stem)  # Official names: conv_root, gn_root, block1/... at the top level.
     p = self.patch_size
     self.embedding = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
