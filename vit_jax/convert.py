@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import pretrained
 from vit_jax.models import registry
 
 # Importing the model modules registers their families.
@@ -210,16 +211,44 @@ def _centre_table(table: np.ndarray, target_rows: int, key: str) -> np.ndarray:
   return out.reshape(-1, heads)
 
 
+def _fit_tables(flat: dict[str, np.ndarray], shapes: Mapping[str, Any], source: Mapping[str, str], family: str,
+                name: str, image_size: int, overrides: Mapping[str, Any], num_classes: int) -> None:
+  """Fits size-dependent tables of another geometry to the model, in place (fine-tuning at a new resolution).
+
+  ViT/DeiT pos_embed: resized to the model's grid bicubically as timm's resample_abs_pos_embed, keeping the
+  class (and distillation) token rows. Swin v1 bias tables: a table for the stage's clamped window (a timm model
+  built at a size where the window covers the whole map) is placed at the centre of ours; any other size is
+  resized bicubically (official Swin / timm fine-tuning). SwinV2 has no such tables (set pretrained_window_size).
+  """
+  pe = 'Transformer/posembed_input/pos_embedding'
+  if pe in flat and pe in shapes and flat[pe].ndim == 3 and flat[pe].shape[1:] != tuple(shapes[pe].shape[1:]):
+    if flat[pe].shape[2] == shapes[pe].shape[2]:
+      prefix = int('cls' in shapes) + int('dist' in shapes)
+      flat[pe] = pretrained.resize_posemb(flat[pe], shapes[pe].shape[1], num_prefix_tokens=prefix,
+                                          method='bicubic')
+  tables = [p for p in flat if p.endswith('/relative_position_bias_table') and p in shapes]
+  if family != 'swin' or not tables:
+    return
+  model = registry.create_model(name, num_classes=num_classes, **dict(overrides))
+  geometry = model.stage_geometry(image_size, image_size)
+  for path in tables:
+    value, want = flat[path], tuple(shapes[path].shape)
+    if value.shape == want or value.ndim != 2 or value.shape[1] != want[1]:
+      continue  # Equal, or reported as a shape mismatch by the caller.
+    wh, ww = geometry[int(re.match(r'layers_(\d+)/', path).group(1))]['window']
+    if value.shape[0] == (2 * wh - 1) * (2 * ww - 1) and value.shape[0] < want[0]:
+      flat[path] = _centre_table(value, want[0], source[path])
+    else:
+      flat[path] = pretrained.resize_rel_pos_bias_table(value, want[0])
+
+
 def _convert_leaf(kind: str, leaf: Optional[str], value: np.ndarray, path: str, key: str,
                   shapes: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Our arrays for one timm tensor. `leaf` is 'weight'/'bias' for module kinds, None for 'raw'/'rel_table'."""
   if kind == 'raw':
     return {path: value}
   if kind == 'rel_table':
-    want = shapes.get(path)
-    if want is not None and value.ndim == 2 and value.shape[1] == want.shape[1] and value.shape[0] < want.shape[0]:
-      value = _centre_table(value, want.shape[0], key)
-    return {path: value}
+    return {path: value}  # Resized or centred by `_fit_tables` once every key is converted.
   if kind == 'norm':
     return {f'{path}/{"scale" if leaf == "weight" else "bias"}': value}
   if kind == 'linear':
@@ -356,6 +385,8 @@ def timm_to_params(name: str, state_dict: Mapping[str, np.ndarray], *, num_class
       if path in flat:
         raise ValueError(f'Checkpoint key {key!r} maps onto {path!r}, which another key already set.')
       flat[path], source[path] = value, key
+
+  _fit_tables(flat, shapes, source, spec.family, name, image_size or spec.image_size, overrides, num_classes)
 
   if drop_head and num_classes:
     for path in shapes:

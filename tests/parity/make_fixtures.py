@@ -11,6 +11,9 @@ meaningful), runs a fixed input and writes, under tests/parity/fixtures/:
   {family}.safetensors  the timm state dict (float32)
   {family}.npz          'input_nhwc' (B, H, W, 3) and 'logits' (B, classes) from timm
   {family}.json         timm class + kwargs, and the vit_jax model name, create_model overrides and image size
+  resize.npz            reference outputs of torch's bicubic resizing (Swin bias tables, ViT position grid)
+
+Arguments: fixture names to regenerate (default: all), e.g. `python tests/parity/make_fixtures.py pvt_v2 resize`.
 """
 from __future__ import annotations
 
@@ -188,12 +191,37 @@ def make(family: str, seed: int = 0) -> None:
   print(f'{family}: {len(sd)} tensors, logits |max| {np.abs(logits).max():.3f}, bytes {sizes}')
 
 
+def make_resize_fixture(seed: int = 0) -> None:
+  """resize.npz: Swin v1 bias tables resized as the official Swin loader does (torch bicubic per head, up and
+  down), and a ViT position grid resized as timm's resample_abs_pos_embed (torch bicubic, upsampling)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top,invalid-name
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name, (s1, s2, heads) in {'table_3_to_5': (5, 9, 2), 'table_5_to_3': (9, 5, 2)}.items():
+    table = rng.standard_normal((s1 * s1, heads)).astype(np.float32)
+    t = torch.from_numpy(table).permute(1, 0).reshape(1, heads, s1, s1)  # Official Swin utils.load_pretrained.
+    resized = F.interpolate(t, size=(s2, s2), mode='bicubic').reshape(heads, s2 * s2).permute(1, 0)
+    out[name + '_in'], out[name + '_out'] = table, resized.numpy()
+  grid = rng.standard_normal((1, 4, 4, 8)).astype(np.float32)  # (1, H, W, D), as timm's posemb grid (NHWC).
+  resized = F.interpolate(torch.from_numpy(grid).permute(0, 3, 1, 2), size=(6, 6), mode='bicubic', antialias=True,
+                          align_corners=False)
+  out['posemb_4_to_6_in'], out['posemb_4_to_6_out'] = grid, resized.permute(0, 2, 3, 1).numpy()
+  path = os.path.join(OUT_DIR, 'resize.npz')
+  np.savez(path, **out)
+  os.chmod(path, 0o644)
+  print(f'resize: {sorted(out)}, bytes {os.path.getsize(path)}')
+
+
 def main() -> None:
   _import_timm()
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_grad_enabled(False)
-  for family in sys.argv[1:] or CONFIGS:
-    make(family)
+  for family in sys.argv[1:] or list(CONFIGS) + ['resize']:
+    if family == 'resize':
+      make_resize_fixture()
+    else:
+      make(family)
 
 
 if __name__ == '__main__':
