@@ -6,6 +6,7 @@ need neither.
 import functools
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -14,6 +15,9 @@ import pytest
 from vit_jax import convert
 from vit_jax import pretrained
 from vit_jax.models import create_model
+from vit_jax.models import get_model_spec
+from vit_jax.models import list_models
+from vit_jax.models import vit
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'parity', 'fixtures')
 FAMILIES = ('vit', 'deit', 'mixer', 'swin', 'swinv2', 'hybrid', 'hybrid_ti', 'pvt_v2', 'pvt_v2_li', 'mvitv2')
@@ -149,3 +153,38 @@ def _get(tree, path):
   for k in path:
     tree = tree[k.key]
   return tree
+
+
+# Registry entries without a timm counterpart, and why.
+NO_TIMM_EQUIVALENT = {
+    'vit_pico': 'project-only tiny model for the digits config and tests',
+    'swinv2_l': "timm has no window-8 256 px Swin-V2-L (its 256 px large model uses window 16)",
+}
+
+
+@pytest.mark.parametrize('name', list_models())
+def test_every_registry_entry_records_its_timm_name(name):
+  """timm_name names the timm architecture (optionally '.pretrained_tag') with the same patch/window/size."""
+  spec = get_model_spec(name)
+  if name in NO_TIMM_EQUIVALENT:
+    assert spec.timm_name is None
+    return
+  assert isinstance(spec.timm_name, str) and re.fullmatch(r'[a-z0-9_]+(\.[a-z0-9_]+)?', spec.timm_name), name
+  arch, kw = spec.timm_name.split('.')[0], spec.kwargs
+  assert spec.family in convert.supported_families()
+  if spec.family in ('vit', 'deit') and kw.get('resnet') is None:
+    assert f'patch{kw["patch_size"]}_{spec.image_size}' in arch
+    assert ('distilled' in arch) == (spec.builder is not vit.VisionTransformer)
+  elif spec.family == 'vit' and kw['resnet']:  # Hybrid: timm names the total stride (stem x patch) and size.
+    stride = kw['patch_size'] * 4 * 2 ** (len(kw['resnet']) - 1)
+    assert arch.endswith(f'_r{2 + 3 * sum(kw["resnet"]) if len(kw["resnet"]) == 4 else 50}_s{stride}_224'), arch
+  elif spec.family == 'vit':  # Root-only stem (R+Ti/16): timm keeps the paper's '/16' label and names the patch.
+    assert arch.endswith(f'_r_s16_p{kw["patch_size"]}_{spec.image_size}'), arch
+  elif spec.family == 'mixer':
+    assert arch == f'mixer_{name.split("_")[1]}_{spec.image_size}' and name.endswith(str(kw['patch_size']))
+  elif spec.family in ('swin', 'swinv2'):
+    assert f'window{kw["window_size"]}' in arch and arch.endswith(str(spec.image_size))
+  elif spec.family == 'pvt_v2':
+    assert arch == name
+  elif spec.family == 'mvitv2':
+    assert arch == {'mvitv2_t': 'mvitv2_tiny', 'mvitv2_s': 'mvitv2_small'}[name]

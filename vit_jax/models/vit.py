@@ -281,7 +281,7 @@ _HYBRIDS = [
     # name, variant, patch on the stem's map, resnet units per stage, num_params, timm_name
     ('r_vit_ti16', 'Ti', 8, (), 6_337_704, 'vit_tiny_r_s16_p8_224.augreg_in21k_ft_in1k'),
     ('r26_vit_s32', 'S', 1, (2, 2, 2, 2), 36_431_912, 'vit_small_r26_s32_224.augreg_in21k_ft_in1k'),
-    ('r26_vit_b32', 'B', 1, (2, 2, 2, 2), 101_383_976, None),  # timm: vit_base_r26_s32_224, no weights.
+    ('r26_vit_b32', 'B', 1, (2, 2, 2, 2), 101_383_976, 'vit_base_r26_s32_224'),  # timm has no weights for it.
     ('r50_vit_b16', 'B', 1, (3, 4, 9), 98_659_112, 'vit_base_r50_s16_224.orig_in21k'),
     ('r50_vit_l32', 'L', 1, (3, 4, 6, 3), 328_994_856, 'vit_large_r50_s32_224.augreg_in21k_ft_in1k'),
 ]
