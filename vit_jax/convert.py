@@ -433,7 +433,8 @@ def convert_file(model: str, src: str, out_dir: str, *, num_classes: Optional[in
   save_params_npz(params, path)
   head = params.get('head', {}).get('kernel')
   meta = dict(model=model, timm_name=registry.get_model_spec(model).timm_name, source=os.path.abspath(src),
-              num_classes=int(head.shape[-1]) if head is not None else 0, model_overrides=dict(model_overrides or {}), format='flat "/"-joined flax param paths (np.savez)')
+              num_classes=int(head.shape[-1]) if head is not None else 0, model_overrides=dict(model_overrides or {}),
+              format='flat "/"-joined flax param paths (np.savez)')
   with open(os.path.join(out_dir, 'convert.json'), 'x') as f:
     json.dump(meta, f, indent=2)
   return path
