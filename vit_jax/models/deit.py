@@ -44,8 +44,12 @@ class DistilledVisionTransformer(vit.VisionTransformer):
                                 kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
                                 name='head_dist')
 
-  def forward_features(self, images: Array, *, train: bool = False) -> Array:
-    """Final-normed, unpooled token sequence (B, 2 + h*w, hidden_size): [cls, dist, patches]."""
+  @property
+  def num_prefix_tokens(self) -> int:
+    return 2
+
+  def _tokens(self, images: Array) -> tuple[Array, tuple[int, int]]:
+    """[cls, dist, patches] (B, 2 + h*w, hidden_size) and the patch grid; forward_features gives them normed."""
     b, h, w, _ = images.shape
     p = self.patch_size
     if h % p or w % p:
@@ -56,8 +60,7 @@ class DistilledVisionTransformer(vit.VisionTransformer):
     x = x.reshape(b, gh * gw, d)
     cls = jnp.broadcast_to(self.cls.astype(x.dtype), (b, 1, d))
     dist = jnp.broadcast_to(self.dist.astype(x.dtype), (b, 1, d))
-    x = jnp.concatenate([cls, dist, x], axis=1)
-    return self.encoder(x, grid=(gh, gw), train=train)
+    return jnp.concatenate([cls, dist, x], axis=1), (gh, gw)
 
   def forward_head(self, features: Array, *, pre_logits: bool = False, train: bool = False):
     """Mean of the two heads' float32 logits; `(logits_cls, logits_dist)` when training in distilled mode.

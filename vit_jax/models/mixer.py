@@ -82,18 +82,32 @@ class MlpMixer(nn.Module):
     """Width of the pooled pre-logits features."""
     return self.hidden_dim
 
-  def forward_features(self, images: Array, *, train: bool = False) -> Array:
-    """Final-normed token sequence (B, h*w, hidden_dim)."""
+  def _blocks(self, images: Array, train: bool) -> tuple[list[Array], tuple[int, int]]:
     b, h, w, _ = images.shape
     p = self.patch_size
     if h % p or w % p:
       raise ValueError(f'Image size {h}x{w} is not divisible by patch_size={p}. Resize or crop the images to a '
                        f'multiple of {p} (e.g. {h - h % p or p}x{w - w % p or p}).')
     x = self.stem(images.astype(self.dtype))
+    grid = x.shape[1:3]
     x = x.reshape(b, -1, x.shape[-1])
+    outs = []
     for block in self.blocks:
       x = block(x, not train)
-    return self.pre_head_layer_norm(x)
+      outs.append(x)
+    return outs, grid
+
+  def forward_features(self, images: Array, *, train: bool = False) -> Array:
+    """Final-normed token sequence (B, h*w, hidden_dim)."""
+    return self.pre_head_layer_norm(self._blocks(images, train)[0][-1])
+
+  def forward_intermediates(self, images: Array, *, train: bool = False, norm: bool = False) -> list[Array]:
+    """Every block's output as an NHWC map (B, h, w, hidden_dim), all at stride patch_size (Mixer is isotropic).
+    norm=True applies the final norm to the last one."""
+    outs, (gh, gw) = self._blocks(images, train)
+    if norm:
+      outs[-1] = self.pre_head_layer_norm(outs[-1])
+    return [o.reshape(o.shape[0], gh, gw, o.shape[-1]) for o in outs]
 
   def forward_head(self, features: Array, *, pre_logits: bool = False) -> Array:
     """Mean-pools the tokens; returns the pre-logits (B, hidden_dim) or the float32 logits."""

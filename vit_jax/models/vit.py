@@ -139,17 +139,21 @@ class Encoder(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, *, grid: tuple[int, int], train: bool = False) -> Array:
+  def __call__(self, x: Array, *, grid: tuple[int, int], train: bool = False, intermediates: bool = False):
+    """The final-normed sequence; with `intermediates`, also the list of every block's (un-normed) output."""
     x = AddPositionEmbs(posemb=self.posemb, has_cls=self.has_cls, name='posembed_input')(x, grid=grid)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
     block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
     dpr = np.linspace(0.0, self.drop_path_rate, self.num_layers)  # Stochastic depth grows with depth.
+    outs = []
     for i in range(self.num_layers):
       x = block_cls(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
                     attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=float(dpr[i]),
                     gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
                     dtype=self.dtype, name=f'encoderblock_{i}')(x, not train)
-    return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name='encoder_norm')(x)
+      outs.append(x)
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name='encoder_norm')(x)
+    return (x, outs) if intermediates else x
 
 
 class VisionTransformer(nn.Module):
@@ -215,8 +219,13 @@ class VisionTransformer(nn.Module):
     """Width of the pooled pre-logits features."""
     return self.representation_size or self.hidden_size
 
-  def forward_features(self, images: Array, *, train: bool = False) -> Array:
-    """Final-normed, unpooled token sequence (B, [1 +] h*w, hidden_size)."""
+  @property
+  def num_prefix_tokens(self) -> int:
+    """Tokens before the patch tokens in the sequence (the class token)."""
+    return 1 if self.classifier == 'token' else 0
+
+  def _tokens(self, images: Array) -> tuple[Array, tuple[int, int]]:
+    """Embedded sequence (B, prefix + h*w, hidden_size) before the encoder, and the patch grid (h, w)."""
     b, h, w, _ = images.shape
     p = self.patch_size
     x = images.astype(self.dtype)
@@ -237,7 +246,25 @@ class VisionTransformer(nn.Module):
     if self.classifier == 'token':
       cls = jnp.broadcast_to(self.cls.astype(x.dtype), (b, 1, d))
       x = jnp.concatenate([cls, x], axis=1)
-    return self.encoder(x, grid=(gh, gw), train=train)
+    return x, (gh, gw)
+
+  def forward_features(self, images: Array, *, train: bool = False) -> Array:
+    """Final-normed, unpooled token sequence (B, num_prefix_tokens + h*w, hidden_size)."""
+    x, grid = self._tokens(images)
+    return self.encoder(x, grid=grid, train=train)
+
+  def forward_intermediates(self, images: Array, *, train: bool = False, norm: bool = False) -> list[Array]:
+    """Every block's patch tokens as an NHWC map (B, h, w, hidden_size), prefix tokens dropped.
+
+    ViT is isotropic: all maps share one stride, patch_size (times the stem's stride for hybrids), unlike the
+    4/8/16/32 pyramid of the hierarchical families. norm=True applies the final norm to the last map.
+    """
+    x, (gh, gw) = self._tokens(images)
+    normed, outs = self.encoder(x, grid=(gh, gw), train=train, intermediates=True)
+    if norm:
+      outs[-1] = normed
+    n = self.num_prefix_tokens
+    return [o[:, n:].reshape(o.shape[0], gh, gw, o.shape[-1]) for o in outs]
 
   def forward_head(self, features: Array, *, pre_logits: bool = False) -> Array:
     """Pools `forward_features` output; returns the pre-logits (B, num_features) or the float32 logits."""
