@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import model_utils
 from vit_jax.models import deit  # Registers deit_* (until vit_jax.models imports it).
 from vit_jax.models import registry
 from vit_jax.models import vit
@@ -17,25 +18,10 @@ def _tiny(**kw) -> deit.DistilledVisionTransformer:
   return deit.DistilledVisionTransformer(**{**TINY, **kw})
 
 
-def _images(b=2, size=16, seed=0):
-  return jax.random.normal(jax.random.key(seed), (b, size, size, 3))
-
-
-def _abstract_params(model, size=16):
-  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))['params']
-
-
-def _random_params(model, size=16, seed=0):
-  """Random non-zero params of the right shapes, without compiling `init`."""
-  flat = traverse_util.flatten_dict(_abstract_params(model, size), sep='/')
-  rng = np.random.default_rng(seed)
-  out = {k: jnp.asarray(rng.normal(1.0 if k.endswith('scale') else 0.0, 0.1 if k.endswith('scale') else 0.05,
-                                   v.shape).astype(np.float32)) for k, v in flat.items()}
-  return traverse_util.unflatten_dict(out, sep='/')
-
-
-def _count(tree) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+_images = model_utils.images
+_abstract_params = model_utils.abstract_params
+_random_params = model_utils.random_params
+_count = model_utils.count
 
 
 @pytest.mark.parametrize('name', ['deit_ti16_distilled', 'deit_b16_384', 'deit_b16_384_distilled'])
@@ -101,7 +87,7 @@ def test_token_layout():
   """With no blocks the encoder is posemb + final norm, exposing the [cls, dist, patches] order."""
   model = _tiny(num_layers=0, num_classes=0)
   params = _random_params(model)
-  x = _images(b=1)
+  x = _images(1)
   feats = jax.jit(lambda p, x: model.apply({'params': p}, x, method=model.forward_features))(params, x)
   pe = params['Transformer']['posembed_input']['pos_embedding'][0]
   norm = params['Transformer']['encoder_norm']

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import model_utils
 from vit_jax import pretrained
 from vit_jax.models import registry
 from vit_jax.models import resnet_stem
@@ -22,12 +23,8 @@ TINY = dict(num_classes=10, patch_size=1, hidden_size=32, num_layers=2, num_head
 SIZE = 32
 
 
-def _count(tree) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
-def _abstract(model, size):
-  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))['params']
+_count = model_utils.count
+_abstract = model_utils.abstract_params
 
 
 def _flat(tree):
@@ -35,13 +32,7 @@ def _flat(tree):
 
 
 def _random_params(model, size=SIZE, seed=0):
-  """Random non-zero params of the model's shapes (no `init` compile); norm scales near 1."""
-  rng = np.random.default_rng(seed)
-  out = {}
-  for k, v in _flat(_abstract(model, size)).items():
-    noise = rng.normal(0.0, 0.1 if k.endswith('scale') else 0.05, v.shape).astype(np.float32)
-    out[k] = jnp.asarray(noise + 1.0 if k.endswith('scale') else noise)
-  return traverse_util.unflatten_dict(out, sep='/')
+  return model_utils.random_params(model, size, seed)
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,7 +41,7 @@ def _jitted_apply(model):
 
 
 def _images(b=2, size=SIZE):
-  return jax.random.normal(jax.random.key(1), (b, size, size, 3))
+  return model_utils.images(b, size, seed=1)
 
 
 @pytest.mark.parametrize('name,expected', [

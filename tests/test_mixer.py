@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import model_utils
 from vit_jax.models import mixer  # Registers mixer_* (until vit_jax.models imports it).
 from vit_jax.models import registry
 
@@ -15,21 +16,9 @@ def _tiny(**kw) -> mixer.MlpMixer:
   return mixer.MlpMixer(**{**TINY, **kw})
 
 
-def _images(b=2, size=16, seed=0):
-  return jax.random.normal(jax.random.key(seed), (b, size, size, 3))
-
-
-def _abstract_params(model, size=16):
-  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))['params']
-
-
-def _random_params(model, size=16, seed=0):
-  """Random non-zero params of the right shapes, without compiling `init`."""
-  flat = traverse_util.flatten_dict(_abstract_params(model, size), sep='/')
-  rng = np.random.default_rng(seed)
-  out = {k: jnp.asarray(rng.normal(1.0 if k.endswith('scale') else 0.0, 0.1 if k.endswith('scale') else 0.05,
-                                   v.shape).astype(np.float32)) for k, v in flat.items()}
-  return traverse_util.unflatten_dict(out, sep='/')
+_images = model_utils.images
+_abstract_params = model_utils.abstract_params
+_random_params = model_utils.random_params
 
 
 @pytest.mark.parametrize('name', ['mixer_s16', 'mixer_s32', 'mixer_b16', 'mixer_b32', 'mixer_l16'])

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from tests import model_utils
 from vit_jax.models import mvitv2
 from vit_jax.models import registry
 
@@ -17,20 +18,14 @@ TINY = dict(num_classes=5, depths=(2, 1, 2, 1), embed_dim=8, num_heads=1, mlp_ra
 TINY_SIZE = 64
 
 
-def _count(model, size):
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
-  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+_count = model_utils.count_params
 
 
 def _images(size=TINY_SIZE, batch=2, seed=0, width=None):
-  return jax.random.normal(jax.random.PRNGKey(seed), (batch, size, width or size, 3))
+  return model_utils.images(batch, size, seed, width)
 
 
-def _random_variables(model, x, seed=0):
-  """Random (non-degenerate) parameters of the right shapes without compiling the initialisers."""
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype), shapes)
+_random_variables = model_utils.random_variables
 
 
 def _loss(model, x):
