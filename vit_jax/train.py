@@ -30,18 +30,15 @@ class TrainState(train_state.TrainState):
   """Step, params and optimizer state; apply_fn and tx are static, so they are not checkpointed."""
 
 
-# Top-level config fields passed to the model when they differ from their defaults.
-_MODEL_FIELDS = (('dtype', 'float32'), ('remat', 'none'), ('scan_layers', False))
-
-
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
   """The registry model named by config.model.name; the other model.* keys override its hyperparameters, and
   config.dtype / remat / scan_layers set the model's compute dtype, rematerialisation policy and layer scan."""
   overrides = {k: v for k, v in config.model.items() if k != 'name'}
-  for key, default in _MODEL_FIELDS:
+  # Top-level fields passed to the model when they differ from their defaults.
+  for key, value, default in (('dtype', config.dtype, 'float32'), ('remat', config.remat, 'none'),
+                              ('scan_layers', config.scan_layers, False)):
     if key in overrides:
       raise ValueError(f'Set config.{key}, not config.model.{key} (the trainer passes config.{key} to the model).')
-    value = config[key]
     if value != default:
       if key not in models.registry.model_options(models.registry.get_model_spec(config.model.name).builder):
         raise ValueError(f'config.{key}={value!r}, but model {config.model.name!r} has no {key!r} option. '
