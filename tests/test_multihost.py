@@ -90,4 +90,9 @@ def test_two_processes_train_and_checkpoint_like_one(digits_data_dir, tmp_path, 
   assert set(by_two) == set(params_one) == set(params_two)
   for k, v in params_one.items():
     np.testing.assert_array_equal(by_two[k], v, err_msg=f'1-process checkpoint restored by 2 processes: {k}')
+    if k.endswith('key/bias'):
+      # Exact gradient 0 (softmax shift invariance): AdamW's sqrt(v) normalisation turns rounding noise, which
+      # differs with the reduction order, into tiny steps, so only its size is comparable.
+      assert np.abs(params_two[k]).max() < 1e-3 and np.abs(v).max() < 1e-3, k
+      continue
     np.testing.assert_allclose(params_two[k], v, rtol=1e-4, atol=1e-6, err_msg=f'2- vs 1-process training: {k}')

@@ -28,7 +28,7 @@ def _opt_config(**kw):
   """SGD with momentum for the equality tests: its update is linear in the gradient, so comparing parameters
   compares the sharded gradient computation itself. (Adam divides by sqrt(v): the attention key bias, whose exact
   gradient is 0 by softmax shift invariance, would move by +-lr on rounding noise alone.)"""
-  cfg = dict(name='sgd', lr=0.1, schedule='cosine', warmup_steps=1, end_lr_factor=0.0, weight_decay=0.05,
+  cfg = dict(name='sgd', lr=0.1, schedule='cosine', warmup_steps=0, end_lr_factor=0.0, weight_decay=0.05,
              grad_clip_norm=1.0, b1=0.9, b2=0.999, mu_dtype=None)
   return ml_collections.ConfigDict({**cfg, **kw})
 
@@ -66,15 +66,17 @@ def _train(model, mesh, batches, *, accum_steps=1, opt=None, steps_total=10):
 def _assert_same(got, want, what):
   """Losses within rtol 1e-5; each parameter array within 1e-5 relative (L2) error.
 
-  Per array, not per element: devices sum gradients in another order, so an element that is ~0 in both can differ
-  by more than 1e-5 of itself while the array agrees to ~1e-7.
+  Per array, not per element, and with a floor of 1e-3 per element under the norm: devices sum gradients in another
+  order, and an array that is ~0 in both runs is rounding noise (the attention key bias: its exact gradient is 0 by
+  softmax shift invariance, so it holds only accumulated noise of ~1e-9).
   """
   losses, params = got[:2]
   np.testing.assert_allclose(losses, want[0], rtol=1e-5, err_msg=f'{what}: losses')
   flat_got = jax.tree_util.tree_flatten_with_path(params)[0]
   worst = 0.0
   for (path, a), b in zip(flat_got, jax.tree.leaves(want[1])):
-    error = np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(np.asarray(b, np.float64)), 1e-12)
+    b = np.asarray(b, np.float64)
+    error = np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-3 * np.sqrt(b.size))
     assert error <= 1e-5, f'{what}: {jax.tree_util.keystr(path)} differs by {error:.2e} (relative L2)'
     worst = max(worst, error)
   return worst
@@ -87,7 +89,7 @@ def test_every_mesh_trains_like_one_device(spec, capsys):
   model = _model(spec)
   batches = _batches(3, 16)
   reference = _train(model, _mesh((1, 1, 1), jax.devices()[:1]), batches)
-  assert reference[0][-1] < reference[0][0]
+  assert np.ptp(reference[0]) > 1e-3  # The steps change the model.
   report = [f'1 device losses {np.array2string(reference[0], precision=6)}']
   for name, shape in MESHES.items():
     got = _train(model, _mesh(shape), batches)
