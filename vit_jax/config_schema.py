@@ -21,6 +21,18 @@ def base_config() -> ml_collections.ConfigDict:
   # Official .npz (local or gs://) whose weights initialise a fresh run; the head is re-initialised when the class
   # count differs and position embeddings are interpolated to the new resolution.
   c.init_from = ml_collections.config_dict.placeholder(str)
+  # Numerics and memory (see README "Scaling out").
+  c.dtype = 'float32'           # Compute dtype: 'float32' | 'bfloat16' | 'float16'. Parameters stay float32; softmax,
+                                # normalisation statistics and the loss are computed in float32 whatever this is.
+  c.accum_steps = 1             # Gradient accumulation: batch_size is split into this many sequential micro-batches
+                                # whose mean gradient makes one update (the same update as the whole batch at once).
+  c.remat = 'none'              # Activation rematerialisation of each block: 'none' | 'full' | a
+                                # jax.checkpoint_policies name, e.g. 'dots_with_no_batch_dims_saveable'.
+  c.scan_layers = False         # nn.scan over the ViT encoder blocks (one compiled block: faster compiles of deep
+                                # models); params are then stacked as Transformer/encoderblock/* (big_vision layout).
+  # Logical axis -> mesh axes rules, e.g. (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'), ...).
+  # None: vit_jax.sharding.DEFAULT_RULES (FSDP on 'embed', Megatron on 'heads'/'mlp'; strategy then follows mesh.*).
+  c.sharding_rules = ml_collections.config_dict.placeholder(tuple)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'vit_pico'
@@ -49,11 +61,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
   c.optimizer.b1 = 0.9              # AdamW beta1, or SGD momentum.
   c.optimizer.b2 = 0.999            # AdamW beta2.
+  c.optimizer.mu_dtype = ml_collections.config_dict.placeholder(str)  # First-moment (momentum) dtype, e.g.
+                                    # 'bfloat16' to halve its memory; None: the parameters' float32.
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1                  # Devices on the 'data' axis; -1: all.
+  # Devices per mesh axis (the product must be the device count; one axis may be -1 = the rest). Batches split over
+  # data x fsdp; 'fsdp' also splits parameters and optimizer state; 'tensor' splits attention heads and MLP hidden.
+  c.mesh.data = -1                  # Pure data parallel.
+  c.mesh.fsdp = 1                   # Fully sharded data parallel (ZeRO-3).
+  c.mesh.tensor = 1                 # Megatron tensor parallel (needs num_heads and mlp_dim divisible by it).
+  # With several hosts (processes) or TPU slices: how many of them each axis spans (product = their count; one may be
+  # -1). The rest of each axis stays inside a host/slice on fast links. Default: hosts/slices split the batch only.
+  c.mesh.dcn_data = -1
+  c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_tensor = 1
   return c
 
+
+DTYPES = ('float32', 'bfloat16', 'float16')
 
 # Sub-configs whose keys are open: model.* are hyperparameter overrides that create_model checks by name.
 _OPEN_SECTIONS = ('model',)
@@ -86,6 +111,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'config.{key}={config[key]} must be positive.')
   if config.eval_every < 0:
     raise ValueError(f'config.eval_every={config.eval_every} must be >= 0 (0 disables periodic eval).')
+  if config.dtype not in DTYPES:
+    raise ValueError(f'config.dtype={config.dtype!r} is not supported; choose one of {DTYPES}.')
+  if config.accum_steps < 1:
+    raise ValueError(f'config.accum_steps={config.accum_steps} must be >= 1 (1: no accumulation).')
   if config.optimizer.warmup_steps > config.total_steps:
     raise ValueError(f'config.optimizer.warmup_steps={config.optimizer.warmup_steps} exceeds '
                      f'config.total_steps={config.total_steps}; lower the warmup or train longer.')

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -21,6 +22,19 @@ _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initial
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+  """Joins this process to a multi-process JAX job (call before any other JAX use).
+
+  With no arguments jax.distributed auto-detects TPU pods and SLURM (srun) jobs; otherwise give all three. CPU
+  processes talk through gloo collectives (jax's CPU backend has none by default); accelerators are unaffected.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -29,8 +43,7 @@ def main(argv):
   from vit_jax import config_schema, train  # pylint: disable=g-import-not-at-top
 
   if _MULTIHOST.value or _COORDINATOR.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
   config_schema.validate_config(config)
   logging.info('JAX process %d/%d, %d local / %d global devices (%s).', jax.process_index(), jax.process_count(),

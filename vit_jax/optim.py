@@ -34,8 +34,9 @@ def create_learning_rate_schedule(opt_config: ml_collections.ConfigDict, total_s
 
 def weight_decay_mask(params: Any) -> Any:
   """True for weight matrices and conv kernels; biases, norms, embeddings and tokens are never decayed."""
-  def is_kernel(path, _):
-    return getattr(path[-1], 'key', None) == 'kernel'
+  def is_kernel(path, _):  # The last dict key, so leaves boxed with logical axis names (nn.Partitioned) count too.
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return bool(keys) and keys[-1] == 'kernel'
   return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
@@ -45,11 +46,11 @@ def create_optimizer(opt_config: ml_collections.ConfigDict,
   schedule = create_learning_rate_schedule(opt_config, total_steps)
   if opt_config.name == 'adamw':
     core = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2, weight_decay=opt_config.weight_decay,
-                       mask=weight_decay_mask)
+                       mask=weight_decay_mask, mu_dtype=opt_config.mu_dtype)
   elif opt_config.name == 'sgd':
     core = optax.chain(
         optax.add_decayed_weights(opt_config.weight_decay, mask=weight_decay_mask),
-        optax.sgd(schedule, momentum=opt_config.b1 or None))
+        optax.sgd(schedule, momentum=opt_config.b1 or None, accumulator_dtype=opt_config.mu_dtype))
   else:
     raise ValueError(f'Unknown optimizer.name {opt_config.name!r}; choose one of {_OPTIMIZERS}.')
   clip = opt_config.grad_clip_norm

@@ -184,6 +184,31 @@ def resize_rel_pos_bias_table(table: np.ndarray, new_rows: int) -> np.ndarray:
   grid = _resize_grid(table.reshape(side_old, side_old, -1), (side_new, side_new), 'bicubic_torch')
   return grid.reshape(new_rows, -1).astype(table.dtype)
 
+_SCANNED = 'Transformer/encoderblock/'
+
+
+def _unstack_scanned(init: dict[str, Any]) -> tuple[dict[str, Any], int]:
+  """A scanned model's stacked `Transformer/encoderblock/*` (leading layer axis) as per-layer shape entries."""
+  stacked = {k: v for k, v in init.items() if k.startswith(_SCANNED)}
+  if not stacked:
+    return init, 0
+  depth = {v.shape[0] for v in stacked.values()}.pop()
+  out = {k: v for k, v in init.items() if k not in stacked}
+  for key, value in stacked.items():
+    for i in range(depth):
+      out[f'Transformer/encoderblock_{i}/{key[len(_SCANNED):]}'] = jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+  return out, depth
+
+
+def _restack_scanned(flat: dict[str, Any], depth: int) -> dict[str, Any]:
+  """Inverse of `_unstack_scanned` on loaded arrays."""
+  prefix = re.compile(r'^Transformer/encoderblock_(\d+)/')
+  out = {k: v for k, v in flat.items() if not prefix.match(k)}
+  for key in [k for k in flat if k.startswith('Transformer/encoderblock_0/')]:
+    rest = key[len('Transformer/encoderblock_0/'):]
+    out[_SCANNED + rest] = np.stack([flat[f'Transformer/encoderblock_{i}/{rest}'] for i in range(depth)])
+  return out
+
 
 def _group(keys, name: str) -> set[str]:
   return {k for k in keys if k == name or k.startswith(name + '/')}
@@ -201,8 +226,10 @@ def load_pretrained(path: str, init_params: Mapping[str, Any], *, keep_pre_logit
   at any window (set the model's `pretrained_window_size` to the checkpoint's window). Any other missing, unexpected
   or mis-shaped parameter raises a ValueError. Loaded leaves are numpy arrays in init_params' dtypes; kept
   leaves are init_params' own. `init_params` may be wrapped as {'params': ...}; the result is wrapped alike.
+  A model with scanned layers (`scan_layers=True`, stacked `Transformer/encoderblock/*`) gets the blocks stacked.
   """
   init, wrapped = _flatten_params(init_params)
+  init, scanned_depth = _unstack_scanned(init)
   ckpt, has_cls_slot = _normalise_keys(_read_npz(path))
   keep_init: set[str] = set()
 
@@ -258,6 +285,8 @@ def load_pretrained(path: str, init_params: Mapping[str, Any], *, keep_pre_logit
                      '. Check the model variant (width, depth, patch size) against the checkpoint.')
 
   flat = {k: init[k] if k in keep_init else np.asarray(ckpt[k], dtype=init[k].dtype) for k in init}
+  if scanned_depth:
+    flat = _restack_scanned(flat, scanned_depth)
   params = traverse_util.unflatten_dict(flat, sep='/')
   return {'params': params} if wrapped else params
 

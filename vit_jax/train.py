@@ -31,8 +31,19 @@ class TrainState(train_state.TrainState):
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  """The registry model named by config.model.name; the other model.* keys override its hyperparameters."""
+  """The registry model named by config.model.name; the other model.* keys override its hyperparameters, and
+  config.dtype / remat / scan_layers set the model's compute dtype, rematerialisation policy and layer scan."""
   overrides = {k: v for k, v in config.model.items() if k != 'name'}
+  # Top-level fields passed to the model when they differ from their defaults.
+  for key, value, default in (('dtype', config.dtype, 'float32'), ('remat', config.remat, 'none'),
+                              ('scan_layers', config.scan_layers, False)):
+    if key in overrides:
+      raise ValueError(f'Set config.{key}, not config.model.{key} (the trainer passes config.{key} to the model).')
+    if value != default:
+      if key not in models.registry.model_options(models.registry.get_model_spec(config.model.name).builder):
+        raise ValueError(f'config.{key}={value!r}, but model {config.model.name!r} has no {key!r} option. '
+                         f'Leave config.{key} at {default!r} for this model.')
+      overrides[key] = jnp.dtype(value) if key == 'dtype' else value
   return models.create_model(config.model.name, num_classes=num_classes, **overrides)
 
 
@@ -40,33 +51,92 @@ def count_params(params: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, *, image_size: int, seed: int,
-                       mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
-  """Initialises the state directly into its shardings; also returns those shardings."""
+def _boxed_init(model: nn.Module, tx: optax.GradientTransformation, image_size: int,
+                rules: sharding.Rules) -> Any:
+  """key -> TrainState whose parameters and optimizer moments are boxed with logical axis names."""
   dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
 
   def init(key: jax.Array) -> TrainState:
-    params = model.init({'params': key}, dummy, train=False)['params']
+    with models.layers.logical_partitioning(), nn.logical_axis_rules(rules):
+      params = model.init({'params': key}, dummy, train=False)['params']
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  return init
 
-  key = jax.random.key(seed)
-  abstract = jax.eval_shape(init, key)
-  shardings = sharding.state_sharding(mesh, abstract)
-  state = jax.jit(init, out_shardings=shardings)(key)
+
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, *, image_size: int,
+                         mesh: jax.sharding.Mesh,
+                         rules: sharding.Rules = sharding.DEFAULT_RULES) -> tuple[TrainState, Any]:
+  """The state's shapes, dtypes and shardings (jax.ShapeDtypeStruct leaves) without allocating it, and the
+  shardings; e.g. to restore a checkpoint onto this mesh or to compile a step ahead of time."""
+  boxed = jax.eval_shape(_boxed_init(model, tx, image_size, rules), jax.random.key(0))
+  shardings = sharding.state_sharding(mesh, boxed, rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.meta.unbox(boxed), shardings)
+  return abstract, shardings
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, *, image_size: int, seed: int,
+                       mesh: jax.sharding.Mesh,
+                       rules: sharding.Rules = sharding.DEFAULT_RULES) -> tuple[TrainState, Any]:
+  """Initialises the state directly into its shardings; also returns those shardings.
+
+  Under the logical-axis `rules` the model's parameters come back boxed with their logical names, optax carries the
+  boxes into the optimizer moments, and `sharding.state_sharding` turns them into one NamedSharding per leaf; the
+  state itself is unboxed (plain arrays), so checkpoints and parameter trees keep their usual layout.
+  """
+  init = _boxed_init(model, tx, image_size, rules)
+  _, shardings = abstract_train_state(model, tx, image_size=image_size, mesh=mesh, rules=rules)
+  state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(jax.random.key(seed))
   return state, shardings
 
 
+def _split_microbatches(x: jax.Array, accum_steps: int) -> jax.Array:
+  """(B, ...) -> (accum_steps, B / accum_steps, ...); micro-batch i holds rows i, i + A, ..., so each one is spread
+  over all devices of the batch axes like the whole batch (no data movement)."""
+  x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1)
+  return nn.with_logical_constraint(x, (None, 'batch') + (None,) * (x.ndim - 2))
+
+
+def _merge_microbatches(x: jax.Array) -> jax.Array:
+  """Inverse of `_split_microbatches`: per-example outputs back in the batch's order."""
+  return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
+
+
+def compute_gradients(loss_fn: Any, params: Any, batch: dict[str, jax.Array], rng: jax.Array,
+                      accum_steps: int = 1) -> tuple[Any, dict[str, jax.Array]]:
+  """Gradient of the batch-mean loss and per-example outputs, accumulating over `accum_steps` micro-batches.
+
+  `loss_fn(params, batch, rng) -> (mean loss, {name: per-example array})`. With equal micro-batches the mean of their
+  mean-loss gradients is the whole batch's gradient, so accumulation changes memory, not the update. Micro-batch i
+  draws its randomness from fold_in(rng, i); accum_steps=1 uses `rng` itself.
+  """
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    return grad_fn(params, batch, rng)
+  micro = jax.tree.map(lambda x: _split_microbatches(x, accum_steps), batch)
+
+  def body(total, xs):
+    index, micro_batch = xs
+    grads, outputs = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
+    return jax.tree.map(jnp.add, total, grads), outputs
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  total, outputs = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+  grads = jax.tree.map(lambda g, p: (g / accum_steps).astype(p.dtype), total, params)
+  return grads, jax.tree.map(_merge_microbatches, outputs)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, dropout_key: jax.Array,
-               schedule: optax.Schedule) -> tuple[TrainState, metrics.TrainMetrics]:
-  """One optimizer update; dropout randomness depends only on (seed, step)."""
+               schedule: optax.Schedule, accum_steps: int = 1) -> tuple[TrainState, metrics.TrainMetrics]:
+  """One optimizer update (over `accum_steps` micro-batches); dropout randomness depends only on (seed, step)."""
   step_key = jax.random.fold_in(dropout_key, state.step)
 
-  def loss_fn(params):
-    logits = state.apply_fn({'params': params}, batch['image'], train=True, rngs={'dropout': step_key})
+  def loss_fn(params, batch, rng):
+    logits = state.apply_fn({'params': params}, batch['image'], train=True, rngs={'dropout': rng})
     outputs = metrics.classification_outputs(logits, batch['label'])
     return outputs['loss'].mean(), outputs
 
-  grads, outputs = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads, outputs = compute_gradients(loss_fn, state.params, batch, step_key, accum_steps)
   new_state = state.apply_gradients(grads=grads)
   step_metrics = metrics.TrainMetrics.single_from_model_output(
       loss=outputs['loss'], accuracy=outputs['accuracy'], grad_norm=optax.global_norm(grads),
@@ -97,14 +167,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains `config` in `workdir` (resuming if it holds this run) and returns the final metrics."""
   final_path = epath.Path(workdir) / FINAL_METRICS_FILENAME
   mesh = sharding.create_mesh(config.mesh)
-  sharding.check_global_batch(config.batch_size, mesh)
+  rules = sharding.logical_rules(config.sharding_rules)
+  sharding.check_global_batch(config.batch_size, mesh, config.accum_steps)
   info = input_pipeline.get_dataset_info(config.dataset)
   model = build_model(config, info.num_classes)
   tx, schedule = optim.create_optimizer(config.optimizer, config.total_steps)
   state, state_shardings = create_train_state(model, tx, image_size=config.dataset.image_size,
-                                              seed=config.seed, mesh=mesh)
-  logging.info('Model %s: %s parameters, %d classes; mesh %s.', config.model.name,
-               f'{count_params(state.params):,}', info.num_classes, dict(mesh.shape))
+                                              seed=config.seed, mesh=mesh, rules=rules)
+  logging.info('Model %s: %s parameters, %d classes; mesh %s; compute dtype %s.', config.model.name,
+               f'{count_params(state.params):,}', info.num_classes, dict(mesh.shape), config.dtype)
   # Only a config that builds its model and state may claim the workdir, so a typo never blocks the fixed rerun.
   resuming = checkpoint.claim_workdir(workdir, config)
 
@@ -133,9 +204,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   replicated = sharding.replicated(mesh)
   dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   p_train_step = jax.jit(
-      functools.partial(train_step, dropout_key=dropout_key, schedule=schedule),
+      sharding.with_activation_sharding(
+          functools.partial(train_step, dropout_key=dropout_key, schedule=schedule, accum_steps=config.accum_steps),
+          mesh, rules),
       in_shardings=(state_shardings, batch_spec), out_shardings=(state_shardings, replicated), donate_argnums=0)
-  p_eval_step = jax.jit(eval_step, in_shardings=(state_shardings, batch_spec), out_shardings=replicated)
+  p_eval_step = jax.jit(sharding.with_activation_sharding(eval_step, mesh, rules),
+                        in_shardings=(state_shardings, batch_spec), out_shardings=replicated)
 
   # Resumed runs draw a fresh shuffle so they do not replay the first steps' batches.
   train_iter = input_pipeline.create_train_iterator(

@@ -2,10 +2,17 @@
 
 Parameter names and shapes follow the official flax ViT code, so published checkpoints load without renaming.
 Every module takes `dtype`, the compute dtype; parameters always stay float32.
+
+Sharding: parameters are created through `logical(init, names)`, which attaches logical axis names ('embed', 'mlp',
+'heads', 'kv', 'classes', ...) inside `with logical_partitioning():` (the trainer's state creation), and activations
+are constrained with `nn.with_logical_constraint` (a no-op without flax logical-axis rules and a mesh). Elsewhere
+`model.init` returns plain arrays, so checkpoint and conversion code sees the usual parameter tree.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -14,6 +21,65 @@ import jax.numpy as jnp
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
+LogicalNames = Sequence[Optional[str]]
+
+# Shorthands for the logical axes of activations (mapped to mesh axes by the trainer's rules).
+BATCH_LENGTH_EMBED = ('batch', 'length', 'embed')
+
+
+_BOX_NAMES = contextvars.ContextVar('vit_jax_logical_partitioning', default=False)
+
+
+@contextlib.contextmanager
+def logical_partitioning() -> Iterator[None]:
+  """Within this context `model.init` returns parameters boxed (nn.LogicallyPartitioned) with their logical axes."""
+  token = _BOX_NAMES.set(True)
+  try:
+    yield
+  finally:
+    _BOX_NAMES.reset(token)
+
+
+def logical(init: Initializer, names: LogicalNames) -> Initializer:
+  """`init` whose parameter carries logical axis `names` inside `logical_partitioning()`, and is a plain array
+  otherwise (so `model.init` keeps the official tree, and apply-time shape checks see plain shapes)."""
+  boxed = nn.with_logical_partitioning(init, tuple(names))
+
+  def wrapped(*args, **kwargs):
+    return boxed(*args, **kwargs) if _BOX_NAMES.get() else init(*args, **kwargs)
+  return wrapped
+
+
+def constrain(x: Array, names: LogicalNames) -> Array:
+  """Sharding constraint on an activation by logical axis names; a no-op without rules and a mesh."""
+  return nn.with_logical_constraint(x, tuple(names))
+
+
+def layer_norm(name: str, *, epsilon: float, dtype: Dtype, axis_name: str = 'embed',
+               scale_init: Initializer = nn.initializers.ones,
+               bias_init: Initializer = nn.initializers.zeros) -> nn.LayerNorm:
+  """nn.LayerNorm (statistics in float32) whose scale and bias carry the logical axis `axis_name`."""
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, scale_init=logical(scale_init, (axis_name,)),
+                      bias_init=logical(bias_init, (axis_name,)), name=name)
+
+
+REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable', 'nothing_saveable',
+                  'everything_saveable')
+
+
+def remat(module_cls: Any, policy: Union[bool, str], static_argnums: tuple[int, ...] = ()) -> Any:
+  """`module_cls` wrapped in nn.remat with a named jax.checkpoint policy.
+
+  policy: False / 'none' (no remat), True / 'full' (save nothing but the block inputs), or a name from
+  jax.checkpoint_policies such as 'dots_with_no_batch_dims_saveable' (keep the weight matmuls' outputs).
+  """
+  if policy is False or policy == 'none':
+    return module_cls
+  if policy is True or policy == 'full':
+    return nn.remat(module_cls, static_argnums=static_argnums)
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f'Unknown remat policy {policy!r}; choose one of {REMAT_POLICIES} (or a bool).')
+  return nn.remat(module_cls, static_argnums=static_argnums, policy=getattr(jax.checkpoint_policies, policy))
 
 
 class MlpBlock(nn.Module):
@@ -33,27 +99,34 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
     out_dim = self.out_dim or x.shape[-1]
-    dense = dict(dtype=self.dtype, param_dtype=jnp.float32, kernel_init=self.kernel_init, bias_init=self.bias_init)
-    x = nn.Dense(self.mlp_dim, name='Dense_0', **dense)(x)
-    x = nn.gelu(x, approximate=self.gelu_approximate)
+    dense = dict(dtype=self.dtype, param_dtype=jnp.float32)
+    hidden = ('batch',) + ('length',) * (x.ndim - 2) + ('mlp',)
+    x = nn.Dense(self.mlp_dim, name='Dense_0', kernel_init=logical(self.kernel_init, ('embed', 'mlp')),
+                 bias_init=logical(self.bias_init, ('mlp',)), **dense)(x)
+    x = constrain(nn.gelu(x, approximate=self.gelu_approximate), hidden)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-    x = nn.Dense(out_dim, name='Dense_1', **dense)(x)
+    x = nn.Dense(out_dim, name='Dense_1', kernel_init=logical(self.kernel_init, ('mlp', 'embed')),
+                 bias_init=logical(self.bias_init, ('embed',)), **dense)(x)
     return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
 
 
 class DropPath(nn.Module):
   """Stochastic depth: zeroes whole residual branches per example (rescaling survivors by 1/keep).
 
-  Draws from the 'dropout' rng; the identity when `deterministic` or `rate == 0`.
+  Draws from the 'dropout' rng; the identity when `deterministic` or `rate == 0`. `rate` may be a traced scalar
+  (one per layer under nn.scan).
   """
-  rate: float = 0.0
+  rate: Any = 0.0
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
-    if deterministic or self.rate == 0.0:
+    if deterministic:
       return x
-    if not 0.0 <= self.rate < 1.0:
-      raise ValueError(f'DropPath rate must be in [0, 1), got {self.rate}.')
+    if isinstance(self.rate, (int, float)):
+      if self.rate == 0.0:
+        return x
+      if not 0.0 <= self.rate < 1.0:
+        raise ValueError(f'DropPath rate must be in [0, 1), got {self.rate}.')
     keep = 1.0 - self.rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
@@ -87,12 +160,14 @@ class MultiHeadAttention(nn.Module):
     if features % self.num_heads:
       raise ValueError(f'Attention width {features} is not divisible by num_heads={self.num_heads}.')
     head_dim = features // self.num_heads
-    dense = dict(dtype=self.dtype, param_dtype=jnp.float32, kernel_init=self.kernel_init,
-                 bias_init=self.bias_init)
-    proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), axis=-1, name=name, **dense)
-    q = proj('query')(inputs_q)  # (B, Lq, H, Dh)
-    k = proj('key')(inputs_kv)
-    v = proj('value')(inputs_kv)
+    dense = dict(dtype=self.dtype, param_dtype=jnp.float32)
+    proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), axis=-1, name=name,
+                                        kernel_init=logical(self.kernel_init, ('embed', 'heads', 'kv')),
+                                        bias_init=logical(self.bias_init, ('heads', 'kv')), **dense)
+    heads = ('batch', 'length', 'heads', 'kv')
+    q = constrain(proj('query')(inputs_q), heads)  # (B, Lq, H, Dh)
+    k = constrain(proj('key')(inputs_kv), heads)
+    v = constrain(proj('value')(inputs_kv), heads)
 
     q = q / jnp.sqrt(head_dim).astype(q.dtype)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
@@ -100,10 +175,12 @@ class MultiHeadAttention(nn.Module):
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=deterministic)
-    x = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    x = constrain(jnp.einsum('bhqk,bkhd->bqhd', weights, v), heads)
 
     out_features = self.out_features or inputs_q.shape[-1]
-    return nn.DenseGeneral(out_features, axis=(-2, -1), name='out', **dense)(x)
+    return nn.DenseGeneral(out_features, axis=(-2, -1), name='out',
+                           kernel_init=logical(self.kernel_init, ('heads', 'kv', 'embed')),
+                           bias_init=logical(self.bias_init, ('embed',)), **dense)(x)
 
 
 class MAPHead(nn.Module):
@@ -121,11 +198,12 @@ class MAPHead(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     b, _, d = x.shape
-    probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, d), jnp.float32)
+    probe = self.param('probe', logical(nn.initializers.xavier_uniform(), (None, None, 'embed')), (1, 1, d),
+                       jnp.float32)
     probe = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d))
     x = MultiHeadAttention(num_heads=self.num_heads, dtype=self.dtype,
                            name='MultiHeadDotProductAttention_0')(probe, x)
-    y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name='LayerNorm_0')(x)
+    y = layer_norm('LayerNorm_0', epsilon=self.layer_norm_eps, dtype=self.dtype)(x)
     x = x + MlpBlock(mlp_dim=self.mlp_dim or 4 * d, gelu_approximate=self.gelu_approximate, dtype=self.dtype,
                      name='MlpBlock_0')(y)
     return x[:, 0]

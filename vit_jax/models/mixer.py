@@ -59,13 +59,13 @@ class MlpMixer(nn.Module):
   gelu_approximate: bool = True
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = False  # bool or a named policy (layers.remat).
 
   def setup(self):
     p = self.patch_size
     self.stem = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
                         param_dtype=jnp.float32, name='stem')
-    block_cls = nn.remat(MixerBlock, static_argnums=(2,)) if self.remat else MixerBlock
+    block_cls = layers.remat(MixerBlock, self.remat, static_argnums=(2,))
     self.blocks = [
         block_cls(tokens_mlp_dim=self.tokens_mlp_dim, channels_mlp_dim=self.channels_mlp_dim,
                   drop_path_rate=self.drop_path_rate, gelu_approximate=self.gelu_approximate,

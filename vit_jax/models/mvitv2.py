@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import layers
 from vit_jax.models import registry
 from vit_jax.models.layers import DropPath
 
@@ -230,12 +231,12 @@ class MultiScaleVitStage(nn.Module):
   qkv_bias: bool = True
   residual_pooling: bool = True
   drop_path_rates: tuple[float, ...] = ()
-  remat: bool = False
+  remat: Any = False  # bool or a named policy (layers.remat).
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    block_cls = nn.remat(MultiScaleBlock, static_argnums=(2,)) if self.remat else MultiScaleBlock
+    block_cls = layers.remat(MultiScaleBlock, self.remat, static_argnums=(2,))
     for j in range(self.depth):
       x = block_cls(
           self.dim_out, self.num_heads, stride_q=self.stride_q if j == 0 else 1, stride_kv=self.stride_kv,
@@ -269,7 +270,7 @@ class MultiScaleVisionTransformerV2(nn.Module):
   drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = False  # bool or a named policy (layers.remat).
 
   def _dims(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
     n = len(self.depths)

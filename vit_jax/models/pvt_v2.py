@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import layers
 from vit_jax.models import registry
 from vit_jax.models.layers import DropPath
 
@@ -217,14 +218,14 @@ class PvtStage(nn.Module):
   drop_rate: float = 0.0
   attn_drop_rate: float = 0.0
   drop_path_rates: tuple[float, ...] = ()
-  remat: bool = False
+  remat: Any = False  # bool or a named policy (layers.remat).
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     if self.downsample:
       x = OverlapPatchEmbed(3, 2, self.dim, dtype=self.dtype, name='downsample')(x)
-    block_cls = nn.remat(PvtBlock, static_argnums=(2,)) if self.remat else PvtBlock
+    block_cls = layers.remat(PvtBlock, self.remat, static_argnums=(2,))
     for j in range(self.depth):
       x = block_cls(
           self.num_heads, mlp_ratio=self.mlp_ratio, sr_ratio=self.sr_ratio, linear=self.linear,
@@ -257,7 +258,7 @@ class PyramidVisionTransformerV2(nn.Module):
   attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = False  # bool or a named policy (layers.remat).
 
   @property
   def num_features(self) -> int:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models import registry
-from vit_jax.models.layers import DropPath
+from vit_jax.models.layers import DropPath, constrain, logical, remat
 
 Array = jax.Array
 IntOrSeq = Union[int, Sequence[int]]
@@ -43,6 +43,21 @@ _MASK_VALUE = -100.0
 _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 # PyTorch's default Conv2d kernel init (kaiming_uniform with a=sqrt(5)), as timm leaves the patch conv alone.
 _torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+_zeros = nn.initializers.zeros
+_MAP = ('batch', 'height', 'width', 'embed')  # Logical axes of an NHWC feature map.
+
+
+def _dense(features: int, names: tuple[Optional[str], str], *, use_bias: bool = True, dtype: Any = jnp.float32,
+           name: Optional[str] = None) -> nn.Dense:
+  """timm-initialised nn.Dense whose kernel (and bias) carry logical axis names."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=logical(_trunc_normal, names),
+                  bias_init=logical(_zeros, names[1:]), name=name)
+
+
+def _layer_norm(dim_name: str = 'embed', *, dtype: Any, scale_init=nn.initializers.ones,
+                name: Optional[str] = None) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, scale_init=logical(scale_init, (dim_name,)),
+                      bias_init=logical(_zeros, (dim_name,)), name=name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,10 +164,10 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     dim = x.shape[-1]
-    x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=_trunc_normal, name='fc1')(x)
-    x = nn.gelu(x, approximate=False)
+    x = _dense(self.hidden_dim, ('embed', 'mlp'), dtype=self.dtype, name='fc1')(x)
+    x = constrain(nn.gelu(x, approximate=False), _MAP[:-1] + ('mlp',))
     x = nn.Dropout(self.drop_rate)(x, deterministic=deterministic)
-    x = nn.Dense(dim, dtype=self.dtype, kernel_init=_trunc_normal, name='fc2')(x)
+    x = _dense(dim, ('mlp', 'embed'), dtype=self.dtype, name='fc2')(x)
     return nn.Dropout(self.drop_rate)(x, deterministic=deterministic)
 
 
@@ -192,21 +207,23 @@ class WindowAttention(nn.Module):
     wh, ww = self.window
     index = relative_position_index(wh, ww).reshape(-1)
 
-    if self.version == 1:
-      qkv = nn.Dense(3 * dim, dtype=self.dtype, kernel_init=_trunc_normal, name='qkv')(x)
-    else:
-      qkv = nn.Dense(3 * dim, use_bias=False, dtype=self.dtype, kernel_init=_trunc_normal, name='qkv')(x)
-      q_bias = self.param('q_bias', nn.initializers.zeros, (dim,))
-      v_bias = self.param('v_bias', nn.initializers.zeros, (dim,))
+    # timm's fused qkv kernel (C, 3C) keeps its layout; its output axis is split over 'heads' (tensor parallel)
+    # and the per-head activations below are constrained to whole heads.
+    qkv = _dense(3 * dim, ('embed', 'heads'), use_bias=self.version == 1, dtype=self.dtype, name='qkv')(x)
+    if self.version == 2:
+      q_bias = self.param('q_bias', logical(_zeros, ('heads',)), (dim,))
+      v_bias = self.param('v_bias', logical(_zeros, ('heads',)), (dim,))
       qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     qkv = qkv.reshape(b, nw, n, 3, heads, dim // heads)
-    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # (B, nW, N, heads, hd)
+    per_head = ('batch', 'windows', 'length', 'heads', 'kv')
+    q, k, v = (constrain(qkv[..., i, :, :], per_head) for i in range(3))  # (B, nW, N, heads, hd)
 
     if self.version == 1:
       q = q * (dim // heads) ** -0.5
       logits = jnp.einsum('bwqhd,bwkhd->bwhqk', q, k).astype(jnp.float32)
       th, tw = self.table_window or self.window
-      table = self.param('relative_position_bias_table', _trunc_normal, ((2 * th - 1) * (2 * tw - 1), heads))
+      table = self.param('relative_position_bias_table', logical(_trunc_normal, (None, 'heads')),
+                         ((2 * th - 1) * (2 * tw - 1), heads))
       if (th, tw) != (wh, ww):  # Clamped window: its offsets are the centre of the full table.
         table = table.reshape(2 * th - 1, 2 * tw - 1, heads)[th - wh:th + wh - 1, tw - ww:tw + ww - 1]
         table = table.reshape(-1, heads)
@@ -216,7 +233,8 @@ class WindowAttention(nn.Module):
         t = t.astype(jnp.float32)
         return t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
       logits = jnp.einsum('bwqhd,bwkhd->bwhqk', l2norm(q), l2norm(k))
-      logit_scale = self.param('logit_scale', nn.initializers.constant(math.log(10.0)), (heads, 1, 1))
+      scale_init = logical(nn.initializers.constant(math.log(10.0)), ('heads', None, None))
+      logit_scale = self.param('logit_scale', scale_init, (heads, 1, 1))
       logits = logits * jnp.exp(jnp.minimum(logit_scale, math.log(100.0)))
       coords = jnp.asarray(relative_coords_table(self.window, self.pretrained_window))
       table = CpbMlp(heads, name='cpb_mlp')(coords).reshape(-1, heads)
@@ -226,8 +244,8 @@ class WindowAttention(nn.Module):
       logits = logits + jnp.asarray(mask)[None, :, None]  # (1, nW, 1, N, N), added after the bias
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     attn = nn.Dropout(self.attn_drop_rate)(attn, deterministic=deterministic)
-    out = jnp.einsum('bwhqk,bwkhd->bwqhd', attn, v).reshape(b, nw, n, dim)
-    out = nn.Dense(dim, dtype=self.dtype, kernel_init=_trunc_normal, name='proj')(out)
+    out = constrain(jnp.einsum('bwhqk,bwkhd->bwqhd', attn, v), per_head).reshape(b, nw, n, dim)
+    out = _dense(dim, ('heads', 'embed'), dtype=self.dtype, name='proj')(out)
     return nn.Dropout(self.proj_drop_rate)(out, deterministic=deterministic)
 
 
@@ -269,18 +287,18 @@ class SwinBlock(nn.Module):
     deterministic = not train
     dim = x.shape[-1]
     mlp = Mlp(int(dim * self.mlp_ratio), drop_rate=self.proj_drop_rate, dtype=self.dtype, name='mlp')
+    x = constrain(x, _MAP)
     if self.version == 1:
-      norm1 = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name='norm1')
-      norm2 = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name='norm2')
+      norm1 = _layer_norm(dtype=self.dtype, name='norm1')
+      norm2 = _layer_norm(dtype=self.dtype, name='norm2')
       x = x + DropPath(self.drop_path_rate)(self._attention(norm1(x), deterministic), deterministic=deterministic)
       x = x + DropPath(self.drop_path_rate)(mlp(norm2(x), deterministic), deterministic=deterministic)
     else:
-      zeros = nn.initializers.zeros
-      norm1 = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, scale_init=zeros, name='norm1')
-      norm2 = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, scale_init=zeros, name='norm2')
+      norm1 = _layer_norm(dtype=self.dtype, scale_init=_zeros, name='norm1')
+      norm2 = _layer_norm(dtype=self.dtype, scale_init=_zeros, name='norm2')
       x = x + DropPath(self.drop_path_rate)(norm1(self._attention(x, deterministic)), deterministic=deterministic)
       x = x + DropPath(self.drop_path_rate)(norm2(mlp(x, deterministic)), deterministic=deterministic)
-    return x
+    return constrain(x, _MAP)
 
 
 class PatchMerging(nn.Module):
@@ -292,11 +310,10 @@ class PatchMerging(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x = merge_patches(x)
-    reduction = nn.Dense(self.out_dim, use_bias=False, dtype=self.dtype, kernel_init=_trunc_normal,
-                         name='reduction')
+    reduction = _dense(self.out_dim, ('embed', None), use_bias=False, dtype=self.dtype, name='reduction')
     if self.version == 1:
-      return reduction(nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name='norm')(x))
-    return nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name='norm')(reduction(x))
+      return reduction(_layer_norm(dtype=self.dtype, name='norm')(x))
+    return _layer_norm(dtype=self.dtype, name='norm')(reduction(x))
 
 
 class PatchEmbed(nn.Module):
@@ -309,8 +326,9 @@ class PatchEmbed(nn.Module):
   def __call__(self, x: Array) -> Array:
     p = self.patch_size
     x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                kernel_init=_torch_conv_init, name='proj')(x)
-    return nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name='norm')(x)
+                kernel_init=logical(_torch_conv_init, (None, None, None, 'embed')),
+                bias_init=logical(_zeros, ('embed',)), name='proj')(x)
+    return _layer_norm(dtype=self.dtype, name='norm')(x)
 
 
 class SwinStage(nn.Module):
@@ -326,7 +344,7 @@ class SwinStage(nn.Module):
   proj_drop_rate: float = 0.0
   attn_drop_rate: float = 0.0
   drop_path_rates: tuple[float, ...] = ()
-  remat: bool = False
+  remat: Union[bool, str] = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -335,7 +353,7 @@ class SwinStage(nn.Module):
       x = PatchMerging(self.out_dim, version=self.version, dtype=self.dtype, name='downsample')(x)
     resolution = (x.shape[1], x.shape[2])
     target = (self.window_size, self.window_size)
-    block_cls = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock
+    block_cls = remat(SwinBlock, self.remat, static_argnums=(2,))
     for j in range(self.depth):
       window, shift = window_and_shift(resolution, target, shifted=(j % 2 == 1))
       x = block_cls(
@@ -370,7 +388,7 @@ class SwinTransformer(nn.Module):
   attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.1
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Union[bool, str] = False  # False/'none', True/'full', or a jax.checkpoint_policies name (layers.remat).
 
   _version: ClassVar[int] = 1
 
@@ -398,10 +416,10 @@ class SwinTransformer(nn.Module):
                   drop_path_rates=tuple(float(r) for r in dpr[starts[i]:starts[i + 1]]), remat=self.remat,
                   dtype=self.dtype)
         for i in range(n)]
-    self.norm = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype)
+    self.norm = _layer_norm(dtype=self.dtype)
     self.head_drop = nn.Dropout(self.drop_rate)
     if self.num_classes > 0:
-      self.head = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_trunc_normal)
+      self.head = _dense(self.num_classes, ('embed', 'classes'), dtype=self.dtype)
 
   # -- input-size validation ------------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ Parameter paths match google-research/vision_transformer, so the published .npz 
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -85,7 +85,8 @@ class AddPositionEmbs(nn.Module):
               f'the parameters hold pos_embedding of shape {tuple(have)}. Use the image size the model was '
               'initialised with, or resize the position embeddings (vit_jax.checkpoint / '
               'vit_jax.pretrained.resize_posemb, position-embedding interpolation).')
-      pe = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), shape, jnp.float32)
+      pe = self.param('pos_embedding', layers.logical(nn.initializers.normal(stddev=0.02), (None, None, 'embed')),
+                      shape, jnp.float32)
     elif self.posemb == 'sincos2d':
       pe = posemb_sincos_2d(grid[0], grid[1], width)
       if self.has_cls:
@@ -96,7 +97,11 @@ class AddPositionEmbs(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-norm transformer block: x + DropPath(attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+  """Pre-norm transformer block: x + DropPath(attn(LN(x))), then x + DropPath(MLP(LN(x))).
+
+  `__call__` uses the `drop_path_rate` field; `block` takes the rate as an argument (a traced per-layer scalar when
+  the blocks are scanned).
+  """
   mlp_dim: int
   num_heads: int
   dropout_rate: float = 0.0
@@ -106,21 +111,33 @@ class Encoder1DBlock(nn.Module):
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
 
-  @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     # `deterministic` is positional so that nn.remat can mark it static.
+    return self.block(x, deterministic, self.drop_path_rate)
+
+  @nn.compact
+  def block(self, x: Array, deterministic: bool, drop_path_rate: Any) -> Array:
     ln = dict(epsilon=self.layer_norm_eps, dtype=self.dtype)
-    y = nn.LayerNorm(name='LayerNorm_0', **ln)(x)
+    x = layers.constrain(x, layers.BATCH_LENGTH_EMBED)
+    y = layers.layer_norm('LayerNorm_0', **ln)(x)
     y = layers.MultiHeadAttention(num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
                                   dtype=self.dtype, name='MultiHeadDotProductAttention_0')(
                                       y, deterministic=deterministic)
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
-    x = x + layers.DropPath(self.drop_path_rate)(y, deterministic=deterministic)
-    y = nn.LayerNorm(name='LayerNorm_1', **ln)(x)
+    x = x + layers.DropPath(drop_path_rate)(y, deterministic=deterministic)
+    y = layers.layer_norm('LayerNorm_1', **ln)(x)
     y = layers.MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
                         gelu_approximate=self.gelu_approximate, dtype=self.dtype, name='MlpBlock_0')(
                             y, deterministic=deterministic)
-    return x + layers.DropPath(self.drop_path_rate)(y, deterministic=deterministic)
+    x = x + layers.DropPath(drop_path_rate)(y, deterministic=deterministic)
+    return layers.constrain(x, layers.BATCH_LENGTH_EMBED)
+
+
+class _ScannedEncoder1DBlock(Encoder1DBlock):
+  """Encoder1DBlock as an nn.scan body: (carry, per-layer drop-path rate) -> (carry, None)."""
+
+  def __call__(self, x: Array, deterministic: bool, drop_path_rate: Array) -> tuple[Array, None]:
+    return self.block(x, deterministic, drop_path_rate), None
 
 
 class Encoder(nn.Module):
@@ -136,23 +153,33 @@ class Encoder(nn.Module):
   gelu_approximate: bool = True
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Union[bool, str] = False
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, x: Array, *, grid: tuple[int, int], train: bool = False, intermediates: bool = False):
     """The final-normed sequence; with `intermediates`, also the list of every block's (un-normed) output."""
     x = AddPositionEmbs(posemb=self.posemb, has_cls=self.has_cls, name='posembed_input')(x, grid=grid)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
-    block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
     dpr = np.linspace(0.0, self.drop_path_rate, self.num_layers)  # Stochastic depth grows with depth.
+    block = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
+                 attention_dropout_rate=self.attention_dropout_rate, gelu_approximate=self.gelu_approximate,
+                 layer_norm_eps=self.layer_norm_eps, dtype=self.dtype)
     outs = []
-    for i in range(self.num_layers):
-      x = block_cls(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
-                    attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=float(dpr[i]),
-                    gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
-                    dtype=self.dtype, name=f'encoderblock_{i}')(x, not train)
-      outs.append(x)
-    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name='encoder_norm')(x)
+    if self.scan_layers:  # One compiled block; params stacked on a leading 'layers' axis (big_vision layout).
+      if intermediates:
+        raise ValueError('Per-block intermediates need scan_layers=False (scanned blocks run as one op).')
+      scanned = nn.scan(layers.remat(_ScannedEncoder1DBlock, self.remat, static_argnums=(2,)),
+                        variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                        in_axes=(nn.broadcast, 0), length=self.num_layers,
+                        metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = scanned(name='encoderblock', **block)(x, not train, jnp.asarray(dpr, jnp.float32))
+    else:
+      block_cls = layers.remat(Encoder1DBlock, self.remat, static_argnums=(2,))
+      for i in range(self.num_layers):
+        x = block_cls(drop_path_rate=float(dpr[i]), name=f'encoderblock_{i}', **block)(x, not train)
+        outs.append(x)
+    x = layers.layer_norm('encoder_norm', epsilon=self.layer_norm_eps, dtype=self.dtype)(x)
     return (x, outs) if intermediates else x
 
 
@@ -180,7 +207,8 @@ class VisionTransformer(nn.Module):
   gelu_approximate: bool = True
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Union[bool, str] = False  # False/'none', True/'full', or a jax.checkpoint_policies name (layers.remat).
+  scan_layers: bool = False  # nn.scan over the encoder blocks: params `Transformer/encoderblock/*` (stacked).
   resnet: Optional[tuple[int, ...]] = None
   resnet_width: float = 1
   resnet_norm_style: str = 'official'  # 'timm': timm's ResNetV2 eps (resnet_stem.NORM_STYLES), for timm parity.
@@ -194,25 +222,31 @@ class VisionTransformer(nn.Module):
       nn.share_scope(self, self.stem)  # Official names: conv_root, gn_root, block1/... at the top level.
     p = self.patch_size
     self.embedding = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                             param_dtype=jnp.float32, name='embedding')
+                             param_dtype=jnp.float32, name='embedding',
+                             kernel_init=layers.logical(nn.initializers.lecun_normal(), (None, None, None, 'embed')),
+                             bias_init=layers.logical(nn.initializers.zeros, ('embed',)))
     if self.classifier == 'token':
-      self.cls = self.param('cls', nn.initializers.zeros, (1, 1, self.hidden_size), jnp.float32)
+      self.cls = self.param('cls', layers.logical(nn.initializers.zeros, (None, None, 'embed')),
+                            (1, 1, self.hidden_size), jnp.float32)
     self.encoder = Encoder(
         num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         drop_path_rate=self.drop_path_rate, posemb=self.posemb, has_cls=self.classifier == 'token',
         gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
-        remat=self.remat, name='Transformer')
+        remat=self.remat, scan_layers=self.scan_layers, name='Transformer')
     if self.classifier == 'map':
       self.map_head = layers.MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                                      gelu_approximate=self.gelu_approximate,
                                      layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, name='MAPHead_0')
     if self.representation_size:
-      self.pre_logits_dense = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=jnp.float32,
-                                       name='pre_logits')
+      self.pre_logits_dense = nn.Dense(
+          self.representation_size, dtype=self.dtype, param_dtype=jnp.float32, name='pre_logits',
+          kernel_init=layers.logical(nn.initializers.lecun_normal(), ('embed', 'mlp')),
+          bias_init=layers.logical(nn.initializers.zeros, ('mlp',)))
     if self.num_classes:
       self.head = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                           kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros, name='head')
+                           kernel_init=layers.logical(nn.initializers.zeros, ('embed', 'classes')),
+                           bias_init=layers.logical(nn.initializers.zeros, ('classes',)), name='head')
 
   @property
   def num_features(self) -> int:
