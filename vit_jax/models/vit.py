@@ -105,6 +105,7 @@ class Encoder1DBlock(nn.Module):
   gelu_approximate: bool = True
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
+  attention_impl: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -112,7 +113,8 @@ class Encoder1DBlock(nn.Module):
     ln = dict(epsilon=self.layer_norm_eps, dtype=self.dtype)
     y = nn.LayerNorm(name='LayerNorm_0', **ln)(x)
     y = layers.MultiHeadAttention(num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
-                                  dtype=self.dtype, name='MultiHeadDotProductAttention_0')(
+                                  dtype=self.dtype, attention_impl=self.attention_impl,
+                                  name='MultiHeadDotProductAttention_0')(
                                       y, deterministic=deterministic)
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
     x = x + layers.DropPath(self.drop_path_rate)(y, deterministic=deterministic)
@@ -137,6 +139,7 @@ class Encoder(nn.Module):
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
   remat: bool = False
+  attention_impl: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: Array, *, grid: tuple[int, int], train: bool = False, intermediates: bool = False):
@@ -150,7 +153,8 @@ class Encoder(nn.Module):
       x = block_cls(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
                     attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=float(dpr[i]),
                     gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
-                    dtype=self.dtype, name=f'encoderblock_{i}')(x, not train)
+                    dtype=self.dtype, attention_impl=self.attention_impl,
+                    name=f'encoderblock_{i}')(x, not train)
       outs.append(x)
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name='encoder_norm')(x)
     return (x, outs) if intermediates else x
@@ -184,6 +188,7 @@ class VisionTransformer(nn.Module):
   resnet: Optional[tuple[int, ...]] = None
   resnet_width: float = 1
   resnet_norm_style: str = 'official'  # 'timm': timm's ResNetV2 eps (resnet_stem.NORM_STYLES), for timm parity.
+  attention_impl: str = 'einsum'  # Attention kernel: 'einsum' | 'xla' | 'cudnn' (vit_jax.models.attention).
 
   def setup(self):
     if self.classifier not in ('token', 'gap', 'map'):
@@ -202,11 +207,12 @@ class VisionTransformer(nn.Module):
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         drop_path_rate=self.drop_path_rate, posemb=self.posemb, has_cls=self.classifier == 'token',
         gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
-        remat=self.remat, name='Transformer')
+        remat=self.remat, attention_impl=self.attention_impl, name='Transformer')
     if self.classifier == 'map':
       self.map_head = layers.MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                                      gelu_approximate=self.gelu_approximate,
-                                     layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, name='MAPHead_0')
+                                     layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+                                     attention_impl=self.attention_impl, name='MAPHead_0')
     if self.representation_size:
       self.pre_logits_dense = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=jnp.float32,
                                        name='pre_logits')
