@@ -1,8 +1,9 @@
 """Device mesh from the `mesh` config, and the shardings of train state and batches."""
 from __future__ import annotations
 
+import collections
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import jax
 import ml_collections
@@ -80,3 +81,19 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
 def state_sharding(mesh: Mesh, abstract_state: Any) -> Any:
   """Sharding for every leaf of the train state: replicated (pure data parallel)."""
   return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+
+
+def prefetch_to_device(batches: Iterator[Mapping[str, np.ndarray]], mesh: Mesh,
+                       size: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Yields `shard_batch(b, mesh)` for each local batch, keeping `size` batches already sent to the devices.
+
+  Transfers are asynchronous, so the copy of the next batches overlaps the current step instead of preceding it.
+  size 0 shards on demand (no read-ahead).
+  """
+  queue: collections.deque[dict[str, jax.Array]] = collections.deque()
+  for batch in batches:
+    queue.append(shard_batch(batch, mesh))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
