@@ -86,11 +86,11 @@ def _memory(compiled: Any, device: jax.Device) -> dict[str, Optional[int]]:
   return out
 
 
-def benchmark_step(*, model_name: str, batch_size: int, image_size: int, dtype: str = 'float32',
-                   mode: str = 'train', steps: int = 10, warmup: int = 2, num_classes: int = 1000,
-                   attention_impl: Optional[str] = None, peak: Optional[float] = None,
-                   devices: Optional[Sequence[jax.Device]] = None) -> dict[str, Any]:
-  """Times the compiled train (AdamW update) or inference step of `model_name` on synthetic on-device data."""
+def build_step(*, model_name: str, batch_size: int, image_size: int, dtype: str = 'float32', mode: str = 'train',
+               num_classes: int = 1000, attention_impl: Optional[str] = None,
+               devices: Optional[Sequence[jax.Device]] = None) -> tuple[Callable[[], Any], Any, Any]:
+  """(run, compiled, model): `run()` executes one compiled train (AdamW update, donated state) or inference step
+  of `model_name` on synthetic data already on the devices (batch split over `devices`, default all local ones)."""
   if mode not in ('train', 'infer'):
     raise ValueError(f"--mode must be 'train' or 'infer', got {mode!r}.")
   if dtype not in DTYPES:
@@ -125,8 +125,7 @@ def benchmark_step(*, model_name: str, batch_size: int, image_size: int, dtype: 
 
   if mode == 'train':
     state = (params, tx.init(params), jnp.zeros((), jnp.int32))
-    jitted = jax.jit(train_step, donate_argnums=0)
-    compiled = jitted.lower(state, images, labels).compile()
+    compiled = jax.jit(train_step, donate_argnums=0).lower(state, images, labels).compile()
     holder = [state]
 
     def run():
@@ -135,11 +134,21 @@ def benchmark_step(*, model_name: str, batch_size: int, image_size: int, dtype: 
   else:
     compiled = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)).lower(params, images).compile()
     run = lambda: compiled(params, images)
+  return run, compiled, model
 
+
+def benchmark_step(*, model_name: str, batch_size: int, image_size: int, dtype: str = 'float32',
+                   mode: str = 'train', steps: int = 10, warmup: int = 2, num_classes: int = 1000,
+                   attention_impl: Optional[str] = None, peak: Optional[float] = None,
+                   devices: Optional[Sequence[jax.Device]] = None) -> dict[str, Any]:
+  """Times `build_step`'s step: median over `steps` after `warmup`; FLOPs, MFU and memory as a flat dict."""
+  devices = list(devices or jax.local_devices())
+  run, compiled, model = build_step(model_name=model_name, batch_size=batch_size, image_size=image_size,
+                                    dtype=dtype, mode=mode, num_classes=num_classes,
+                                    attention_impl=attention_impl, devices=devices)
   times = timed_steps(run, warmup=warmup, steps=steps)
   step_s = float(np.median(times))
-  fwd_flops, flops_method = flops.model_forward_flops(
-      models.create_model(model_name, num_classes=num_classes, **overrides), image_size)
+  fwd_flops, flops_method = flops.model_forward_flops(model, image_size)
   flops_per_img = flops.TRAIN_TO_FORWARD * fwd_flops if mode == 'train' else fwd_flops
   peak = peak if peak is not None else peak_tflops(devices[0], dtype)
   result = dict(
