@@ -16,6 +16,7 @@ from tests.test_train import tiny_config
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_cli_last_line_is_json(tmp_path):
   env = {**os.environ, 'PYTHONPATH': f'{ROOT}{os.pathsep}{os.environ.get("PYTHONPATH", "")}',
          'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
@@ -61,6 +62,7 @@ def test_prefetch_to_device_keeps_order_and_shards():
   assert out[0]['x'].sharding == sharding.batch_sharding(mesh)
 
 
+@pytest.mark.slow
 def test_loop_compiles_train_and_eval_step_once(digits_data_dir, tmp_path):
   """Fixed shapes: over a real run with two evals (the last eval batch padded), each step compiles exactly once."""
   compiled = collections.Counter()

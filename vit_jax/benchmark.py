@@ -161,7 +161,22 @@ def benchmark_step(*, model_name: str, batch_size: int, image_size: int, dtype: 
   result['mfu'] = None if achieved is None else round(achieved, 4)
   result['tflops_per_s'] = round(flops_per_img * batch_size / step_s / 1e12, 4)
   result.update(_memory(compiled, devices[0]))
+  result.update(_cost(compiled))
   return result
+
+
+def _cost(compiled: Any) -> dict[str, Optional[float]]:
+  """XLA's cost analysis of the compiled step (all devices' work as compiled for one): FLOPs and bytes accessed,
+  whose ratio says whether the step is bound by compute or by memory traffic."""
+  try:
+    cost = compiled.cost_analysis()
+  except (NotImplementedError, jax.errors.JaxRuntimeError):
+    cost = None
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  if not cost:
+    return {'xla_gflops_per_step': None, 'xla_gbytes_accessed_per_step': None}
+  return {'xla_gflops_per_step': round(float(cost.get('flops', 0.0)) / 1e9, 3),
+          'xla_gbytes_accessed_per_step': round(float(cost.get('bytes accessed', 0.0)) / 1e9, 3)}
 
 
 def _load_config(path: str) -> Any:
