@@ -13,6 +13,7 @@ field switches strategy:
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 from typing import Any, Iterator, Mapping, Optional, Sequence
@@ -148,6 +149,9 @@ def with_activation_sharding(fn: Any, mesh: Mesh, rules: Rules) -> Any:
   def wrapped(*args, **kwargs):
     with activation_sharding(mesh, rules):
       return fn(*args, **kwargs)
+  # Keep the step's name (also through functools.partial) so compile logs and profiles say which step it is.
+  wrapped.__name__ = wrapped.__qualname__ = getattr(fn, '__name__', getattr(getattr(fn, 'func', None), '__name__',
+                                                                           'wrapped'))
   return wrapped
 
 
@@ -216,3 +220,19 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
   """Assembles each process's part of the batch into global jax.Arrays split over the batch axes."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def prefetch_to_device(batches: Iterator[Mapping[str, np.ndarray]], mesh: Mesh,
+                       size: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Yields `shard_batch(b, mesh)` for each local batch, keeping `size` batches already sent to the devices.
+
+  Transfers are asynchronous, so the copy of the next batches overlaps the current step instead of preceding it.
+  size 0 shards on demand (no read-ahead).
+  """
+  queue: collections.deque[dict[str, jax.Array]] = collections.deque()
+  for batch in batches:
+    queue.append(shard_batch(batch, mesh))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()

@@ -212,8 +212,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         in_shardings=(state_shardings, batch_spec), out_shardings=replicated)
 
   # Resumed runs draw a fresh shuffle so they do not replay the first steps' batches.
-  train_iter = input_pipeline.create_train_iterator(
-      config.dataset, global_batch_size=config.batch_size, seed=config.seed + 1_000_003 * start_step)
+  # Batches go to the devices two steps ahead, so host-to-device copies overlap the running step.
+  train_iter = sharding.prefetch_to_device(input_pipeline.create_train_iterator(
+      config.dataset, global_batch_size=config.batch_size, seed=config.seed + 1_000_003 * start_step), mesh)
   run_eval = functools.partial(evaluate, p_eval_step, mesh=mesh, num_classes=info.num_classes)
   new_eval_iter = functools.partial(input_pipeline.create_eval_iterator, config.dataset,
                                     global_batch_size=config.batch_size)
@@ -224,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_time = time.time()
   for step in range(start_step + 1, config.total_steps + 1):
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      state, step_metrics = p_train_step(state, sharding.shard_batch(next(train_iter), mesh))
+      state, step_metrics = p_train_step(state, next(train_iter))
     train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
     report_progress(step, time.time())
     is_last = step == config.total_steps

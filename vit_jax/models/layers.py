@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models import attention
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
@@ -139,7 +141,8 @@ class MultiHeadAttention(nn.Module):
   Submodules `query`, `key`, `value` (kernel (D, heads, head_dim), bias (heads, head_dim)) and `out`
   (kernel (heads, head_dim, D), bias (D,)). Our own module so the attention kernel and sharding can be swapped
   without renaming parameters. Softmax runs in float32 whatever `dtype` is; attention-weight dropout is
-  per element (as the official ViT's `broadcast_dropout=False`).
+  per element (as the official ViT's `broadcast_dropout=False`). `attention_impl` picks the kernel
+  (`attention.IMPLEMENTATIONS`: 'einsum', 'xla', 'cudnn').
   """
   num_heads: int
   qkv_features: Optional[int] = None  # Defaults to the query input width.
@@ -148,6 +151,7 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   bias_init: Initializer = nn.initializers.zeros
+  attention_impl: str = 'einsum'
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Optional[Array] = None, *, mask: Optional[Array] = None,
@@ -169,13 +173,11 @@ class MultiHeadAttention(nn.Module):
     k = constrain(proj('key')(inputs_kv), heads)
     v = constrain(proj('value')(inputs_kv), heads)
 
-    q = q / jnp.sqrt(head_dim).astype(q.dtype)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=deterministic)
-    x = constrain(jnp.einsum('bhqk,bkhd->bqhd', weights, v), heads)
+    dropout = None
+    if self.dropout_rate > 0 and not deterministic:
+      dropout = lambda w: nn.Dropout(rate=self.dropout_rate)(w, deterministic=False)
+    x = constrain(attention.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl,
+                                                 dropout=dropout), heads)
 
     out_features = self.out_features or inputs_q.shape[-1]
     return nn.DenseGeneral(out_features, axis=(-2, -1), name='out',
@@ -194,6 +196,7 @@ class MAPHead(nn.Module):
   gelu_approximate: bool = True
   layer_norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
+  attention_impl: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -201,7 +204,7 @@ class MAPHead(nn.Module):
     probe = self.param('probe', logical(nn.initializers.xavier_uniform(), (None, None, 'embed')), (1, 1, d),
                        jnp.float32)
     probe = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d))
-    x = MultiHeadAttention(num_heads=self.num_heads, dtype=self.dtype,
+    x = MultiHeadAttention(num_heads=self.num_heads, dtype=self.dtype, attention_impl=self.attention_impl,
                            name='MultiHeadDotProductAttention_0')(probe, x)
     y = layer_norm('LayerNorm_0', epsilon=self.layer_norm_eps, dtype=self.dtype)(x)
     x = x + MlpBlock(mlp_dim=self.mlp_dim or 4 * d, gelu_approximate=self.gelu_approximate, dtype=self.dtype,

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import attention
 from vit_jax.models import registry
 from vit_jax.models.layers import DropPath, constrain, logical, remat
 
@@ -197,6 +198,7 @@ class WindowAttention(nn.Module):
   attn_drop_rate: float = 0.0
   proj_drop_rate: float = 0.0
   dtype: Any = jnp.float32
+  attention_impl: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: Array, mask: Optional[np.ndarray], deterministic: bool = True) -> Array:
@@ -219,8 +221,6 @@ class WindowAttention(nn.Module):
     q, k, v = (constrain(qkv[..., i, :, :], per_head) for i in range(3))  # (B, nW, N, heads, hd)
 
     if self.version == 1:
-      q = q * (dim // heads) ** -0.5
-      logits = jnp.einsum('bwqhd,bwkhd->bwhqk', q, k).astype(jnp.float32)
       th, tw = self.table_window or self.window
       table = self.param('relative_position_bias_table', logical(_trunc_normal, (None, 'heads')),
                          ((2 * th - 1) * (2 * tw - 1), heads))
@@ -228,23 +228,33 @@ class WindowAttention(nn.Module):
         table = table.reshape(2 * th - 1, 2 * tw - 1, heads)[th - wh:th + wh - 1, tw - ww:tw + ww - 1]
         table = table.reshape(-1, heads)
       bias = table[index]
+      scale = None  # head_dim ** -0.5
     else:
       def l2norm(t):
         t = t.astype(jnp.float32)
         return t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
-      logits = jnp.einsum('bwqhd,bwkhd->bwhqk', l2norm(q), l2norm(k))
       scale_init = logical(nn.initializers.constant(math.log(10.0)), ('heads', None, None))
       logit_scale = self.param('logit_scale', scale_init, (heads, 1, 1))
-      logits = logits * jnp.exp(jnp.minimum(logit_scale, math.log(100.0)))
+      temperature = jnp.exp(jnp.minimum(logit_scale, math.log(100.0))).reshape(heads, 1)  # Per head.
+      q, k, scale = l2norm(q) * temperature, l2norm(k), 1.0  # Cosine logits in float32 on the einsum path.
+      if self.attention_impl != 'einsum':  # The fused kernels need one dtype for q, k and v.
+        q, k = q.astype(v.dtype), k.astype(v.dtype)
       coords = jnp.asarray(relative_coords_table(self.window, self.pretrained_window))
       table = CpbMlp(heads, name='cpb_mlp')(coords).reshape(-1, heads)
       bias = 16.0 * jax.nn.sigmoid(table[index])
-    logits = logits + bias.reshape(n, n, heads).transpose(2, 0, 1)  # + (heads, N, N)
+    bias = bias.reshape(n, n, heads).transpose(2, 0, 1)[None]  # (1, heads, N, N)
     if mask is not None:
-      logits = logits + jnp.asarray(mask)[None, :, None]  # (1, nW, 1, N, N), added after the bias
-    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    attn = nn.Dropout(self.attn_drop_rate)(attn, deterministic=deterministic)
-    out = constrain(jnp.einsum('bwhqk,bwkhd->bwqhd', attn, v), per_head).reshape(b, nw, n, dim)
+      bias = bias + jnp.asarray(mask)[:, None]  # (nW, heads, N, N), added after the bias
+    dropout = None
+    if self.attn_drop_rate > 0 and not deterministic:
+      dropout = lambda w: nn.Dropout(self.attn_drop_rate)(w, deterministic=False)
+    # Windows become batch entries of one (B * nW, N, heads, hd) attention; a per-window bias is broadcast over B.
+    if mask is not None:
+      bias = jnp.broadcast_to(bias[None], (b,) + bias.shape).reshape((b * nw,) + bias.shape[1:])
+    fold = lambda t: t.reshape((b * nw, n, heads, dim // heads))
+    out = attention.dot_product_attention(fold(q), fold(k), fold(v), bias=bias, scale=scale,
+                                          implementation=self.attention_impl, dropout=dropout)
+    out = constrain(out.reshape(b, nw, n, heads, dim // heads), per_head).reshape(b, nw, n, dim)
     out = _dense(dim, ('heads', 'embed'), dtype=self.dtype, name='proj')(out)
     return nn.Dropout(self.proj_drop_rate)(out, deterministic=deterministic)
 
@@ -262,6 +272,7 @@ class SwinBlock(nn.Module):
   attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  attention_impl: str = 'einsum'
 
   def _attention(self, x: Array, deterministic: bool) -> Array:
     _, h, w, _ = x.shape
@@ -276,7 +287,7 @@ class SwinBlock(nn.Module):
         self.num_heads, self.window, version=self.version, table_window=self.table_window,
         pretrained_window=self.pretrained_window,
         attn_drop_rate=self.attn_drop_rate, proj_drop_rate=self.proj_drop_rate, dtype=self.dtype,
-        name='attn')(windows, mask, deterministic)
+        attention_impl=self.attention_impl, name='attn')(windows, mask, deterministic)
     x = window_reverse(windows, self.window, h, w)
     if sh or sw:
       x = jnp.roll(x, (sh, sw), axis=(1, 2))
@@ -346,6 +357,7 @@ class SwinStage(nn.Module):
   drop_path_rates: tuple[float, ...] = ()
   remat: Union[bool, str] = False
   dtype: Any = jnp.float32
+  attention_impl: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -361,7 +373,7 @@ class SwinStage(nn.Module):
           pretrained_window=(self.pretrained_window_size,) * 2, mlp_ratio=self.mlp_ratio,
           proj_drop_rate=self.proj_drop_rate, attn_drop_rate=self.attn_drop_rate,
           drop_path_rate=self.drop_path_rates[j] if self.drop_path_rates else 0.0, dtype=self.dtype,
-          name=f'blocks_{j}')(x, train)
+          attention_impl=self.attention_impl, name=f'blocks_{j}')(x, train)
     return x
 
 
@@ -389,6 +401,7 @@ class SwinTransformer(nn.Module):
   drop_path_rate: float = 0.1
   dtype: Any = jnp.float32
   remat: Union[bool, str] = False  # False/'none', True/'full', or a jax.checkpoint_policies name (layers.remat).
+  attention_impl: str = 'einsum'  # Attention kernel: 'einsum' | 'xla' | 'cudnn' (vit_jax.models.attention).
 
   _version: ClassVar[int] = 1
 
@@ -414,7 +427,7 @@ class SwinTransformer(nn.Module):
                   pretrained_window_size=pretrained[i], mlp_ratio=self.mlp_ratio,
                   proj_drop_rate=self.proj_drop_rate, attn_drop_rate=self.attn_drop_rate,
                   drop_path_rates=tuple(float(r) for r in dpr[starts[i]:starts[i + 1]]), remat=self.remat,
-                  dtype=self.dtype)
+                  dtype=self.dtype, attention_impl=self.attention_impl)
         for i in range(n)]
     self.norm = _layer_norm(dtype=self.dtype)
     self.head_drop = nn.Dropout(self.drop_rate)

@@ -110,6 +110,7 @@ class Encoder1DBlock(nn.Module):
   gelu_approximate: bool = True
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
+  attention_impl: str = 'einsum'
 
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     # `deterministic` is positional so that nn.remat can mark it static.
@@ -121,7 +122,8 @@ class Encoder1DBlock(nn.Module):
     x = layers.constrain(x, layers.BATCH_LENGTH_EMBED)
     y = layers.layer_norm('LayerNorm_0', **ln)(x)
     y = layers.MultiHeadAttention(num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
-                                  dtype=self.dtype, name='MultiHeadDotProductAttention_0')(
+                                  dtype=self.dtype, attention_impl=self.attention_impl,
+                                  name='MultiHeadDotProductAttention_0')(
                                       y, deterministic=deterministic)
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
     x = x + layers.DropPath(drop_path_rate)(y, deterministic=deterministic)
@@ -155,6 +157,7 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
   remat: Union[bool, str] = False
   scan_layers: bool = False
+  attention_impl: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: Array, *, grid: tuple[int, int], train: bool = False, intermediates: bool = False):
@@ -164,7 +167,7 @@ class Encoder(nn.Module):
     dpr = np.linspace(0.0, self.drop_path_rate, self.num_layers)  # Stochastic depth grows with depth.
     block = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
                  attention_dropout_rate=self.attention_dropout_rate, gelu_approximate=self.gelu_approximate,
-                 layer_norm_eps=self.layer_norm_eps, dtype=self.dtype)
+                 layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, attention_impl=self.attention_impl)
     outs = []
     if self.scan_layers:  # One compiled block; params stacked on a leading 'layers' axis (big_vision layout).
       if intermediates:
@@ -212,6 +215,7 @@ class VisionTransformer(nn.Module):
   resnet: Optional[tuple[int, ...]] = None
   resnet_width: float = 1
   resnet_norm_style: str = 'official'  # 'timm': timm's ResNetV2 eps (resnet_stem.NORM_STYLES), for timm parity.
+  attention_impl: str = 'einsum'  # Attention kernel: 'einsum' | 'xla' | 'cudnn' (vit_jax.models.attention).
 
   def setup(self):
     if self.classifier not in ('token', 'gap', 'map'):
@@ -233,11 +237,12 @@ class VisionTransformer(nn.Module):
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         drop_path_rate=self.drop_path_rate, posemb=self.posemb, has_cls=self.classifier == 'token',
         gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
-        remat=self.remat, scan_layers=self.scan_layers, name='Transformer')
+        remat=self.remat, scan_layers=self.scan_layers, attention_impl=self.attention_impl, name='Transformer')
     if self.classifier == 'map':
       self.map_head = layers.MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                                      gelu_approximate=self.gelu_approximate,
-                                     layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, name='MAPHead_0')
+                                     layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+                                     attention_impl=self.attention_impl, name='MAPHead_0')
     if self.representation_size:
       self.pre_logits_dense = nn.Dense(
           self.representation_size, dtype=self.dtype, param_dtype=jnp.float32, name='pre_logits',
