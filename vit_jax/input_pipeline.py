@@ -12,6 +12,9 @@ import dataclasses
 import difflib
 import logging
 import math
+import os
+import pathlib
+import tempfile
 from typing import Any
 
 import jax
@@ -218,9 +221,40 @@ def _process_seeds(seed: int, process_index: int) -> tuple[int, int, np.ndarray]
   return int(words[0]), int(words[1]), words[2:].astype(np.int64)
 
 
+class TrainIterator:
+  """Numpy batches from a tf.data pipeline whose position can be captured and restored (exact resume).
+
+  `get_state()` snapshots the iterator (shuffle buffer, RNG state, position, prefetched batches) with
+  tf.train.Checkpoint, as {file suffix: bytes}; `set_state` on an iterator built from the same config continues
+  where the snapshot was taken. The state is small for datasets read from files; with `dataset.cache` it includes
+  the cached examples.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset):
+    self._iterator = iter(dataset)
+    self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+
+  def __iter__(self) -> TrainIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return tf.nest.map_structure(lambda t: t.numpy(), next(self._iterator))
+
+  def get_state(self) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory() as tmp:
+      self._checkpoint.write(os.path.join(tmp, 'it'))
+      return {name[len('it'):]: pathlib.Path(tmp, name).read_bytes() for name in sorted(os.listdir(tmp))}
+
+  def set_state(self, state: dict[str, bytes]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+      for suffix, data in state.items():
+        pathlib.Path(tmp, 'it' + suffix).write_bytes(data)
+      self._checkpoint.read(os.path.join(tmp, 'it')).assert_consumed()
+
+
 def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
                           process_index: int | None = None,
-                          process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                          process_count: int | None = None) -> TrainIterator:
   """Endless, shuffled, augmented per-process training batches; deterministic given `seed` and the process.
 
   Yields {'image': float32 (b, image_size, image_size, 3) in [-1, 1], 'label': int32 (b,)} with
@@ -260,7 +294,7 @@ def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_b
 
   ds = ds.map(preprocess, num_parallel_calls=_AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(_AUTOTUNE)
-  return iter(ds.as_numpy_iterator())
+  return TrainIterator(ds)
 
 
 def create_eval_iterator(dataset_config: ml_collections.ConfigDict, *, global_batch_size: int,
