@@ -194,9 +194,10 @@ def _tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 def check_same_structure(saved: Any, expected: Any, what: str) -> None:
   """Raises CheckpointMismatchError listing every missing, unexpected or mis-shaped leaf of `saved` vs `expected`."""
   saved, expected = _tree_shapes(saved), _tree_shapes(expected)
-  missing = sorted(set(expected) - set(saved))
-  unexpected = sorted(set(saved) - set(expected))
-  wrong = [f'{k}: checkpoint {saved[k]} vs model {expected[k]}' for k in sorted(set(saved) & set(expected))
+  order = lambda keys: sorted(keys, key=lambda k: ('params' not in k.split('/')[:1], k))  # Params first.
+  missing = order(set(expected) - set(saved))
+  unexpected = order(set(saved) - set(expected))
+  wrong = [f'{k}: checkpoint {saved[k]} vs model {expected[k]}' for k in order(set(saved) & set(expected))
            if saved[k] != expected[k]]
   if missing or unexpected or wrong:
     lines = ([f'missing from the checkpoint: {k}' for k in missing] + [f'not in the model: {k}' for k in unexpected]

@@ -14,16 +14,19 @@ import logging
 import math
 import os
 import pathlib
+import re
 import tempfile
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax import datasets as _vit_jax_datasets  # Registers vit_jax's own TFDS builders (digits).
+from vit_jax.datasets import image_folder
 
 del _vit_jax_datasets
 
@@ -42,6 +45,7 @@ class DatasetInfo:
   num_classes: int
   num_train_examples: int
   num_eval_examples: int
+  skipped_files: int | None = None  # image_folder: undecodable files left out (all splits); None for TFDS datasets.
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -56,6 +60,14 @@ def _is_vit_jax_builder(builder: tfds.core.DatasetBuilder) -> bool:
 def _get_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """Returns the prepared builder for `dataset_config.name`, preparing vit_jax's own builders when missing."""
   name, data_dir = dataset_config.name, dataset_config.data_dir
+  if name == 'image_folder':
+    splits = [re.split(r'[\[+]', dataset_config[f])[0] for f in ('train_split', 'eval_split')]
+    builder = image_folder.builder(dataset_config.folder, splits, data_dir=data_dir)
+    if not builder.is_prepared():
+      logging.info('Converting image folder %s into TFDS files under %s (once).', dataset_config.folder,
+                   builder.data_dir)
+      builder = _prepare_once(builder, lambda: image_folder.builder(dataset_config.folder, splits, data_dir))
+    return builder
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
@@ -68,8 +80,7 @@ def _get_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.Dataset
     return builder
   if _is_vit_jax_builder(builder):
     logging.info('Preparing vit_jax dataset %r into %s.', name, builder.data_dir)
-    builder.download_and_prepare()
-    return builder
+    return _prepare_once(builder, lambda: tfds.builder(name, data_dir=data_dir))
   where = data_dir if data_dir is not None else 'the TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)'
   manual = ''
   if builder.name == 'imagenet2012':
@@ -80,6 +91,18 @@ def _get_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.Dataset
       f'cannot download it. Prepare it on a machine with internet with `tfds build {builder.name} '
       f'--data_dir=DATA_DIR` and copy DATA_DIR/{builder.name} into the data_dir here, or set '
       f'config.dataset.data_dir to a directory where it is already prepared.{manual}')
+
+
+def _prepare_once(builder: tfds.core.DatasetBuilder,
+                  rebuild: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core.DatasetBuilder:
+  """Prepares `builder` on process 0 while the others wait (data_dir must be shared in multi-host runs)."""
+  if jax.process_index() == 0:
+    builder.download_and_prepare()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'vit_jax_prepare_{builder.name}')
+    if jax.process_index() != 0:
+      builder = rebuild()  # Re-reads the now prepared dataset's info.
+  return builder
 
 
 def _num_examples(builder: tfds.core.DatasetBuilder, split: Any, field: str) -> int:
@@ -112,10 +135,18 @@ def _process_split(dataset_config: ml_collections.ConfigDict, field: str, global
 def get_dataset_info(dataset_config: ml_collections.ConfigDict) -> DatasetInfo:
   """Classes and whole-split sizes of the configured dataset (preparing vit_jax builders if needed)."""
   builder = _get_builder(dataset_config)
+  skipped = None
+  if isinstance(builder, image_folder.ImageFolder):
+    per_split = image_folder.skipped_files(builder)
+    skipped = sum(len(v) for v in per_split.values())
+    if skipped:
+      logging.warning('Image folder %s: %d undecodable file(s) were skipped when it was converted: %s',
+                      dataset_config.folder, skipped, {k: len(v) for k, v in per_split.items()})
   return DatasetInfo(
       num_classes=builder.info.features['label'].num_classes,
       num_train_examples=_num_examples(builder, dataset_config.train_split, 'train_split'),
       num_eval_examples=_num_examples(builder, dataset_config.eval_split, 'eval_split'),
+      skipped_files=skipped,
   )
 
 

@@ -229,6 +229,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.flush()
   final.update(step=int(state.step), num_params=count_params(state.params), nonfinite_updates=loop.nonfinite_updates,
                train_seconds=round(time.time() - start_time, 2), resumed_from_step=start_step)
+  if info.skipped_files is not None:  # image_folder: how many undecodable files the dataset left out.
+    final['dataset_skipped_files'] = info.skipped_files
   if jax.process_index() == 0:
     tmp = final_path.parent / f'{final_path.name}.tmp'
     tmp.write_text(json.dumps(final, indent=2, sort_keys=True))
