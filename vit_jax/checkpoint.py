@@ -208,6 +208,13 @@ def check_same_structure(saved: Any, expected: Any, what: str) -> None:
         'Nothing was loaded. Use the config (model and image size) that wrote this checkpoint, or a new workdir.')
 
 
+def _any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any (multi-host runs must take the same branch)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The checkpointer.
 
@@ -321,9 +328,12 @@ class Checkpointer:
     self._warn_about_unfinished_saves()
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        problem = _manifest_problem(self.step_dir(step), self._manifest_file(step))
-        if problem:
-          raise IOError(problem)
+        # Process 0 checks the manifest (one read of the files, not one per process) and tells the others.
+        problem = None
+        if jax.process_index() == 0:
+          problem = _manifest_problem(self.step_dir(step), self._manifest_file(step))
+        if _any_process(problem is not None):
+          raise IOError(problem or 'manifest mismatch found by process 0')
         metadata = self._manager.item_metadata(step)
         present = {k for k in (STATE_ITEM, DATA_ITEM, LOOP_ITEM) if (self.step_dir(step) / k).exists()}
         if STATE_ITEM not in present or metadata.get(STATE_ITEM) is None:
@@ -339,10 +349,13 @@ class Checkpointer:
         args[LOOP_ITEM] = ocp.args.JsonRestore()
       if data_iterator is not None and DATA_ITEM in present:
         args[DATA_ITEM] = DataIteratorRestore(data_iterator)
+      error: Optional[Exception] = None
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
       except Exception as e:  # pylint: disable=broad-except
-        self._quarantine(step, e)
+        error = e
+      if _any_process(error is not None):  # All processes fall back together, or none does.
+        self._quarantine(step, error or IOError('restore failed on another process'))
         continue
       if data_iterator is not None and DATA_ITEM not in present:
         logging.warning('Checkpoint %s has no input-iterator state (written by an older vit_jax); the input '

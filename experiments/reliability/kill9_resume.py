@@ -5,8 +5,9 @@ wall-clock ones, train_seconds and resumed_from_step).
   python experiments/reliability/kill9_resume.py [--kills 10] [--seed 0] [--out /tmp/vit_jax_kill9]
 
 Runs the real CLI (`python -m vit_jax.main --config=configs/default.py`) on one CPU device with a shortened
-schedule (--steps, frequent checkpoints so kills land during saves too). Prints one JSON summary as its last line;
-exit status 1 if anything differs.
+schedule (--steps, a checkpoint every 20 steps so kills also land mid-save). Each attempt is killed at a random
+moment after it has trained past its resume point. Prints one JSON summary as its last line; exit status 1 if
+anything differs.
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--kills', type=int, default=10)
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--steps', type=int, default=400)
-  parser.add_argument('--max_delay', type=float, default=25.0, help='kill after uniform(1, max_delay) seconds')
+  parser.add_argument('--steps', type=int, default=600)
+  parser.add_argument('--max_delay', type=float, default=8.0,
+                      help='kill uniform(0, max_delay) s after the attempt wrote its first new checkpoint')
   parser.add_argument('--out', default='/tmp/vit_jax_kill9')
   args = parser.parse_args()
 
@@ -57,20 +59,27 @@ def main() -> int:
 
   rng = random.Random(args.seed)
   run_dir, kills, t1 = out / 'killed', [], time.time()
+  ckpts = run_dir / 'checkpoints'
+  saved = lambda: sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.exists() else []
   while len(kills) < args.kills:
-    delay = rng.uniform(1.0, args.max_delay)
-    log = open(out / f'attempt_{len(kills)}.log', 'w')
-    proc = subprocess.Popen(cmd(run_dir), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-      proc.wait(timeout=delay)
-      raise SystemExit(f'The run finished within {delay:.1f}s, before kill {len(kills) + 1}; use more --steps.')
-    except subprocess.TimeoutExpired:
-      proc.kill()  # SIGKILL
-      proc.wait()
-    ckpts = run_dir / 'checkpoints'
-    steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.exists() else []
-    leftovers = sorted(p.name for p in ckpts.iterdir() if 'tmp' in p.name) if ckpts.exists() else []
-    kills.append({'after_s': round(delay, 2), 'checkpoints': steps, 'unfinished_saves': leftovers})
+    # Kill at a random moment once this attempt has trained (its first new checkpoint exists), up to
+    # --max_delay seconds later: the moment falls anywhere in the step/save cycle, including mid-save.
+    before = max(saved(), default=0)
+    with open(out / f'attempt_{len(kills)}.log', 'w') as log:
+      proc = subprocess.Popen(cmd(run_dir), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+      started = time.time()
+      while max(saved(), default=0) <= before and proc.poll() is None:
+        time.sleep(0.05)
+      delay = rng.uniform(0.0, args.max_delay)
+      try:
+        proc.wait(timeout=delay)
+        raise SystemExit(f'The run finished before kill {len(kills) + 1}; use more --steps.')
+      except subprocess.TimeoutExpired:
+        proc.kill()  # SIGKILL
+        proc.wait()
+    leftovers = sorted(p.name for p in ckpts.iterdir() if 'tmp' in p.name)
+    kills.append({'resumed_from': before, 'killed_after_s': round(time.time() - started, 2),
+                  'checkpoints': saved(), 'unfinished_saves': leftovers})
     print(json.dumps(kills[-1]), flush=True)
   with open(out / 'final_attempt.log', 'w') as log:
     subprocess.run(cmd(run_dir), env=env, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
