@@ -3,7 +3,6 @@ import functools
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -55,21 +54,6 @@ def test_short_run_writes_workdir(digits_data_dir, tmp_path):
   assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == [10, 20]
   assert list(workdir.glob('events.out.tfevents.*')), 'TensorBoard events missing'
   assert (workdir / 'config.json').exists()
-
-
-def test_resume_from_last_checkpoint(digits_data_dir, tmp_path):
-  workdir = tmp_path / 'run'
-  config = tiny_config(digits_data_dir)
-  train.train_and_evaluate(config, str(workdir))
-  # A finished run is left as it is.
-  before = (workdir / 'final_metrics.json').read_text()
-  assert train.train_and_evaluate(config, str(workdir)) == json.loads(before)
-  # Simulate a crash after the step-10 checkpoint: the rerun continues from 10 to the same final step.
-  shutil.rmtree(workdir / 'checkpoints' / '20')
-  (workdir / 'final_metrics.json').unlink()
-  final = train.train_and_evaluate(config, str(workdir))
-  assert final['resumed_from_step'] == 10 and final['step'] == 20
-  assert (workdir / 'checkpoints' / '20').exists()
 
 
 def test_data_parallel_loss_matches_single_device(digits_data_dir):

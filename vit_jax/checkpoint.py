@@ -1,27 +1,46 @@
-"""Train-state checkpoints (Orbax: async save, resume, keep-N) and the workdir's run identity.
+"""Train-state checkpoints (Orbax: async save, verified resume, keep-N) and the workdir's run identity.
+
+A checkpoint step holds three items: `default` (the train state), `data` (each process's input-iterator position,
+so a resumed run sees exactly the batches an uninterrupted one would) and `loop` (JSON: the trainer's running
+metrics). Orbax writes a step into a temporary directory and renames it when complete, so a kill -9 never leaves a
+half-written step under its final name. After a save completes, process 0 writes a sha256 manifest of its files;
+on resume the newest step that matches its manifest and restores is used, and a corrupt newer one is moved aside
+(never deleted) with a warning naming it. Only the keep-N policy deletes checkpoints.
 
 Pretrained-weight loading lives in `vit_jax.pretrained`; `load_pretrained` is re-exported here because callers
 think of it as "loading a checkpoint".
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
-from typing import Any, Optional
+import time
+from typing import Any, Optional, Protocol
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from vit_jax.pretrained import load_pretrained  # noqa: F401  (public re-export)
 
 CONFIG_FILENAME = 'config.json'
 CHECKPOINT_DIRNAME = 'checkpoints'
+MANIFEST_DIRNAME = 'manifests'           # Under checkpoints/: STEP.json, sha256 and size of every file of a step.
+QUARANTINE_DIRNAME = 'checkpoints_corrupt'  # Under the workdir: corrupt steps are moved here, never deleted.
+STATE_ITEM, DATA_ITEM, LOOP_ITEM = 'default', 'data', 'loop'
 
 
 class WorkdirConflictError(RuntimeError):
   """The workdir holds a run that the current config would overwrite."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's parameters do not fit the model being trained (another model, or other shapes)."""
 
 
 def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
@@ -65,38 +84,314 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict) -> bool:
         'Nothing was changed. Use a new --workdir.')
   if jax.process_index() == 0:
     path.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(json.dumps(current, indent=2, sort_keys=True))
+    tmp = path / f'{CONFIG_FILENAME}.tmp'
+    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+    tmp.rename(config_file)  # Atomic: a killed first run never leaves a truncated config.json.
   return False
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The input-iterator item: each process stores its own iterator's position.
+
+
+class CheckpointableIterator(Protocol):
+  """An input iterator whose position is a snapshot of named byte strings (e.g. input_pipeline.TrainIterator)."""
+
+  def get_state(self) -> dict[str, bytes]: ...
+
+  def set_state(self, state: dict[str, bytes]) -> None: ...
+
+
+class DataIteratorHandler(ocp.handlers.CheckpointHandler):
+  """Orbax handler for input-iterator snapshots: every process writes `process_{index}.npz` in the item directory.
+
+  The snapshot is taken by the caller when `save` is requested (DataIteratorSave.capture), so the loop may draw
+  more batches while Orbax writes in the background. Read back without pickle.
+  """
+
+  def save(self, directory: epath.Path, args: 'DataIteratorSave') -> None:
+    arrays = {k: np.frombuffer(v, np.uint8) for k, v in args.state.items()}
+    with (directory / f'process_{jax.process_index()}.npz').open('wb') as f:
+      np.savez(f, **arrays)
+
+  def restore(self, directory: epath.Path, args: 'DataIteratorRestore') -> CheckpointableIterator:
+    path = directory / f'process_{jax.process_index()}.npz'
+    if not path.exists():
+      raise FileNotFoundError(f'{directory} has no input-iterator state for process {jax.process_index()} '
+                              '(was the run saved with a different number of processes?).')
+    with path.open('rb') as f, np.load(f, allow_pickle=False) as data:
+      args.iterator.set_state({k: data[k].tobytes() for k in data.files})
+    return args.iterator
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+  state: dict[str, bytes]
+
+  @classmethod
+  def capture(cls, iterator: CheckpointableIterator) -> DataIteratorSave:
+    return cls(iterator.get_state())
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+  iterator: CheckpointableIterator
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Integrity: manifests, parameter-shape checks.
+
+
+def _files(directory: epath.Path) -> list[epath.Path]:
+  """Every file under `directory` (epath has no recursive glob on all backends)."""
+  out = []
+  for path in directory.iterdir():
+    out.extend(_files(path) if path.is_dir() else [path])
+  return out
+
+
+def _file_digests(step_dir: epath.Path) -> dict[str, list[Any]]:
+  """{relative path: [size, sha256]} of every file of a checkpoint step."""
+  out = {}
+  for path in sorted(_files(step_dir)):
+    data = path.read_bytes()
+    out[str(path.relative_to(step_dir))] = [len(data), hashlib.sha256(data).hexdigest()]
+  return out
+
+
+def _manifest_problem(step_dir: epath.Path, manifest_file: epath.Path) -> Optional[str]:
+  """None when `step_dir` matches its manifest (or has none); else what differs."""
+  if not manifest_file.exists():
+    return None
+  try:
+    expected = json.loads(manifest_file.read_text())['files']
+  except (ValueError, KeyError) as e:
+    logging.warning('Ignoring unreadable checkpoint manifest %s (%s).', manifest_file, e)
+    return None
+  actual = _file_digests(step_dir)
+  missing = sorted(set(expected) - set(actual))
+  changed = sorted(k for k in expected if k in actual and actual[k] != expected[k])
+  if missing or changed:
+    return f'files missing: {missing[:5]}, files changed (size or sha256): {changed[:5]}'
+  return None
+
+
+def _key_name(entry: Any) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def _tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'a/b/c': shape} for every leaf; names are the same for a live state and Orbax's metadata of it."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(_key_name(e) for e in path): tuple(getattr(leaf, 'shape', ())) for path, leaf in flat}
+
+
+def check_same_structure(saved: Any, expected: Any, what: str) -> None:
+  """Raises CheckpointMismatchError listing every missing, unexpected or mis-shaped leaf of `saved` vs `expected`."""
+  saved, expected = _tree_shapes(saved), _tree_shapes(expected)
+  order = lambda keys: sorted(keys, key=lambda k: ('params' not in k.split('/')[:1], k))  # Params first.
+  missing = order(set(expected) - set(saved))
+  unexpected = order(set(saved) - set(expected))
+  wrong = [f'{k}: checkpoint {saved[k]} vs model {expected[k]}' for k in order(set(saved) & set(expected))
+           if saved[k] != expected[k]]
+  if missing or unexpected or wrong:
+    lines = ([f'missing from the checkpoint: {k}' for k in missing] + [f'not in the model: {k}' for k in unexpected]
+             + [f'shape differs: {w}' for w in wrong])
+    shown = '\n  '.join(lines[:40]) + (f'\n  ... and {len(lines) - 40} more' if len(lines) > 40 else '')
+    raise CheckpointMismatchError(
+        f'{what} does not match the model being trained ({len(lines)} mismatching parameters):\n  {shown}\n'
+        'Nothing was loaded. Use the config (model and image size) that wrote this checkpoint, or a new workdir.')
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any (multi-host runs must take the same branch)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The checkpointer.
+
+
+@dataclasses.dataclass
+class Restored:
+  """What `Checkpointer.restore_latest_valid` found: the step, the train state and the trainer's loop record."""
+  step: int
+  state: Any
+  loop: dict[str, Any]
+  data_restored: bool
+
+
 class Checkpointer:
-  """Saves and restores the train state under WORKDIR/checkpoints, keeping the newest `keep` steps."""
+  """Saves and restores train state, input position and loop record under WORKDIR/checkpoints (newest `keep`)."""
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_DIRNAME, options=options)
+    self._workdir = epath.Path(workdir)
+    self._root = self._workdir / CHECKPOINT_DIRNAME
+    self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=async_save)
+    self._manager = self._new_manager()
+    self._unmanifested: list[int] = []
+
+  def _new_manager(self) -> ocp.CheckpointManager:
+    handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: DataIteratorHandler(),
+                LOOP_ITEM: ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(self._root, options=self._options, item_handlers=handlers)
+
+  @property
+  def directory(self) -> epath.Path:
+    return self._root
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
 
-  def restore(self, abstract_state: Any, step: Optional[int] = None) -> Any:
-    """Restores `step` (default: latest) into the shapes, dtypes and shardings of `abstract_state`."""
-    step = self.latest_step() if step is None else step
-    logging.info('Restoring checkpoint at step %d.', step)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  def step_dir(self, step: int) -> epath.Path:
+    return self._root / str(step)
 
-  def save(self, step: int, state: Any) -> None:
-    """Starts an asynchronous save of `state` as `step` (a no-op if that step is already saved)."""
+  def _manifest_file(self, step: int) -> epath.Path:
+    return self._root / MANIFEST_DIRNAME / f'{step}.json'
+
+  # -- saving ---------------------------------------------------------------------------------------------------
+
+  def save(self, step: int, state: Any, *, data_iterator: Optional[CheckpointableIterator] = None,
+           loop: Optional[dict[str, Any]] = None) -> None:
+    """Starts an asynchronous save of `step` (a no-op if that step is already saved).
+
+    The input iterator's position is written before this returns, so the caller may go on drawing batches.
+    """
     if step in self._manager.all_steps():
       return
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    self._write_pending_manifests()
+    items = {STATE_ITEM: ocp.args.StandardSave(state), LOOP_ITEM: ocp.args.JsonSave(loop or {})}
+    if data_iterator is not None:
+      items[DATA_ITEM] = DataIteratorSave.capture(data_iterator)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._unmanifested.append(step)
+
+  def _write_pending_manifests(self) -> None:
+    """Waits for in-flight saves, then records the sha256 of every file of each newly completed step."""
+    self._manager.wait_until_finished()
+    pending, self._unmanifested = self._unmanifested, []
+    if jax.process_index() != 0:
+      return
+    existing = set(self._manager.all_steps())
+    for step in pending:
+      if step not in existing:  # Already removed by keep-N.
+        continue
+      manifest = self._manifest_file(step)
+      manifest.parent.mkdir(parents=True, exist_ok=True)
+      tmp = manifest.parent / f'{manifest.name}.tmp'
+      tmp.write_text(json.dumps({'step': step, 'files': _file_digests(self.step_dir(step))}, indent=1))
+      tmp.rename(manifest)
+    for manifest in (self._root / MANIFEST_DIRNAME).glob('*.json') if (self._root / MANIFEST_DIRNAME).exists() else ():
+      if manifest.stem.isdigit() and int(manifest.stem) not in existing:  # Its step went by keep-N.
+        manifest.unlink()
 
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    self._write_pending_manifests()
 
   def close(self) -> None:
+    self._write_pending_manifests()
     self._manager.close()
+
+  # -- restoring ------------------------------------------------------------------------------------------------
+
+  def restore(self, abstract_state: Any, step: Optional[int] = None) -> Any:
+    """Restores the train state of `step` (default: latest) into the shapes/shardings of `abstract_state`."""
+    step = self.latest_step() if step is None else step
+    self._check_state_structure(step, abstract_state)
+    logging.info('Restoring checkpoint at step %d.', step)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
+    return restored[STATE_ITEM]
+
+  def _check_state_structure(self, step: int, abstract_state: Any) -> None:
+    metadata = self._manager.item_metadata(step)[STATE_ITEM]
+    check_same_structure(metadata, abstract_state, f'Checkpoint {self.step_dir(step)}')
+
+  def restore_latest_valid(self, abstract_state: Any, *,
+                           data_iterator: Optional[CheckpointableIterator] = None) -> Optional[Restored]:
+    """Restores the newest step that is intact; corrupt newer steps are moved aside with a warning.
+
+    Returns None when there is no usable checkpoint. A checkpoint whose parameters do not fit `abstract_state`
+    raises CheckpointMismatchError (that is a wrong config, not corruption, so no fallback is tried).
+    """
+    self._warn_about_unfinished_saves()
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        # Process 0 checks the manifest (one read of the files, not one per process) and tells the others.
+        problem = None
+        if jax.process_index() == 0:
+          problem = _manifest_problem(self.step_dir(step), self._manifest_file(step))
+        if _any_process(problem is not None):
+          raise IOError(problem or 'manifest mismatch found by process 0')
+        metadata = self._manager.item_metadata(step)
+        present = {k for k in (STATE_ITEM, DATA_ITEM, LOOP_ITEM) if (self.step_dir(step) / k).exists()}
+        if STATE_ITEM not in present or metadata.get(STATE_ITEM) is None:
+          raise IOError(f'no readable {STATE_ITEM!r} item')
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        self._quarantine(step, e)
+        continue
+      check_same_structure(metadata[STATE_ITEM], abstract_state, f'Checkpoint {self.step_dir(step)}')
+      args = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+      if LOOP_ITEM in present:
+        args[LOOP_ITEM] = ocp.args.JsonRestore()
+      if data_iterator is not None and DATA_ITEM in present:
+        args[DATA_ITEM] = DataIteratorRestore(data_iterator)
+      error: Optional[Exception] = None
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+      if _any_process(error is not None):  # All processes fall back together, or none does.
+        self._quarantine(step, error or IOError('restore failed on another process'))
+        continue
+      if data_iterator is not None and DATA_ITEM not in present:
+        logging.warning('Checkpoint %s has no input-iterator state (written by an older vit_jax); the input '
+                        'pipeline restarts from its beginning, so this resume is not exact.', self.step_dir(step))
+      logging.info('Restored checkpoint %s.', self.step_dir(step))
+      return Restored(step=step, state=restored[STATE_ITEM], loop=dict(restored.get(LOOP_ITEM) or {}),
+                      data_restored=DATA_ITEM in args)
+    return None
+
+  def _quarantine(self, step: int, error: Exception) -> None:
+    """Moves a corrupt step out of the checkpoint directory (kept for inspection) and warns, naming both paths."""
+    source = self.step_dir(step)
+    target = self._workdir / QUARANTINE_DIRNAME / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
+    logging.warning('Checkpoint %s is incomplete or corrupt (%s: %s). Skipping it in favour of an earlier '
+                    'checkpoint; it is moved, not deleted, to %s.', source, type(error).__name__,
+                    str(error).splitlines()[0][:300] if str(error) else '', target)
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      source.rename(target)
+      manifest = self._manifest_file(step)
+      if manifest.exists():
+        manifest.rename(target.parent / f'{target.name}.manifest.json')
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'vit_jax_quarantine_{step}')
+    self._manager.close()
+    self._manager = self._new_manager()
+
+  def _warn_about_unfinished_saves(self) -> None:
+    if not self._root.exists():
+      return
+    leftovers = sorted(p.name for p in self._root.iterdir() if 'orbax-checkpoint-tmp' in p.name)
+    if leftovers:
+      logging.warning('Unfinished saves from an interrupted run are ignored (safe to delete): %s in %s.',
+                      ', '.join(leftovers), self._root)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True (on every process at the same step) when the multi-host preemption sync point is reached."""
+    return self._manager.reached_preemption(step)
+

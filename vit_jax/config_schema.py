@@ -5,6 +5,9 @@ here is a typo and gets an error naming it.
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import ml_collections
 
 
@@ -18,6 +21,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 500            # 0 disables periodic eval (the final eval always runs).
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
+  # A step whose loss or gradient norm is nan/inf: 'stop' raises an error naming the step (the last good checkpoint
+  # stays); 'skip' keeps the previous params and optimizer state and counts the step (train_nonfinite_updates).
+  c.on_nonfinite = 'stop'
   # Official .npz (local or gs://) whose weights initialise a fresh run; the head is re-initialised when the class
   # count differs and position embeddings are interpolated to the new resolution.
   c.init_from = ml_collections.config_dict.placeholder(str)
@@ -39,7 +45,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Other model.* keys override the registered hyperparameters (e.g. model.drop_path_rate); create_model checks them.
 
   c.dataset = ml_collections.ConfigDict()
-  c.dataset.name = 'digits'       # Any TFDS name ('cifar10', 'imagenet2012', ...) or a vit_jax builder ('digits').
+  # Any TFDS name ('cifar10', 'imagenet2012', ...), a vit_jax builder ('digits'), or 'image_folder' for
+  # dataset.folder.
+  c.dataset.name = 'digits'
+  # name='image_folder': a directory with one subdirectory per split (train/, val/, ...), each holding one
+  # subdirectory of images per class. It is converted once into TFDS files under data_dir; unreadable images are
+  # skipped and counted. Set train_split/eval_split to the split folder names (e.g. eval_split='val').
+  c.dataset.folder = ml_collections.config_dict.placeholder(str)
   c.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS default (~/tensorflow_datasets).
   c.dataset.train_split = 'train'
   c.dataset.eval_split = 'test'
@@ -95,8 +107,12 @@ def _unknown_keys(config: ml_collections.ConfigDict, schema: ml_collections.Conf
   return unknown
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming each bad key and its fix, before anything is built or compiled."""
+def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
+  """Raises ValueError naming each bad key and its fix, before anything is built or compiled.
+
+  Checks unknown keys, value ranges, the model against the image size (the model's own geometry checks, run on
+  shapes only via jax.eval_shape) and, given `num_devices`, the mesh and the batch split (devices x accum_steps).
+  """
   schema = base_config()
   unknown = _unknown_keys(config, schema, '')
   if unknown:
@@ -118,3 +134,56 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.optimizer.warmup_steps > config.total_steps:
     raise ValueError(f'config.optimizer.warmup_steps={config.optimizer.warmup_steps} exceeds '
                      f'config.total_steps={config.total_steps}; lower the warmup or train longer.')
+  if config.on_nonfinite not in ('stop', 'skip'):
+    raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; set it to 'stop' or 'skip'.")
+  if config.dataset.name == 'image_folder' and not config.dataset.folder:
+    raise ValueError("config.dataset.name='image_folder' needs config.dataset.folder: the directory holding the "
+                     'split folders (train/, val/, ...) of class folders.')
+  if num_devices is not None:
+    check_devices(config, num_devices)
+  check_model_fits_images(config)
+
+
+def check_devices(config: ml_collections.ConfigDict, num_devices: int, process_count: Optional[int] = None) -> None:
+  """Mesh axis sizes must multiply to the device count; the batch must split over batch devices x accum_steps."""
+  from vit_jax import sharding  # pylint: disable=g-import-not-at-top  (keeps this module free of jax at import)
+  try:
+    sizes = sharding.mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    raise ValueError(f'config.mesh: {e}') from None
+  if process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_count = jax.process_count()
+  batch_devices = math.prod(sizes.get(axis, 1) for axis in sharding.BATCH_AXES)
+  accum = int(config.get('accum_steps', 1) or 1)
+  divisor = math.lcm(batch_devices * accum, process_count)
+  if config.batch_size % divisor:
+    parts = f'{batch_devices} batch devices (mesh {sizes}) x accum_steps={accum}'
+    if process_count > 1:
+      parts += f' and {process_count} processes'
+    suggestion = max(divisor, config.batch_size // divisor * divisor)
+    raise ValueError(f'config.batch_size={config.batch_size} cannot be split evenly over {parts}. Fix: make '
+                     f'config.batch_size a multiple of {divisor} (e.g. {suggestion}), or change config.mesh / '
+                     'config.accum_steps.')
+
+
+def check_model_fits_images(config: ml_collections.ConfigDict) -> None:
+  """Builds the model through the registry and traces it on shapes only at dataset.image_size.
+
+  The models check their own geometry (patch size, Swin windows and stages, ...); their error is re-raised naming
+  the config keys to change. Nothing is compiled and no memory is allocated.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  overrides = {k: v for k, v in config.model.items() if k != 'name'}
+  model = models.create_model(config.model.name, num_classes=2, **overrides)  # Names a bad model key itself.
+  size = config.dataset.image_size
+  if size < 1:
+    raise ValueError(f'config.dataset.image_size={size} must be positive.')
+  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  try:
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+  except ValueError as e:
+    raise ValueError(f'config.model.name={config.model.name!r} cannot take config.dataset.image_size={size}: {e} '
+                     'Fix: change config.dataset.image_size, or the model.* overrides named above.') from None

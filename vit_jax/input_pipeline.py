@@ -12,15 +12,21 @@ import dataclasses
 import difflib
 import logging
 import math
+import os
+import pathlib
+import re
+import tempfile
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax import datasets as _vit_jax_datasets  # Registers vit_jax's own TFDS builders (digits).
+from vit_jax.datasets import image_folder
 
 del _vit_jax_datasets
 
@@ -39,6 +45,7 @@ class DatasetInfo:
   num_classes: int
   num_train_examples: int
   num_eval_examples: int
+  skipped_files: int | None = None  # image_folder: undecodable files left out (all splits); None for TFDS datasets.
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -53,6 +60,14 @@ def _is_vit_jax_builder(builder: tfds.core.DatasetBuilder) -> bool:
 def _get_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """Returns the prepared builder for `dataset_config.name`, preparing vit_jax's own builders when missing."""
   name, data_dir = dataset_config.name, dataset_config.data_dir
+  if name == 'image_folder':
+    splits = [re.split(r'[\[+]', dataset_config[f])[0] for f in ('train_split', 'eval_split')]
+    builder = image_folder.builder(dataset_config.folder, splits, data_dir=data_dir)
+    if not builder.is_prepared():
+      logging.info('Converting image folder %s into TFDS files under %s (once).', dataset_config.folder,
+                   builder.data_dir)
+      builder = _prepare_once(builder, lambda: image_folder.builder(dataset_config.folder, splits, data_dir))
+    return builder
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
@@ -65,8 +80,7 @@ def _get_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.Dataset
     return builder
   if _is_vit_jax_builder(builder):
     logging.info('Preparing vit_jax dataset %r into %s.', name, builder.data_dir)
-    builder.download_and_prepare()
-    return builder
+    return _prepare_once(builder, lambda: tfds.builder(name, data_dir=data_dir))
   where = data_dir if data_dir is not None else 'the TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)'
   manual = ''
   if builder.name == 'imagenet2012':
@@ -77,6 +91,18 @@ def _get_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.Dataset
       f'cannot download it. Prepare it on a machine with internet with `tfds build {builder.name} '
       f'--data_dir=DATA_DIR` and copy DATA_DIR/{builder.name} into the data_dir here, or set '
       f'config.dataset.data_dir to a directory where it is already prepared.{manual}')
+
+
+def _prepare_once(builder: tfds.core.DatasetBuilder,
+                  rebuild: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core.DatasetBuilder:
+  """Prepares `builder` on process 0 while the others wait (data_dir must be shared in multi-host runs)."""
+  if jax.process_index() == 0:
+    builder.download_and_prepare()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'vit_jax_prepare_{builder.name}')
+    if jax.process_index() != 0:
+      builder = rebuild()  # Re-reads the now prepared dataset's info.
+  return builder
 
 
 def _num_examples(builder: tfds.core.DatasetBuilder, split: Any, field: str) -> int:
@@ -109,10 +135,18 @@ def _process_split(dataset_config: ml_collections.ConfigDict, field: str, global
 def get_dataset_info(dataset_config: ml_collections.ConfigDict) -> DatasetInfo:
   """Classes and whole-split sizes of the configured dataset (preparing vit_jax builders if needed)."""
   builder = _get_builder(dataset_config)
+  skipped = None
+  if isinstance(builder, image_folder.ImageFolder):
+    per_split = image_folder.skipped_files(builder)
+    skipped = sum(len(v) for v in per_split.values())
+    if skipped:
+      logging.warning('Image folder %s: %d undecodable file(s) were skipped when it was converted: %s',
+                      dataset_config.folder, skipped, {k: len(v) for k, v in per_split.items()})
   return DatasetInfo(
       num_classes=builder.info.features['label'].num_classes,
       num_train_examples=_num_examples(builder, dataset_config.train_split, 'train_split'),
       num_eval_examples=_num_examples(builder, dataset_config.eval_split, 'eval_split'),
+      skipped_files=skipped,
   )
 
 
@@ -218,9 +252,40 @@ def _process_seeds(seed: int, process_index: int) -> tuple[int, int, np.ndarray]
   return int(words[0]), int(words[1]), words[2:].astype(np.int64)
 
 
+class TrainIterator:
+  """Numpy batches from a tf.data pipeline whose position can be captured and restored (exact resume).
+
+  `get_state()` snapshots the iterator (shuffle buffer, RNG state, position, prefetched batches) with
+  tf.train.Checkpoint, as {file suffix: bytes}; `set_state` on an iterator built from the same config continues
+  where the snapshot was taken. The state is small for datasets read from files; with `dataset.cache` it includes
+  the cached examples.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset):
+    self._iterator = iter(dataset)
+    self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+
+  def __iter__(self) -> TrainIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return tf.nest.map_structure(lambda t: t.numpy(), next(self._iterator))
+
+  def get_state(self) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory() as tmp:
+      self._checkpoint.write(os.path.join(tmp, 'it'))
+      return {name[len('it'):]: pathlib.Path(tmp, name).read_bytes() for name in sorted(os.listdir(tmp))}
+
+  def set_state(self, state: dict[str, bytes]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+      for suffix, data in state.items():
+        pathlib.Path(tmp, 'it' + suffix).write_bytes(data)
+      self._checkpoint.read(os.path.join(tmp, 'it')).assert_consumed()
+
+
 def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
                           process_index: int | None = None,
-                          process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                          process_count: int | None = None) -> TrainIterator:
   """Endless, shuffled, augmented per-process training batches; deterministic given `seed` and the process.
 
   Yields {'image': float32 (b, image_size, image_size, 3) in [-1, 1], 'label': int32 (b,)} with
@@ -260,7 +325,7 @@ def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_b
 
   ds = ds.map(preprocess, num_parallel_calls=_AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(_AUTOTUNE)
-  return iter(ds.as_numpy_iterator())
+  return TrainIterator(ds)
 
 
 def create_eval_iterator(dataset_config: ml_collections.ConfigDict, *, global_batch_size: int,

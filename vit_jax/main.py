@@ -45,10 +45,12 @@ def main(argv):
   if _MULTIHOST.value or _COORDINATOR.value:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
-  config_schema.validate_config(config)
+  config_schema.validate_config(config, num_devices=jax.device_count())  # Every config error before any compile.
   logging.info('JAX process %d/%d, %d local / %d global devices (%s).', jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
-  train.train_and_evaluate(config, _WORKDIR.value)
+  result = train.train_and_evaluate(config, _WORKDIR.value)
+  if 'preempted_at_step' in result:  # Checkpointed and stopped on request: exit 0 so schedulers requeue cleanly.
+    logging.info('Exiting after preemption at step %d.', result['preempted_at_step'])
 
 
 if __name__ == '__main__':

@@ -3,9 +3,10 @@
 No `from __future__ import annotations` here: clu reads the metric classes from real annotations.
 """
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import flax
+import numpy as np
 import jax
 import jax.numpy as jnp
 import optax
@@ -13,11 +14,44 @@ from clu import metric_writers, metrics
 
 
 @flax.struct.dataclass
+class FiniteAverage(metrics.Average):
+  """Average of the finite values only, so one skipped nan/inf step does not turn a whole window's mean into nan."""
+
+  @classmethod
+  def from_model_output(cls, values: jnp.ndarray, mask: Optional[jnp.ndarray] = None, **_) -> 'FiniteAverage':
+    values = jnp.atleast_1d(values)
+    finite = jnp.isfinite(values)
+    mask = finite if mask is None else finite & mask.astype(bool)
+    return super().from_model_output(values, mask=mask)
+
+
+@flax.struct.dataclass
+class Sum(metrics.Metric):
+  """Sum of a per-step scalar (e.g. the number of skipped updates in a window)."""
+  total: jnp.ndarray
+
+  @classmethod
+  def empty(cls) -> 'Sum':
+    return cls(total=jnp.array(0, jnp.int32))
+
+  @classmethod
+  def from_model_output(cls, values: jnp.ndarray, **_) -> 'Sum':
+    return cls(total=jnp.sum(values).astype(jnp.int32))
+
+  def merge(self, other: 'Sum') -> 'Sum':
+    return type(self)(total=self.total + other.total)
+
+  def compute(self) -> jnp.ndarray:
+    return self.total
+
+
+@flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
-  loss: metrics.Average.from_output('loss')
+  loss: FiniteAverage.from_output('loss')
   accuracy: metrics.Average.from_output('accuracy')
-  grad_norm: metrics.Average.from_output('grad_norm')
+  grad_norm: FiniteAverage.from_output('grad_norm')
   learning_rate: metrics.LastValue.from_output('learning_rate')
+  nonfinite_updates: Sum.from_output('nonfinite_updates')  # Steps whose loss or grad norm was nan/inf.
 
 
 @flax.struct.dataclass
@@ -61,3 +95,20 @@ def write_hparams(writer: metric_writers.MetricWriter, config_dict: Mapping[str,
 
   visit('', config_dict)
   writer.write_hparams(flat)
+
+
+def collection_to_json(collection: Optional[metrics.Collection]) -> Optional[dict[str, Any]]:
+  """An accumulated collection as plain JSON (dtype and exact value of every leaf), for checkpointing."""
+  if collection is None:
+    return None
+  state = flax.serialization.to_state_dict(jax.device_get(collection))
+  return jax.tree.map(lambda x: {'dtype': str(np.asarray(x).dtype), 'value': np.asarray(x).tolist()}, state)
+
+
+def collection_from_json(empty: metrics.Collection, data: Optional[Mapping[str, Any]]) -> Optional[metrics.Collection]:
+  """Inverse of `collection_to_json`: bitwise the same leaves, in the structure of `empty` (Collection.empty())."""
+  if data is None:
+    return None
+  is_leaf = lambda x: isinstance(x, Mapping) and set(x) == {'dtype', 'value'}
+  state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x['value'], dtype=x['dtype'])), dict(data), is_leaf=is_leaf)
+  return flax.serialization.from_state_dict(empty, state)

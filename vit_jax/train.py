@@ -5,6 +5,7 @@ The trainer sees models only through the registry, data only through `input_pipe
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -21,7 +22,7 @@ from clu import periodic_actions
 from etils import epath
 from flax.training import train_state
 
-from vit_jax import checkpoint, input_pipeline, metrics, models, optim, sharding
+from vit_jax import checkpoint, config_schema, guards, input_pipeline, metrics, models, optim, preemption, sharding
 
 FINAL_METRICS_FILENAME = 'final_metrics.json'
 
@@ -127,8 +128,13 @@ def compute_gradients(loss_fn: Any, params: Any, batch: dict[str, jax.Array], rn
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, dropout_key: jax.Array,
-               schedule: optax.Schedule, accum_steps: int = 1) -> tuple[TrainState, metrics.TrainMetrics]:
-  """One optimizer update (over `accum_steps` micro-batches); dropout randomness depends only on (seed, step)."""
+               schedule: optax.Schedule, accum_steps: int = 1,
+               skip_nonfinite: bool = False) -> tuple[TrainState, metrics.TrainMetrics]:
+  """One optimizer update (over `accum_steps` micro-batches); dropout randomness depends only on (seed, step).
+
+  With `skip_nonfinite`, a step whose loss or gradient norm is nan/inf keeps the previous params and optimizer
+  state (only the step advances); either way the step is counted in `nonfinite_updates`.
+  """
   step_key = jax.random.fold_in(dropout_key, state.step)
 
   def loss_fn(params, batch, rng):
@@ -138,9 +144,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, dropout_key: j
 
   grads, outputs = compute_gradients(loss_fn, state.params, batch, step_key, accum_steps)
   new_state = state.apply_gradients(grads=grads)
+  grad_norm = optax.global_norm(grads)
+  finite = guards.is_finite(outputs['loss'], grad_norm)
+  if skip_nonfinite:
+    new_state = guards.keep_if_finite(finite, new_state, state)
   step_metrics = metrics.TrainMetrics.single_from_model_output(
-      loss=outputs['loss'], accuracy=outputs['accuracy'], grad_norm=optax.global_norm(grads),
-      learning_rate=schedule(state.step))
+      loss=outputs['loss'], accuracy=outputs['accuracy'], grad_norm=grad_norm,
+      learning_rate=schedule(state.step), nonfinite_updates=(~finite).astype(jnp.int32))
   return new_state, step_metrics
 
 
@@ -163,8 +173,35 @@ def evaluate(eval_fn, state: TrainState, batches: Iterator[dict[str, np.ndarray]
   return metrics.to_scalars(totals, 'eval', num_classes=num_classes)
 
 
+@dataclasses.dataclass
+class LoopRecord:
+  """The loop's own state, checkpointed with the train state so a resumed run reports exactly the same metrics.
+
+  `final`: the latest train/eval scalars (what final_metrics.json reports); `train_metrics`: the train metrics
+  accumulated since the last log; `nonfinite_updates`: non-finite steps so far (skipped in skip mode).
+  """
+  final: dict[str, Any] = dataclasses.field(default_factory=dict)
+  train_metrics: Optional[metrics.TrainMetrics] = None
+  nonfinite_updates: int = 0
+
+  def to_json(self) -> dict[str, Any]:
+    return {'final': self.final, 'train_metrics': metrics.collection_to_json(self.train_metrics),
+            'nonfinite_updates': self.nonfinite_updates}
+
+  @classmethod
+  def from_json(cls, data: dict[str, Any]) -> LoopRecord:
+    return cls(final=dict(data.get('final', {})),
+               train_metrics=metrics.collection_from_json(metrics.TrainMetrics.empty(), data.get('train_metrics')),
+               nonfinite_updates=int(data.get('nonfinite_updates', 0)))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir` (resuming if it holds this run) and returns the final metrics."""
+  """Trains `config` in `workdir` (resuming if it holds this run) and returns the final metrics.
+
+  On SIGTERM (or the multi-host preemption sync point) it checkpoints the current step and returns
+  {'preempted_at_step': step} without writing final_metrics.json; rerunning resumes exactly where it stopped.
+  """
+  config_schema.validate_config(config, num_devices=jax.device_count())  # Before anything is built or compiled.
   final_path = epath.Path(workdir) / FINAL_METRICS_FILENAME
   mesh = sharding.create_mesh(config.mesh)
   rules = sharding.logical_rules(config.sharding_rules)
@@ -180,14 +217,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   resuming = checkpoint.claim_workdir(workdir, config)
 
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-  start_step = 0
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
-    start_step = int(state.step)
+  # The iterator's position is part of every checkpoint, so a resumed run draws exactly the batches it would have.
+  train_iter = input_pipeline.create_train_iterator(config.dataset, global_batch_size=config.batch_size,
+                                                    seed=config.seed)
+  start_step, loop = 0, LoopRecord()
+  restored = ckpt.restore_latest_valid(state, data_iterator=train_iter)
+  if restored is not None:
+    state, start_step, loop = restored.state, int(restored.state.step), LoopRecord.from_json(restored.loop)
+    if not restored.data_restored:  # A checkpoint from before iterator checkpointing: at least do not replay.
+      train_iter = input_pipeline.create_train_iterator(
+          config.dataset, global_batch_size=config.batch_size, seed=config.seed + 1_000_003 * start_step)
     logging.info('Resumed from step %d of %d.', start_step, config.total_steps)
   else:
     if resuming:
-      logging.info('Workdir %s has this config but no checkpoint yet; starting from step 0.', workdir)
+      logging.info('Workdir %s has this config but no usable checkpoint; starting from step 0.', workdir)
     if config.init_from:
       logging.info('Initialising weights from %s.', config.init_from)
       params = checkpoint.load_pretrained(config.init_from, jax.device_get(state.params))
@@ -205,50 +248,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   p_train_step = jax.jit(
       sharding.with_activation_sharding(
-          functools.partial(train_step, dropout_key=dropout_key, schedule=schedule, accum_steps=config.accum_steps),
+          functools.partial(train_step, dropout_key=dropout_key, schedule=schedule, accum_steps=config.accum_steps,
+                            skip_nonfinite=config.on_nonfinite == 'skip'),
           mesh, rules),
       in_shardings=(state_shardings, batch_spec), out_shardings=(state_shardings, replicated), donate_argnums=0)
   p_eval_step = jax.jit(sharding.with_activation_sharding(eval_step, mesh, rules),
                         in_shardings=(state_shardings, batch_spec), out_shardings=replicated)
 
-  # Resumed runs draw a fresh shuffle so they do not replay the first steps' batches.
-  # Batches go to the devices two steps ahead, so host-to-device copies overlap the running step.
-  train_iter = sharding.prefetch_to_device(input_pipeline.create_train_iterator(
-      config.dataset, global_batch_size=config.batch_size, seed=config.seed + 1_000_003 * start_step), mesh)
   run_eval = functools.partial(evaluate, p_eval_step, mesh=mesh, num_classes=info.num_classes)
   new_eval_iter = functools.partial(input_pipeline.create_eval_iterator, config.dataset,
                                     global_batch_size=config.batch_size)
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
+  monitor = guards.NonFiniteMonitor(config.on_nonfinite, workdir)
+  last_saved = start_step if restored is not None else None
 
-  final: dict[str, Any] = {}
-  train_metrics: Optional[metrics.TrainMetrics] = None
   start_time = time.time()
-  for step in range(start_step + 1, config.total_steps + 1):
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      state, step_metrics = p_train_step(state, next(train_iter))
-    train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
-    report_progress(step, time.time())
-    is_last = step == config.total_steps
-    if step % config.log_every == 0 or is_last:
-      scalars = metrics.to_scalars(train_metrics, 'train', num_classes=info.num_classes)
-      writer.write_scalars(step, scalars)
-      final.update(scalars)
-      train_metrics = None
-    if (config.eval_every and step % config.eval_every == 0) or is_last:
-      scalars = run_eval(state, new_eval_iter())
-      writer.write_scalars(step, scalars)
-      final.update(scalars)
-    if step % config.checkpoint_every == 0 or is_last:
-      ckpt.save(step, state)
+  try:
+    with preemption.PreemptionWatcher(ckpt.reached_preemption) as preempted:
+      for step in range(start_step + 1, config.total_steps + 1):
+        with jax.profiler.StepTraceAnnotation('train', step_num=step):
+          state, step_metrics = p_train_step(state, sharding.shard_batch(next(train_iter), mesh))
+        monitor.add(step, step_metrics.nonfinite_updates.total)
+        loop.train_metrics = step_metrics if loop.train_metrics is None else loop.train_metrics.merge(step_metrics)
+        report_progress(step, time.time())
+        is_last = step == config.total_steps
+        if step % config.log_every == 0 or is_last:
+          monitor.check(last_saved)
+          scalars = metrics.to_scalars(loop.train_metrics, 'train', num_classes=info.num_classes)
+          writer.write_scalars(step, scalars)
+          loop.final.update(scalars)
+          loop.nonfinite_updates += int(scalars['train_nonfinite_updates'])
+          loop.train_metrics = None
+        if (config.eval_every and step % config.eval_every == 0) or is_last:
+          monitor.check(last_saved)
+          scalars = run_eval(state, new_eval_iter())
+          writer.write_scalars(step, scalars)
+          loop.final.update(scalars)
+        stop = preempted(step) and not is_last
+        if step % config.checkpoint_every == 0 or is_last or stop:
+          monitor.check(last_saved)  # Never save a non-finite state (stop mode).
+          ckpt.save(step, state, data_iterator=train_iter, loop=loop.to_json())
+          last_saved = step
+        if stop:
+          ckpt.wait_until_finished()
+          writer.flush()
+          logging.warning('Preempted (%s) at step %d of %d: checkpoint %s saved. Rerun the same command to resume.',
+                          preempted.reason, step, config.total_steps, ckpt.step_dir(step))
+          return {'preempted_at_step': step}
+  finally:
+    ckpt.close()
 
-  if start_step >= config.total_steps:  # Finished earlier but final_metrics.json is missing: evaluate again.
+  final = loop.final
+  if start_step >= config.total_steps and 'eval_loss' not in final:  # Old checkpoint without its loop record.
     final.update(run_eval(state, new_eval_iter()))
-  ckpt.wait_until_finished()
-  ckpt.close()
   writer.flush()
-  final.update(step=int(state.step), num_params=count_params(state.params),
+  final.update(step=int(state.step), num_params=count_params(state.params), nonfinite_updates=loop.nonfinite_updates,
                train_seconds=round(time.time() - start_time, 2), resumed_from_step=start_step)
+  if info.skipped_files is not None:  # image_folder: how many undecodable files the dataset left out.
+    final['dataset_skipped_files'] = info.skipped_files
   if jax.process_index() == 0:
-    final_path.write_text(json.dumps(final, indent=2, sort_keys=True))
+    tmp = final_path.parent / f'{final_path.name}.tmp'
+    tmp.write_text(json.dumps(final, indent=2, sort_keys=True))
+    tmp.rename(final_path)  # Atomic: a kill -9 never leaves a truncated final_metrics.json.
   logging.info('Final metrics: %s', final)
   return final
