@@ -107,7 +107,7 @@ def test_weight_standardisation():
   assert not np.allclose(nn.Conv(**conv).apply(params, x), got, atol=1e-3)
 
 
-def test_forward_shapes_and_init():
+def test_forward_shapes_init_and_every_param_gets_gradient():
   model = vit.VisionTransformer(**TINY)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
   flat = _flat(variables['params'])
@@ -122,12 +122,15 @@ def test_forward_shapes_and_init():
   @jax.jit
   def run(params, x):
     v = {'params': params}
-    return model.apply(v, x), model.apply(v, x, method=model.forward_features)
+    grads = jax.grad(lambda p: jnp.sum(model.apply({'params': p}, x) ** 2))(params)
+    return model.apply(v, x), model.apply(v, x, method=model.forward_features), grads
 
-  logits, feats = run(params, _images())
+  logits, feats, grads = run(params, _images())
   assert logits.shape == (2, 10) and logits.dtype == jnp.float32
   assert feats.shape == (2, 1 + 4 * 4, 32)
   assert np.all(np.isfinite(np.asarray(logits)))
+  dead = [k for k, g in _flat(grads).items() if not np.any(np.asarray(g))]
+  assert not dead, f'parameters without gradient: {dead}'  # Random params: gn3 scales are non-zero here.
 
 
 def test_root_only_stem_shapes():
