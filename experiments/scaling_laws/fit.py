@@ -46,16 +46,19 @@ def fit_axis(rows: list[dict[str, Any]], x_key: str, metric: str, *, samples: in
   out: dict[str, Any] = {'x': x_key, 'n_runs': len(rows), 'n_frontier': int(len(front)),
                          'frontier_runs': [rows[i]['run'] for i in front],
                          'frontier_x': x[front].tolist(), 'frontier_y': y[front].tolist()}
-  if len(np.unique(x[front])) < 3:
-    out['skipped'] = f'{len(np.unique(x[front]))} distinct frontier points; a fit needs at least 3.'
+  distinct = len(np.unique(x[front]))
+  if distinct < laws.MIN_POINTS:
+    out['skipped'] = f'{distinct} distinct frontier points; a fit needs at least {laws.MIN_POINTS}.'
     return out, []
-  fit = laws.fit_power_law(x[front], y[front])
-  intervals, draws = laws.bootstrap(x[front], y[front], fit, samples=samples, seed=seed)
+  fit_d = distinct >= laws.MIN_POINTS_FOR_D
+  fit = laws.fit_power_law(x[front], y[front], fit_d=fit_d)
+  intervals, draws = laws.bootstrap(x[front], y[front], fit, samples=samples, seed=seed, fit_d=fit_d)
   out.update(fit.params(), ci95={k: list(v) for k, v in intervals.items()}, rmse_log=fit.rmse_log,
-             bootstrap_samples=len(draws))
-  if len(front) <= 4:
-    out['warning'] = (f'{len(front)} frontier points for 4 constants: the fit interpolates and its intervals are '
-                      'not meaningful; add grid points along this axis.')
+             bootstrap_samples=len(draws), d_fitted=fit_d)
+  if not fit_d:
+    out['warning'] = (f'only {distinct} frontier points, so d is fixed at 0 (E = a x^-b + c) and the intervals are '
+                      f'rough; {laws.MIN_POINTS_FOR_D} or more points fit all four constants. Add grid points along '
+                      'this axis.')
   return out, draws
 
 

@@ -13,6 +13,8 @@ import numpy as np
 from scipy import optimize
 
 PARAM_NAMES = ('a', 'b', 'c', 'd')
+MIN_POINTS = 4         # Frontier points needed for any fit (3 constants + 1 degree of freedom)...
+MIN_POINTS_FOR_D = 6   # ... and for fitting d as well (with fewer, d = 0).
 
 
 def power_law(x: np.ndarray, a: float, b: float, c: float, d: float) -> np.ndarray:
@@ -50,9 +52,11 @@ class Fit:
     return power_law(x, self.a, self.b, self.c, self.d)
 
 
-def fit_power_law(x: np.ndarray, y: np.ndarray, *, init: Optional[dict[str, float]] = None) -> Fit:
+def fit_power_law(x: np.ndarray, y: np.ndarray, *, init: Optional[dict[str, float]] = None,
+                  fit_d: bool = True) -> Fit:
   """Least-squares fit of log E = log(a (x + d)^-b + c) with a > 0, b in (0, 10], 0 <= c < min(E), d >= 0.
 
+  fit_d=False fixes d = 0 (E = a x^-b + c), for frontiers with too few points to identify four constants.
   Starts from `init` only when given (bootstrap refits), else from a grid of 12 starts.
   """
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
@@ -65,20 +69,22 @@ def fit_power_law(x: np.ndarray, y: np.ndarray, *, init: Optional[dict[str, floa
   c_max = float(y.min()) * (1 - 1e-9)
 
   def residuals(theta: np.ndarray) -> np.ndarray:
-    log_a, b, c, d = theta
+    log_a, b, c = theta[:3]
+    d = theta[3] if fit_d else 0.0
     return np.log(np.exp(log_a) * np.power(u + d, -b) + c) - log_y
 
-  lower = [-50.0, 1e-4, 0.0, 0.0]
-  upper = [50.0, 10.0, c_max, 1e3 * float(u.max())]
+  n = 4 if fit_d else 3  # theta = (log a, b, c[, d]) in rescaled units.
+  lower, upper = [-50.0, 1e-4, 0.0, 0.0][:n], [50.0, 10.0, c_max, 1e3 * float(u.max())][:n]
   starts = []
   if init is not None:
-    starts.append([np.log(init['a'] * scale ** -init['b']), init['b'], min(init['c'], 0.9 * c_max), init['d'] / scale])
+    starts.append([np.log(init['a'] * scale ** -init['b']), init['b'], min(init['c'], 0.9 * c_max),
+                   init['d'] / scale][:n])
   for b0 in (0.1, 0.3, 0.7, 1.5) if init is None else ():
     for c_frac in (0.0, 0.5, 0.9):
       c0 = c_frac * c_max
       # a chosen so the law passes through the geometric-mean point at d = 0.
       a0 = max(float(np.exp(np.mean(np.log(np.maximum(y - c0, 1e-12))))), 1e-12)
-      starts.append([np.log(a0), b0, c0, 0.0])
+      starts.append([np.log(a0), b0, c0, 0.0][:n])
   best = None
   for theta0 in starts:
     theta0 = np.clip(theta0, lower, np.nextafter(np.asarray(upper), -np.inf))
@@ -91,13 +97,14 @@ def fit_power_law(x: np.ndarray, y: np.ndarray, *, init: Optional[dict[str, floa
       best = result
   if best is None:
     raise RuntimeError('The power-law fit failed from every start.')
-  log_a, b, c, d = best.x
+  log_a, b, c = best.x[:3]
+  d = best.x[3] if fit_d else 0.0
   return Fit(a=float(np.exp(log_a) * scale ** b), b=float(b), c=float(c), d=float(d * scale), x=x, y=y,
              rmse_log=float(np.sqrt(np.mean(best.fun ** 2))))
 
 
-def bootstrap(x: np.ndarray, y: np.ndarray, fit: Fit, *, samples: int, seed: int = 0,
-              level: float = 0.95) -> tuple[dict[str, tuple[float, float]], list[dict[str, float]]]:
+def bootstrap(x: np.ndarray, y: np.ndarray, fit: Fit, *, samples: int, seed: int = 0, level: float = 0.95,
+              fit_d: bool = True) -> tuple[dict[str, tuple[float, float]], list[dict[str, float]]]:
   """Percentile intervals of the constants from refits to (x, y) pairs resampled with replacement.
 
   Returns ({name: (low, high)}, the per-resample constants). Resamples with fewer than 3 distinct x are redrawn.
@@ -112,7 +119,7 @@ def bootstrap(x: np.ndarray, y: np.ndarray, fit: Fit, *, samples: int, seed: int
     if len(np.unique(x[idx])) < 3:
       continue
     try:
-      draws.append(fit_power_law(x[idx], y[idx], init=fit.params()).params())
+      draws.append(fit_power_law(x[idx], y[idx], init=fit.params(), fit_d=fit_d).params())
     except (ValueError, RuntimeError):
       continue
   if not draws:
@@ -140,10 +147,11 @@ def extrapolation_check(x: np.ndarray, y: np.ndarray, *, holdout_fraction: float
   front_kept = kept[pareto_frontier(x[kept], y[kept])]
   result: dict = {'holdout_fraction': holdout_fraction, 'x_cut': cut, 'n_fit_runs': int(len(kept)),
                   'n_held_out_runs': int(len(held))}
-  if len(np.unique(x[front_kept])) < 3:
-    result['skipped'] = (f'only {len(np.unique(x[front_kept]))} frontier points below the cut; need at least 3.')
+  distinct = len(np.unique(x[front_kept]))
+  if distinct < MIN_POINTS:
+    result['skipped'] = f'only {distinct} frontier points below the cut; need at least {MIN_POINTS}.'
     return result
-  fit = fit_power_law(x[front_kept], y[front_kept])
+  fit = fit_power_law(x[front_kept], y[front_kept], fit_d=distinct >= MIN_POINTS_FOR_D)
   frontier_all = pareto_frontier(x, y)
   targets = [i for i in frontier_all if i in set(held.tolist())]
   if not targets:  # No held-out run improves on the best kept one: check the best held-out run instead.

@@ -71,7 +71,7 @@ def plot_axis(path: str, rows: list[dict[str, Any]], x_key: str, metric: str, fi
   ax.set_ylabel(metric)
   ax.set_title(f'{metric} vs {_AXIS_LABELS.get(x_key, x_key)}')
   ax.grid(True, which='both', alpha=0.3)
-  ax.legend(fontsize=7, loc='upper right')
+  ax.legend(fontsize=7, loc='lower left', framealpha=0.8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
