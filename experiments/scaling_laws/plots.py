@@ -58,7 +58,8 @@ def plot_axis(path: str, rows: list[dict[str, Any]], x_key: str, metric: str, fi
     band = _band(grid, draws)
     if band is not None:
       ax.fill_between(grid, band[0], band[1], color='r', alpha=0.15, label='95% bootstrap band')
-    ax.axhline(fit['c'], color='r', ls=':', lw=1, label=f'c = {fit["c"]:.4f} (irreducible)')
+    if fit['c'] > 0.05 * y.min():  # A c far below every error is not worth stretching the axis for.
+      ax.axhline(fit['c'], color='r', ls=':', lw=1, label=f'c = {fit["c"]:.4f} (irreducible)')
   if extrapolation is not None and 'fit' in extrapolation:
     grid = _grid(x)
     e = extrapolation['fit']
@@ -67,6 +68,7 @@ def plot_axis(path: str, rows: list[dict[str, Any]], x_key: str, metric: str, fi
     ax.axvline(extrapolation['x_cut'], color='tab:orange', ls=':', lw=1)
   ax.set_xscale('log')
   ax.set_yscale('log')
+  ax.set_ylim(y.min() / 4, y.max() * 1.5)  # Keep the data in view when a band or extrapolation runs far below.
   ax.set_xlabel(_AXIS_LABELS.get(x_key, x_key))
   ax.set_ylabel(metric)
   ax.set_title(f'{metric} vs {_AXIS_LABELS.get(x_key, x_key)}')
@@ -79,7 +81,8 @@ def plot_axis(path: str, rows: list[dict[str, Any]], x_key: str, metric: str, fi
 
 def plot_isoflop(path: str, rows: list[dict[str, Any]], metric: str, levels: int = 5) -> list[dict[str, Any]]:
   """Error vs parameters at fixed compute: each model's error-vs-compute curve (its training lengths, whole train
-  split) is interpolated linearly in log-log space at `levels` compute values. Returns the plotted points."""
+  split) is interpolated linearly in log-log space at up to `levels` compute values, chosen among those that at
+  least two models reach. Returns the plotted points."""
   biggest = max(r['train_examples'] for r in rows)
   by_model: dict[float, list[tuple[float, float]]] = {}
   for r in rows:
@@ -91,8 +94,12 @@ def plot_isoflop(path: str, rows: list[dict[str, Any]], metric: str, levels: int
   if curves:
     lo = min(v[0][0] for v in curves.values())
     hi = max(v[-1][0] for v in curves.values())
+    candidates = [c for c in np.logspace(np.log10(lo), np.log10(hi), 8 * levels)
+                  if sum(v[0][0] <= c <= v[-1][0] for v in curves.values()) >= 2]
+    if len(candidates) > levels:
+      candidates = [candidates[int(i)] for i in np.linspace(0, len(candidates) - 1, levels).round()]
     cmap = plt.get_cmap('plasma')
-    for i, c in enumerate(np.logspace(np.log10(lo), np.log10(hi), levels)):
+    for i, c in enumerate(candidates):
       xs, ys = [], []
       for n, v in sorted(curves.items()):
         f, e = np.log([p[0] for p in v]), np.log([p[1] for p in v])
@@ -100,7 +107,7 @@ def plot_isoflop(path: str, rows: list[dict[str, Any]], metric: str, levels: int
           xs.append(n)
           ys.append(float(np.exp(np.interp(np.log(c), f, e))))
       if len(xs) >= 2:
-        color = cmap(i / max(levels - 1, 1))
+        color = cmap(i / max(len(candidates) - 1, 1))
         ax.plot(xs, ys, 'o-', color=color, label=f'{c:.2g} FLOPs')
         best = int(np.argmin(ys))
         ax.scatter([xs[best]], [ys[best]], marker='*', s=200, color=color, edgecolors='k', zorder=3)
