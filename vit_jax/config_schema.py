@@ -66,7 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'adamw'        # 'adamw' | 'sgd'
   c.optimizer.lr = 1e-3             # Peak learning rate.
-  c.optimizer.schedule = 'cosine'   # 'cosine' | 'linear' | 'constant' (after warmup).
+  c.optimizer.schedule = 'cosine'   # 'cosine' | 'linear' | 'constant' | 'rsqrt' (after warmup).
+  # 'constant' and 'rsqrt' only: linear cooldown to 0 over the last cooldown_steps (Zhai et al. 2021); 0: none.
+  c.optimizer.cooldown_steps = 0
+  c.optimizer.rsqrt_timescale = 10_000  # 'rsqrt': lr * sqrt(timescale / (step - warmup + timescale)).
   c.optimizer.warmup_steps = 100
   c.optimizer.end_lr_factor = 0.0   # Final lr = lr * end_lr_factor.
   c.optimizer.weight_decay = 0.0    # Decoupled; never applied to biases, norms, position embeddings, cls tokens.

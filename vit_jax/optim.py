@@ -4,15 +4,46 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
-_SCHEDULES = ('cosine', 'linear', 'constant')
+_SCHEDULES = ('cosine', 'linear', 'constant', 'rsqrt')
+_COOLDOWN_SCHEDULES = ('constant', 'rsqrt')  # Schedules that take optimizer.cooldown_steps.
 _OPTIMIZERS = ('adamw', 'sgd')
 
 
+def warmup_rsqrt_cooldown_schedule(lr: float, *, total_steps: int, warmup_steps: int, cooldown_steps: int,
+                                   rsqrt_timescale: int | None) -> optax.Schedule:
+  """Zhai et al. 2021 ("Scaling Vision Transformers"), as big_vision: warmup, constant or rsqrt, linear cooldown.
+
+  lr(t) = lr * min(1, t / warmup) * r(t) * min(1, (total_steps - t) / cooldown_steps), where r = 1 for a constant
+  schedule (rsqrt_timescale None) and r(t) = sqrt(timescale / (t - warmup + timescale)) after warmup for rsqrt.
+  Before its cooldown starts the lr does not depend on total_steps, so a checkpoint taken at step T - c of any longer
+  run is a valid start for a cooldown to length T: one run yields several training lengths.
+  """
+  if not 0 <= cooldown_steps <= total_steps:
+    raise ValueError(f'optimizer.cooldown_steps={cooldown_steps} must lie in [0, total_steps={total_steps}].')
+  if rsqrt_timescale is not None and rsqrt_timescale <= 0:
+    raise ValueError(f'optimizer.rsqrt_timescale={rsqrt_timescale} must be positive.')
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    factor = jnp.ones_like(step)
+    if rsqrt_timescale is not None:
+      shifted = jnp.maximum(step - warmup_steps, 0.0) + rsqrt_timescale
+      factor = factor * jnp.sqrt(rsqrt_timescale / shifted)
+    if warmup_steps:
+      factor = factor * jnp.minimum(1.0, step / warmup_steps)
+    if cooldown_steps:
+      factor = factor * jnp.clip((total_steps - step) / cooldown_steps, 0.0, 1.0)
+    return lr * factor
+  return schedule
+
+
 def create_learning_rate_schedule(opt_config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `lr`, then cosine, linear or constant to `lr * end_lr_factor` at `total_steps`."""
+  """Linear warmup from 0 to `lr`, then cosine or linear to `lr * end_lr_factor` at `total_steps`, or constant /
+  rsqrt with an optional linear cooldown to 0 over the last `cooldown_steps` (`warmup_rsqrt_cooldown_schedule`)."""
   lr, warmup = opt_config.lr, opt_config.warmup_steps
   end_lr = lr * opt_config.end_lr_factor
   if opt_config.schedule not in _SCHEDULES:
@@ -20,13 +51,19 @@ def create_learning_rate_schedule(opt_config: ml_collections.ConfigDict, total_s
   if not 0 <= warmup <= total_steps:
     raise ValueError(f'optimizer.warmup_steps={warmup} must lie in [0, total_steps={total_steps}]; '
                      'lower the warmup or raise total_steps.')
+  if opt_config.schedule in _COOLDOWN_SCHEDULES:
+    timescale = opt_config.rsqrt_timescale if opt_config.schedule == 'rsqrt' else None
+    return warmup_rsqrt_cooldown_schedule(lr, total_steps=total_steps, warmup_steps=warmup,
+                                          cooldown_steps=opt_config.cooldown_steps, rsqrt_timescale=timescale)
+  if opt_config.cooldown_steps:
+    raise ValueError(f'optimizer.cooldown_steps={opt_config.cooldown_steps} needs optimizer.schedule in '
+                     f'{_COOLDOWN_SCHEDULES}, not {opt_config.schedule!r}; set cooldown_steps=0 or change the '
+                     'schedule.')
   decay_steps = max(total_steps - warmup, 1)
   if opt_config.schedule == 'cosine':
     decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=opt_config.end_lr_factor)
-  elif opt_config.schedule == 'linear':
-    decay = optax.linear_schedule(lr, end_lr, decay_steps)
   else:
-    decay = optax.constant_schedule(lr)
+    decay = optax.linear_schedule(lr, end_lr, decay_steps)
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])

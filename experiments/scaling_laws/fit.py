@@ -1,0 +1,183 @@
+"""Fits scaling laws to a study's ledger and writes plots, report.md and fits.json.
+
+  python -m experiments.scaling_laws.fit --ledger=DIR/ledger.csv --out=DIR/report [--metric=eval_error]
+
+For each axis x in (training FLOPs, parameters, examples seen) it takes the Pareto frontier of (x, error) and fits
+E = a * (x + d)^(-b) + c (laws.py), with percentile intervals from refits to bootstrap resamples of the frontier.
+The extrapolation check refits the compute law without the highest-compute runs and reports how well it predicts
+their frontier. Output files in --out are rewritten on every call; nothing else there is touched.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Any
+
+from absl import app, flags
+import numpy as np
+
+from experiments.scaling_laws import laws, plots
+
+AXES = {'compute': 'train_flops', 'params': 'num_params', 'examples_seen': 'examples_seen'}
+AXIS_UNITS = {'compute': 'C (FLOPs)', 'params': 'N (parameters)', 'examples_seen': 'D (examples seen)'}
+
+
+def read_ledger(path: str) -> list[dict[str, Any]]:
+  """Rows of a ledger CSV (ledger.py) with numeric fields as floats; the run names stay strings."""
+  def convert(key: str, value: str) -> Any:
+    if key in ('run', 'trunk'):
+      return value
+    try:
+      return float(value)
+    except ValueError:
+      return value
+  with open(path, newline='') as f:
+    return [{k: convert(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def fit_axis(rows: list[dict[str, Any]], x_key: str, metric: str, *, samples: int,
+             seed: int) -> tuple[dict[str, Any], list[dict[str, float]]]:
+  """The fit of one axis's frontier with 95% intervals (or the reason it was skipped), and the bootstrap draws."""
+  x = np.array([r[x_key] for r in rows], np.float64)
+  y = np.array([r[metric] for r in rows], np.float64)
+  front = laws.pareto_frontier(x, y)
+  out: dict[str, Any] = {'x': x_key, 'n_runs': len(rows), 'n_frontier': int(len(front)),
+                         'frontier_runs': [rows[i]['run'] for i in front],
+                         'frontier_x': x[front].tolist(), 'frontier_y': y[front].tolist()}
+  distinct = len(np.unique(x[front]))
+  if distinct < laws.MIN_POINTS:
+    out['skipped'] = f'{distinct} distinct frontier points; a fit needs at least {laws.MIN_POINTS}.'
+    return out, []
+  fit_d = distinct >= laws.MIN_POINTS_FOR_D
+  fit = laws.fit_power_law(x[front], y[front], fit_d=fit_d)
+  intervals, draws = laws.bootstrap(x[front], y[front], fit, samples=samples, seed=seed, fit_d=fit_d)
+  out.update(fit.params(), ci95={k: list(v) for k, v in intervals.items()}, rmse_log=fit.rmse_log,
+             bootstrap_samples=len(draws), d_fitted=fit_d)
+  if not fit_d:
+    out['warning'] = (f'only {distinct} frontier points, so d is fixed at 0 (E = a x^-b + c) and the intervals are '
+                      f'rough; {laws.MIN_POINTS_FOR_D} or more points fit all four constants. Add grid points along '
+                      'this axis.')
+  return out, draws
+
+
+def analyse(rows: list[dict[str, Any]], metric: str, *, samples: int = 200, holdout_fraction: float = 0.2,
+            seed: int = 0) -> tuple[dict[str, Any], dict[str, list[dict[str, float]]]]:
+  """All fits and the extrapolation check of `metric` over the ledger rows (those with a positive, finite metric)."""
+  if not rows:
+    raise ValueError('The ledger has no rows; run the sweep first.')
+  if metric not in rows[0]:
+    raise ValueError(f'The ledger has no column {metric!r}; its columns are {sorted(rows[0])}.')
+  usable = [r for r in rows if isinstance(r[metric], float) and math.isfinite(r[metric]) and r[metric] > 0]
+  dropped = sorted(r['run'] for r in rows if r not in usable)
+  results: dict[str, Any] = {'metric': metric, 'n_runs': len(usable), 'dropped_runs': dropped,
+                             'law': 'E = a * (x + d)^(-b) + c', 'fits': {}}
+  draws: dict[str, list[dict[str, float]]] = {}
+  for axis, key in AXES.items():
+    results['fits'][axis], draws[axis] = fit_axis(usable, key, metric, samples=samples, seed=seed)
+  x = np.array([r['train_flops'] for r in usable], np.float64)
+  y = np.array([r[metric] for r in usable], np.float64)
+  results['extrapolation'] = laws.extrapolation_check(x, y, holdout_fraction=holdout_fraction)
+  return results, draws
+
+
+def _fmt(v: float) -> str:
+  return f'{v:.4g}'
+
+
+def report_markdown(results: dict[str, Any], ledger_path: str) -> str:
+  """report.md: the fitted constants with their intervals, the extrapolation check, and the plots."""
+  metric = results['metric']
+  lines = [f'# Scaling-law report: {metric}', '',
+           f'Ledger: `{ledger_path}` ({results["n_runs"]} runs'
+           + (f'; dropped without a positive {metric}: {", ".join(results["dropped_runs"])}' if results['dropped_runs']
+              else '') + ').', '',
+           f'Law: {metric} = a * (x + d)^(-b) + c (Zhai et al. 2021), fitted on the Pareto frontier of each axis '
+           '(least squares on log error). Intervals: 95% percentile bootstrap over the frontier points.', '',
+           '| x | frontier points | a | b | c | d | RMS log residual |', '|---|---|---|---|---|---|---|']
+  for axis, fit in results['fits'].items():
+    if 'a' not in fit:
+      lines.append(f'| {AXIS_UNITS[axis]} | {fit["n_frontier"]} | skipped: {fit["skipped"]} | | | | |')
+      continue
+    cells = [f'{_fmt(fit[k])} [{_fmt(fit["ci95"][k][0])}, {_fmt(fit["ci95"][k][1])}]' for k in laws.PARAM_NAMES]
+    lines.append(f'| {AXIS_UNITS[axis]} | {fit["n_frontier"]} | ' + ' | '.join(cells) + f' | {fit["rmse_log"]:.3f} |')
+  lines.append('')
+  for axis, fit in results['fits'].items():
+    if 'warning' in fit:
+      lines.append(f'- {axis}: {fit["warning"]}')
+  c = results['fits']['compute']
+  if 'a' in c:
+    lines += ['', f'Compute law: **{metric} = {_fmt(c["a"])} · (C + {_fmt(c["d"])})^(-{c["b"]:.3f}) + {c["c"]:.4f}**'
+              f', b in [{c["ci95"]["b"][0]:.3f}, {c["ci95"]["b"][1]:.3f}], c in [{c["ci95"]["c"][0]:.4f}, '
+              f'{c["ci95"]["c"][1]:.4f}].']
+  e = results['extrapolation']
+  lines += ['', '## Extrapolation check', '',
+            f'Held out the {e["n_held_out_runs"]} highest-compute runs (C >= {_fmt(e["x_cut"])} FLOPs); fitted the '
+            f'frontier of the other {e["n_fit_runs"]}.', '']
+  if 'skipped' in e:
+    lines.append(f'Skipped: {e["skipped"]}')
+  else:
+    f = e['fit']
+    lines += [f'Fit without them: a={_fmt(f["a"])}, b={f["b"]:.3f}, c={f["c"]:.4f}, d={_fmt(f["d"])}.', '',
+              '| C (FLOPs) | actual | predicted | abs error | rel error |', '|---|---|---|---|---|']
+    lines += [f'| {_fmt(p["x"])} | {p["actual"]:.4f} | {p["predicted"]:.4f} | {p["abs_error"]:.4f} | '
+              f'{100 * p["rel_error"]:.1f}% |' for p in e['points']]
+    lines += ['', f'Mean absolute prediction error {e["mean_abs_error"]:.4f} '
+              f'({100 * e["mean_rel_error"]:.1f}% relative).']
+  lines += ['', '## Plots', '',
+            '![error vs compute](error_vs_compute.png)', '', '![error vs parameters](error_vs_params.png)', '',
+            '![error vs examples seen](error_vs_examples.png)', '', '![iso-FLOP curves](isoflop.png)', '',
+            '![residuals](residuals.png)', '']
+  return '\n'.join(lines)
+
+
+def write_report(rows: list[dict[str, Any]], ledger_path: str, out: str, *, metric: str, samples: int,
+                 holdout_fraction: float, seed: int) -> dict[str, Any]:
+  """Runs `analyse` and writes the plots, report.md and fits.json into `out`; returns the results."""
+  results, draws = analyse(rows, metric, samples=samples, holdout_fraction=holdout_fraction, seed=seed)
+  os.makedirs(out, exist_ok=True)
+  usable = [r for r in rows if r['run'] not in set(results['dropped_runs'])]
+  fits = results['fits']
+  plots.plot_axis(os.path.join(out, 'error_vs_compute.png'), usable, 'train_flops', metric, fits['compute'],
+                  draws['compute'], color_key='num_params', color_label='parameters',
+                  extrapolation=results['extrapolation'])
+  plots.plot_axis(os.path.join(out, 'error_vs_params.png'), usable, 'num_params', metric, fits['params'],
+                  draws['params'], color_key='examples_seen', color_label='examples seen')
+  plots.plot_axis(os.path.join(out, 'error_vs_examples.png'), usable, 'examples_seen', metric,
+                  fits['examples_seen'], draws['examples_seen'], color_key='num_params', color_label='parameters')
+  results['isoflop'] = plots.plot_isoflop(os.path.join(out, 'isoflop.png'), usable, metric)
+  plots.plot_residuals(os.path.join(out, 'residuals.png'), fits, results['extrapolation'])
+  with open(os.path.join(out, 'report.md'), 'w') as f:
+    f.write(report_markdown(results, ledger_path))
+  with open(os.path.join(out, 'fits.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  return results
+
+
+_LEDGER = flags.DEFINE_string('ledger', None, 'The study ledger (DIR/ledger.csv).')
+_OUT = flags.DEFINE_string('out', None, 'Report directory (plots, report.md, fits.json).')
+_METRIC = flags.DEFINE_string('metric', 'eval_error', 'Ledger column to fit, e.g. fewshot_10shot_error.')
+_BOOTSTRAP = flags.DEFINE_integer('bootstrap', 200, 'Bootstrap resamples per fit.')
+_HOLDOUT = flags.DEFINE_float('holdout_fraction', 0.2, 'Fraction of runs (highest compute) the extrapolation '
+                              'check holds out.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Bootstrap seed.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not os.path.exists(_LEDGER.value):
+    raise app.UsageError(f'--ledger={_LEDGER.value} does not exist; run experiments.scaling_laws.sweep first.')
+  results = write_report(read_ledger(_LEDGER.value), _LEDGER.value, _OUT.value, metric=_METRIC.value,
+                         samples=_BOOTSTRAP.value, holdout_fraction=_HOLDOUT.value, seed=_SEED.value)
+  c = results['fits']['compute']
+  if 'a' in c:
+    print(f'{_METRIC.value} = {c["a"]:.4g} * (C + {c["d"]:.4g})^(-{c["b"]:.4f}) + {c["c"]:.4f}  '
+          f'(95% CI: b {c["ci95"]["b"]}, c {c["ci95"]["c"]})')
+  print(f'Report: {os.path.join(_OUT.value, "report.md")}')
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['ledger', 'out'])
+  app.run(main)

@@ -1,0 +1,147 @@
+"""Executes a study's runs: skip finished ones, resume unfinished ones, seed branches from trunk checkpoints.
+
+Used by the sweep CLI (sweep.py); see study.py for how runs, trunks and branches are laid out.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import time
+from typing import Any, Optional
+
+import jax
+import ml_collections
+from absl import logging
+from etils import epath
+
+from vit_jax import checkpoint, train
+
+from experiments.scaling_laws import ledger, study as study_lib
+
+
+def run_dir_of(root: epath.Path, run: study_lib.Run) -> epath.Path:
+  return root / study_lib.RUNS_DIRNAME / run.name
+
+
+def _check_identity(run_dir: epath.Path, run: study_lib.Run) -> None:
+  """Refuses (before anything is written) a run workdir that holds a different config."""
+  config_file = run_dir / checkpoint.CONFIG_FILENAME
+  if config_file.exists():
+    diffs = checkpoint.config_differences(json.loads(config_file.read_text()),
+                                          json.loads(run.config.to_json_best_effort()))
+    if diffs:
+      raise checkpoint.WorkdirConflictError(
+          f'Run {run.name}: {run_dir} holds a run with a different config:\n  ' + '\n  '.join(diffs) +
+          '\nNothing was changed. Use a new --workdir for a changed study, or restore the original study config.')
+
+
+def finished_metrics(run_dir: epath.Path, total_steps: int) -> Optional[dict[str, Any]]:
+  """final_metrics.json of a run that reached `total_steps`, else None."""
+  path = run_dir / train.FINAL_METRICS_FILENAME
+  if not path.exists():
+    return None
+  final = json.loads(path.read_text())
+  return final if final.get('step') == total_steps else None
+
+
+def seed_branch(root: epath.Path, run: study_lib.Run) -> None:
+  """Gives a branch run the trunk's checkpoint at its branch step, unless it already has checkpoints of its own."""
+  run_dir = run_dir_of(root, run)
+  ckpt_dir = run_dir / checkpoint.CHECKPOINT_DIRNAME
+  if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+    return  # Resume the branch's own progress.
+  source = root / study_lib.RUNS_DIRNAME / run.trunk / checkpoint.CHECKPOINT_DIRNAME / str(run.branch_step)
+  if not source.exists():
+    raise FileNotFoundError(
+        f'Branch {run.name} starts from step {run.branch_step} of run {run.trunk}, but {source} does not exist. '
+        f'Train {run.trunk} first (a local sweep does; with --emit_commands run stage 1 before stage 2).')
+  checkpoint.claim_workdir(str(run_dir), run.config)
+  tmp = run_dir / '.branch_seed_tmp'
+  if tmp.exists():
+    shutil.rmtree(tmp)  # Our own partial copy from an interrupted attempt.
+  shutil.copytree(source, tmp)
+  ckpt_dir.mkdir(parents=True, exist_ok=True)
+  os.replace(tmp, ckpt_dir / str(run.branch_step))
+  logging.info('Branch %s starts from %s.', run.name, source)
+
+
+def execute(root: epath.Path, run: study_lib.Run, study: ml_collections.ConfigDict) -> str:
+  """Trains `run` unless finished, then writes its ledger row. Returns 'skipped', 'trained' or 'row'."""
+  run_dir = run_dir_of(root, run)
+  _check_identity(run_dir, run)
+  if ledger.read_row(run_dir) is not None:
+    logging.info('Run %s is finished; skipped.', run.name)
+    return 'skipped'
+  outcome = 'row'
+  final = finished_metrics(run_dir, run.config.total_steps)
+  if final is None:
+    if run.trunk:
+      seed_branch(root, run)
+    start = time.time()
+    final = train.train_and_evaluate(run.config, str(run_dir))
+    ledger.record_wall_time(run_dir, time.time() - start, jax.device_count())
+    outcome = 'trained'
+  ledger.write_row(run_dir, ledger.make_row(run, study, root, final))
+  return outcome
+
+
+def _config_args(argv: list[str]) -> list[str]:
+  """The --config and --config.* arguments of this command line, to repeat in emitted commands."""
+  out, i = [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith('--config'):
+      if '=' in arg:
+        out.append(arg)
+      elif i + 1 < len(argv):
+        out.append(f'{arg}={argv[i + 1]}')
+        i += 1
+    i += 1
+  return out
+
+
+def emit_commands(runs: list[study_lib.Run], workdir: str, argv: list[str]) -> list[str]:
+  """One shell command per run, grouped in stages, then the ledger command."""
+  base = ['python', '-m', 'experiments.scaling_laws.sweep', *_config_args(argv), f'--workdir={workdir}']
+
+  def quote(parts: list[str]) -> str:
+    return ' '.join(shlex.quote(p) for p in parts)
+
+  lines = ['# Stage 1: trunks and independent runs (in parallel).']
+  lines += [quote(base + [f'--only={r.name}']) for r in runs if not r.trunk]
+  branches = [r for r in runs if r.trunk]
+  if branches:
+    lines.append('# Stage 2, after stage 1 has finished: cooldown branches (in parallel).')
+    lines += [quote(base + [f'--only={r.name}']) for r in branches]
+  lines.append('# Last, after all runs: the ledger.')
+  lines.append(quote(base + ['--ledger_only']))
+  return lines
+
+
+def run_study(study: ml_collections.ConfigDict, workdir: str, *, only: Optional[str] = None,
+              ledger_only: bool = False) -> tuple[str, int, int]:
+  """Trains the study's runs in order (or just `only`), then rebuilds the ledger. Returns (ledger path, rows, runs).
+
+  With `only`, the ledger is not written (concurrent cluster jobs); the final --ledger_only job writes it.
+  """
+  runs = study_lib.expand(study)
+  root = epath.Path(workdir)
+  if only is not None:
+    selected = [r for r in runs if r.name == only]
+    if not selected:
+      raise ValueError(f'--only={only} is not a run of this study; its runs are {[r.name for r in runs]}.')
+    execute(root, selected[0], study)
+    return '', 0, len(runs)
+  root.mkdir(parents=True, exist_ok=True)
+  if not ledger_only:
+    start = time.time()
+    for i, run in enumerate(runs):
+      logging.info('Run %d/%d: %s', i + 1, len(runs), run.name)
+      outcome = execute(root, run, study)
+      path, count = ledger.write_ledger(root, runs, study)
+      logging.info('Run %s: %s (%.0f s into the sweep); %s has %d rows.', run.name, outcome, time.time() - start,
+                   path, count)
+  path, count = ledger.write_ledger(root, runs, study)
+  return path, count, len(runs)

@@ -1,0 +1,269 @@
+"""Scaling-law studies: the rsqrt/constant cooldown schedule, grid expansion, few-shot probe, law fits on synthetic
+ledgers, and the sweep's branch, skip and resume behaviour on tiny runs."""
+import csv
+import json
+import pathlib
+import shutil
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+from ml_collections.config_flags import config_flags as cf_impl
+
+from experiments.scaling_laws import fewshot, fit, laws, runner, study as study_lib
+from vit_jax import checkpoint, optim, train
+from vit_jax.config_schema import base_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _opt(**kw):
+  c = base_config().optimizer
+  c.update(kw)
+  return c
+
+
+# --- Schedule.
+
+
+@pytest.mark.parametrize('schedule', ['constant', 'rsqrt'])
+def test_cooldown_schedule(schedule):
+  opt = _opt(lr=1.0, warmup_steps=10, schedule=schedule, cooldown_steps=20, rsqrt_timescale=40)
+  sched = optim.create_learning_rate_schedule(opt, 100)
+  np.testing.assert_allclose(float(sched(5)), 0.5, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(10)), 1.0, rtol=1e-6)
+  plateau = 1.0 if schedule == 'constant' else np.sqrt(40 / (50 + 40))  # Step 60: 50 steps after warmup.
+  np.testing.assert_allclose(float(sched(60)), plateau, rtol=1e-5)
+  at_90 = 1.0 if schedule == 'constant' else np.sqrt(40 / (80 + 40))
+  np.testing.assert_allclose(float(sched(90)), 0.5 * at_90, rtol=1e-5)  # Half-way through the cooldown.
+  assert float(sched(100)) == 0.0
+  # Before its cooldown the lr does not depend on the run length: the basis of branching cooldowns.
+  longer = optim.create_learning_rate_schedule(_opt(**{**opt.to_dict(), 'cooldown_steps': 40}), 200)
+  steps = np.arange(0, 81)
+  np.testing.assert_allclose([float(sched(s)) for s in steps], [float(longer(s)) for s in steps], rtol=1e-6)
+
+
+def test_cooldown_needs_a_cooldown_schedule():
+  with pytest.raises(ValueError, match='cooldown_steps'):
+    optim.create_learning_rate_schedule(_opt(schedule='cosine', cooldown_steps=10), 100)
+  with pytest.raises(ValueError, match='cooldown_steps'):
+    optim.create_learning_rate_schedule(_opt(schedule='rsqrt', cooldown_steps=200, warmup_steps=0), 100)
+
+
+# --- Study grid.
+
+
+def _tiny_study(data_dir, **overrides):
+  s = study_lib.base_study()
+  sys.path.insert(0, str(ROOT))
+  from configs import default  # pylint: disable=g-import-not-at-top
+  s.base = default.get_config()
+  s.base.dataset.data_dir = data_dir
+  s.base.batch_size = 32
+  s.base.log_every = 5
+  s.base.eval_every = 0
+  s.base.checkpoint_every = 100
+  s.base.keep_checkpoints = 1
+  s.base.optimizer.warmup_steps = 2
+  s.base.optimizer.schedule = 'constant'
+  s.shapes = (dict(hidden_size=16, num_layers=1, mlp_dim=32, num_heads=2),)
+  s.steps = (8, 16)
+  s.cooldown_fraction = 0.5
+  s.fewshot.shots = (2,)
+  s.fewshot.seeds = 2
+  s.update(overrides)
+  return s
+
+
+def test_expand_makes_trunks_and_branches():
+  s = _tiny_study(None, steps=(100, 200, 400), train_examples=(100, 0), cooldown_fraction=0.2)
+  runs = study_lib.expand(s)
+  assert [r.name for r in runs] == [
+      'w16d1m32h2_nall_s400', 'w16d1m32h2_nall_s200', 'w16d1m32h2_nall_s100',
+      'w16d1m32h2_n100_s400', 'w16d1m32h2_n100_s200', 'w16d1m32h2_n100_s100']
+  trunk, b200, b100 = runs[3:]
+  assert trunk.trunk is None and trunk.config.total_steps == 400 and trunk.config.optimizer.cooldown_steps == 80
+  assert (b200.trunk, b200.branch_step, b200.config.optimizer.cooldown_steps) == (trunk.name, 160, 40)
+  assert (b100.trunk, b100.branch_step) == (trunk.name, 80)
+  assert trunk.config.checkpoint_every == 80 and trunk.config.keep_checkpoints == 6
+  assert trunk.config.dataset.train_split == 'train[:100]' and runs[0].config.dataset.train_split == 'train'
+  assert trunk.config.model.hidden_size == 16 and s.base.total_steps != 400  # The base is not modified.
+  independent = study_lib.expand(_tiny_study(None, steps=(100, 200), branch_cooldowns=False))
+  assert all(r.trunk is None for r in independent)
+
+
+@pytest.mark.parametrize('overrides,match', [
+    (dict(steps=()), 'study.steps'),
+    (dict(cooldown_fraction=1.5), 'cooldown_fraction'),
+    (dict(shapes=(dict(),)), 'study.shapes'),
+    (dict(train_examples=(-1,)), 'train_examples'),
+])
+def test_study_errors_name_the_field(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    study_lib.expand(_tiny_study(None, **overrides))
+
+
+def test_study_rejects_cosine_branches_and_unknown_keys():
+  s = _tiny_study(None)
+  s.base.optimizer.schedule = 'cosine'
+  with pytest.raises(ValueError, match='branch_cooldowns'):
+    study_lib.expand(s)
+  s = _tiny_study(None)
+  s.stpes = (1,)
+  with pytest.raises(ValueError, match='stpes'):
+    study_lib.expand(s)
+
+
+def test_default_digits_study_expands():
+  path = ROOT / 'experiments' / 'scaling_laws' / 'configs' / 'digits.py'
+  s = cf_impl._ConfigFileParser(name='config').parse(str(path))  # pylint: disable=protected-access
+  runs = study_lib.expand(s)
+  assert len(runs) == len(s.shapes) * len(s.steps) * len(s.train_examples)
+  assert sum(r.trunk is None for r in runs) == len(s.shapes) * len(s.train_examples)
+
+
+def test_emit_commands_stages():
+  runs = study_lib.expand(_tiny_study(None))
+  lines = runner.emit_commands(runs, '/w d', ['--config=c.py', '--config.base.seed', '3'])
+  commands = [l for l in lines if not l.startswith('#')]
+  assert len(commands) == len(runs) + 1
+  assert commands[0] == ("python -m experiments.scaling_laws.sweep --config=c.py --config.base.seed=3 "
+                         "'--workdir=/w d' --only=w16d1m32h2_nall_s16")
+  assert lines.index('# Stage 2, after stage 1 has finished: cooldown branches (in parallel).') == 2
+  assert commands[-1].endswith('--ledger_only')
+
+
+# --- Few-shot probe.
+
+
+def test_ridge_probe():
+  rng = np.random.default_rng(0)
+  centers = rng.normal(size=(4, 16)) * 5
+  labels = np.repeat(np.arange(4), 30)
+  x = centers[labels] + rng.normal(size=(120, 16))
+  assert fewshot.ridge_probe_error(x[::3], labels[::3], x, labels, num_classes=4, l2_reg=1.0) == 0.0
+  # Fewer points than dimensions takes the dual form; it must agree with the primal solution.
+  few = np.concatenate([np.flatnonzero(labels == c)[:2] for c in range(4)])
+  errors = fewshot.fewshot_errors(x, labels, x, labels, num_classes=4, shots=(2, 5), l2_reg=2.0 ** 10, seeds=2)
+  assert set(errors) == {2, 5} and errors[5] < 0.05
+  noise = rng.normal(size=(120, 16))
+  assert fewshot.ridge_probe_error(noise[few], labels[few], noise, labels, num_classes=4, l2_reg=1.0) > 0.4
+  with pytest.raises(ValueError, match='shots'):
+    fewshot.fewshot_errors(x, labels, x, labels, num_classes=4, shots=(31,), l2_reg=1.0, seeds=1)
+
+
+# --- Fits.
+
+
+def test_pareto_frontier():
+  x = np.array([1, 2, 2, 3, 4, 5])
+  y = np.array([0.5, 0.6, 0.4, 0.45, 0.3, 0.3])
+  assert laws.pareto_frontier(x, y).tolist() == [0, 2, 4]
+
+
+TRUE_LAW = dict(a=50.0, b=0.25, c=0.03, d=2e8)
+
+
+def _synthetic_ledger(path, seed=0, n=40, noise=0.02):
+  """Runs on the known law E = a (C + d)^-b + c with 2% log-normal noise, plus as many dominated runs."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for i in range(n):
+    c = float(np.exp(rng.uniform(np.log(1e9), np.log(1e13))))
+    e = float(laws.power_law(c, **TRUE_LAW) * np.exp(rng.normal(0, noise)))
+    rows.append(dict(run=f'on_law_{i}', trunk='', train_flops=c, num_params=round(c ** 0.5), examples_seen=c / 1e5,
+                     train_examples=1000, eval_error=e))
+    worse = c * np.exp(rng.uniform(0, 1))
+    rows.append(dict(run=f'dominated_{i}', trunk='', train_flops=worse, num_params=round(c ** 0.5),
+                     examples_seen=worse / 1e5, train_examples=500, eval_error=e * np.exp(abs(rng.normal(0.1, 0.2)))))
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def test_fit_recovers_known_law(tmp_path):
+  """Tolerances: b within 15%, c within 0.01 absolute (of 0.03), a within 50% (a carries b's error as C^db at
+  C ~ 1e11), and the fitted curve within 5% of the true law over the sampled compute range."""
+  ledger_path = tmp_path / 'ledger.csv'
+  _synthetic_ledger(ledger_path)
+  out = tmp_path / 'report'
+  fit.write_report(fit.read_ledger(str(ledger_path)), str(ledger_path), str(out), metric='eval_error', samples=20,
+                   holdout_fraction=0.2, seed=0)
+  fits = json.loads((out / 'fits.json').read_text())
+  law = fits['fits']['compute']
+  assert abs(law['b'] / TRUE_LAW['b'] - 1) < 0.15, law
+  assert abs(law['c'] - TRUE_LAW['c']) < 0.01, law
+  assert abs(law['a'] / TRUE_LAW['a'] - 1) < 0.5, law
+  grid = np.logspace(9, 13, 50)
+  fitted = laws.power_law(grid, *(law[k] for k in laws.PARAM_NAMES))
+  np.testing.assert_allclose(fitted, laws.power_law(grid, **TRUE_LAW), rtol=0.05)
+  for k in laws.PARAM_NAMES:
+    low, high = law['ci95'][k]
+    assert low <= law[k] <= high and low < high, (k, law['ci95'][k])
+  extrapolation = fits['extrapolation']
+  assert extrapolation['n_held_out_runs'] == 16 and extrapolation['mean_rel_error'] < 0.1
+  assert {'params', 'examples_seen'} <= set(fits['fits'])
+  report = (out / 'report.md').read_text()
+  for name in ('error_vs_compute.png', 'error_vs_params.png', 'error_vs_examples.png', 'isoflop.png',
+               'residuals.png'):
+    assert (out / name).stat().st_size > 10_000, name
+    assert f']({name})' in report
+  assert f'{law["b"]:.3f}' in report
+
+
+def test_fit_names_a_missing_metric(tmp_path):
+  ledger_path = tmp_path / 'ledger.csv'
+  _synthetic_ledger(ledger_path, n=5)
+  with pytest.raises(ValueError, match='fewshot_10shot_error'):
+    fit.analyse(fit.read_ledger(str(ledger_path)), 'fewshot_10shot_error')
+
+
+# --- Sweep: branches, skip and resume (tiny real runs).
+
+
+@pytest.mark.slow
+def test_sweep_branches_skips_and_resumes(digits_data_dir, tmp_path, monkeypatch):
+  s = _tiny_study(digits_data_dir)
+  root = tmp_path / 'study'
+  path, count, total = runner.run_study(s, str(root))
+  assert (count, total) == (2, 2)
+  runs_dir = root / 'runs'
+  trunk, branch = runs_dir / 'w16d1m32h2_nall_s16', runs_dir / 'w16d1m32h2_nall_s8'
+  # The trunk (16 steps, cooldown 8) kept the step-4 checkpoint; the 8-step branch started there and cooled down.
+  assert json.loads((branch / 'final_metrics.json').read_text())['resumed_from_step'] == 4
+  assert 8 in [int(p.name) for p in (branch / 'checkpoints').iterdir() if p.name.isdigit()]
+  with open(path, newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert [r['run'] for r in rows] == ['w16d1m32h2_nall_s16', 'w16d1m32h2_nall_s8']
+  for r in rows:
+    assert 0.0 <= float(r['eval_error']) <= 1.0 and 0.0 <= float(r['fewshot_2shot_error']) <= 1.0
+    assert float(r['train_flops']) == float(r['macs_per_image']) * 6 * int(r['steps']) * 32
+    assert float(r['wall_seconds']) > 0 and int(r['num_params']) > 0
+  assert rows[1]['trunk'] == rows[0]['run'] and float(rows[1]['run_flops']) == float(rows[1]['train_flops']) / 2
+
+  # Finished runs are skipped: training must not be called.
+  def no_training(*args, **kwargs):
+    raise AssertionError('a finished run was trained again')
+  monkeypatch.setattr(train, 'train_and_evaluate', no_training)
+  before = (trunk / 'ledger_row.json').read_text()
+  assert runner.run_study(s, str(root))[1:] == (2, 2)
+  assert (trunk / 'ledger_row.json').read_text() == before
+  monkeypatch.undo()
+
+  # An interrupted trunk resumes from its latest checkpoint; its finished branch is left alone.
+  shutil.rmtree(trunk / 'checkpoints' / '16')
+  (trunk / 'final_metrics.json').unlink()
+  (trunk / 'ledger_row.json').unlink()
+  branch_row = (branch / 'ledger_row.json').read_text()
+  runner.run_study(s, str(root))
+  assert json.loads((trunk / 'final_metrics.json').read_text())['resumed_from_step'] == 12
+  assert (branch / 'ledger_row.json').read_text() == branch_row
+  assert json.loads((trunk / 'sweep_timing.json').read_text())['attempts'] == 2
+
+  # A changed study is refused and nothing is written.
+  s.base.optimizer.lr = 0.5
+  with pytest.raises(checkpoint.WorkdirConflictError, match='optimizer.lr'):
+    runner.run_study(s, str(root))
+  assert (branch / 'ledger_row.json').read_text() == branch_row
