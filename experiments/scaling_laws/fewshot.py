@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -66,16 +65,9 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, num_classes:
   """(model, params) of the run `config` at checkpoint `step` of `workdir`, restored without running an init."""
   model = train.build_model(config, num_classes)
   tx, _ = optim.create_optimizer(config.optimizer, config.total_steps)
-  dummy = jnp.zeros((1, config.dataset.image_size, config.dataset.image_size, 3), jnp.float32)
-
-  def init() -> train.TrainState:
-    params = model.init({'params': jax.random.key(0)}, dummy, train=False)['params']
-    return train.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-
-  abstract = jax.eval_shape(init)
-  mesh = sharding.create_mesh(config.mesh)
-  shardings = sharding.state_sharding(mesh, abstract)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  abstract, _ = train.abstract_train_state(model, tx, image_size=config.dataset.image_size,
+                                           mesh=sharding.create_mesh(config.mesh),
+                                           rules=sharding.logical_rules(config.sharding_rules))
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   try:
     if step not in ckpt.all_steps():
