@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vit_jax import models, optim, sharding, train
+from vit_jax import config_schema, models, optim, sharding, train
 from vit_jax.models import layers
 
 # 8 heads and an MLP width divisible by 8, so tensor=8 splits whole heads.
@@ -28,9 +28,10 @@ def _opt_config(**kw):
   """SGD with momentum for the equality tests: its update is linear in the gradient, so comparing parameters
   compares the sharded gradient computation itself. (Adam divides by sqrt(v): the attention key bias, whose exact
   gradient is 0 by softmax shift invariance, would move by +-lr on rounding noise alone.)"""
-  cfg = dict(name='sgd', lr=0.1, schedule='cosine', warmup_steps=0, end_lr_factor=0.0, weight_decay=0.05,
-             grad_clip_norm=1.0, b1=0.9, b2=0.999, mu_dtype=None)
-  return ml_collections.ConfigDict({**cfg, **kw})
+  cfg = config_schema.base_config().optimizer  # Every optimizer field, so new fields get their defaults.
+  cfg.update(dict(name='sgd', lr=0.1, schedule='cosine', warmup_steps=0, end_lr_factor=0.0, weight_decay=0.05,
+                  grad_clip_norm=1.0, b1=0.9, b2=0.999, mu_dtype=None), **kw)
+  return cfg
 
 
 def _model(spec, **kw):
