@@ -28,14 +28,32 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+class _TwoProcessBatches:
+  """The global batches two processes would assemble, from one process; checkpointable like TrainIterator."""
+
+  def __init__(self, parts):
+    self._parts = parts
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batches = [next(p) for p in self._parts]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self):
+    return {f'{i}{suffix}': data for i, p in enumerate(self._parts) for suffix, data in p.get_state().items()}
+
+  def set_state(self, state):
+    for i, p in enumerate(self._parts):
+      p.set_state({k[len(str(i)):]: v for k, v in state.items() if k.startswith(str(i))})
+
+
 def _two_process_batches(real):
   """create_train_iterator for one process that yields the global batches two processes would assemble."""
   def create(dataset_config, *, global_batch_size, seed):
-    parts = [real(dataset_config, global_batch_size=global_batch_size, seed=seed, process_index=i,
-                  process_count=NUM_PROCESSES) for i in range(NUM_PROCESSES)]
-    while True:
-      batches = [next(p) for p in parts]
-      yield {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    return _TwoProcessBatches([real(dataset_config, global_batch_size=global_batch_size, seed=seed, process_index=i,
+                                    process_count=NUM_PROCESSES) for i in range(NUM_PROCESSES)])
   return create
 
 
