@@ -14,6 +14,7 @@ import math
 import re
 from typing import Any, Callable, Optional, Sequence
 
+from flax.core import meta
 import jax
 import optax
 
@@ -33,15 +34,14 @@ _STEM = re.compile(r'^(embedding|cls|dist|Transformer/posembed_input|patch_embed
 
 
 def path_name(path: Sequence[Any]) -> str:
-  """'/'-joined name of a jax key path (dict keys, attribute names or indices)."""
+  """'/'-joined dict keys of a jax key path; attribute steps (e.g. the `value` of an nn.Partitioned box carrying
+  logical axis names) are skipped, so boxed and plain trees give the same names."""
   parts = []
   for k in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      parts.append(str(k.idx))
   return '/'.join(parts)
 
 
@@ -49,15 +49,21 @@ def _is_masked(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
+def _is_leaf(x: Any) -> bool:
+  """Frozen (masked) params and boxed params (nn.Partitioned: logical axis names) count as one leaf each, so a
+  label tree is a prefix of the boxed params and optax masks whole boxes."""
+  return isinstance(x, (optax.MaskedNode, meta.AxisMetadata))
+
+
 def named_map(fn: Callable[[str, Any], Any], tree: Any) -> Any:
   """tree_map with the '/'-joined path name; optax MaskedNodes (frozen parameters) are passed through."""
   return jax.tree_util.tree_map_with_path(lambda p, x: x if _is_masked(x) else fn(path_name(p), x), tree,
-                                          is_leaf=_is_masked)
+                                          is_leaf=_is_leaf)
 
 
 def all_names(tree: Any) -> list[str]:
   """Path names of every leaf, frozen (masked) ones included, so numbering ignores what is frozen."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)[0]
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)[0]
   return [path_name(p) for p, _ in leaves]
 
 
@@ -119,7 +125,11 @@ def layer_ids(names: Sequence[str]) -> tuple[dict[str, int], int]:
 def lr_multipliers(tree: Any, rules: Rules = (), layer_decay: float = 1.0) -> Any:
   """Tree of floats: the regex multiplier times decay ** (L + 1 - layer id)."""
   compiled = check_rules(rules, 'config.optimizer.lr_multipliers')
-  ids, num_blocks = layer_ids(all_names(tree)) if layer_decay != 1.0 else ({}, 0)
+  names = all_names(tree)
+  if layer_decay != 1.0 and any('/encoderblock/' in f'/{n}' for n in names):
+    raise ValueError('config.optimizer.layer_decay needs one parameter set per block; with config.scan_layers=True '
+                     'the blocks are stacked. Set scan_layers=False (or layer_decay=1).')
+  ids, num_blocks = layer_ids(names) if layer_decay != 1.0 else ({}, 0)
   def mult(name, _):
     m = rule_value(name, compiled, 1.0)
     if layer_decay != 1.0:
