@@ -7,7 +7,8 @@
    (32 wide, 2 layers, distillation token), trained with hard and with soft distillation, and without a teacher
    (both heads on the labels), all for the same steps and seed.
 
-    python experiments/recipes_digits.py --out /tmp/issue6_study [--steps 300] [--seeds 0,1]
+    python experiments/recipes_digits.py --out /tmp/issue6_study [--steps 300] [--seeds 0,1] \
+        [--pretrained WORKDIR_OF_DEFAULT_JOB] [--only finetune,distill]
 
 Prints one JSON object per run and a summary; all workdirs are kept under --out.
 """
@@ -50,17 +51,23 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=300, help='steps of every compared run')
   parser.add_argument('--seeds', default='0', help='comma-separated seeds of the compared runs')
   parser.add_argument('--data_dir', default=None)
+  parser.add_argument('--pretrained', default=None, help='workdir of a finished default job to reuse as checkpoint '
+                      'and teacher (default: train it under --out)')
+  parser.add_argument('--only', default='finetune,distill', help='which studies to run')
   args = parser.parse_args()
   out = pathlib.Path(args.out)
   rows = []
 
   base = default.get_config()  # ViT-pico (64 wide, 4 layers), patch 4 at 16 px, 800 steps.
   base.dataset.data_dir = args.data_dir
-  teacher_dir = out / 'pretrain_16px'
+  teacher_dir = pathlib.Path(args.pretrained) if args.pretrained else out / 'pretrain_16px'
   rows.append(run(base, teacher_dir, 'pretrain_16px'))
+  studies = args.only.split(',')
 
   for seed in map(int, args.seeds.split(',')):
     for tag, init in (('scratch_24px', None), ('finetune_24px_from_16px', str(teacher_dir))):
+      if 'finetune' not in studies:
+        break
       c = short(default.get_config(), args.steps, seed)
       c.dataset.data_dir = args.data_dir
       c.dataset.image_size = 24
@@ -72,6 +79,8 @@ def main() -> None:
 
     for tag, kind in (('student_no_distill', 'none'), ('student_hard_distill', 'hard'),
                       ('student_soft_distill', 'soft')):
+      if 'distill' not in studies:
+        break
       c = short(default.get_config(), args.steps, seed)
       c.dataset.data_dir = args.data_dir
       c.model.name = 'deit_ti16_distilled'
