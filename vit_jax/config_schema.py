@@ -24,8 +24,9 @@ def base_config() -> ml_collections.ConfigDict:
   # A step whose loss or gradient norm is nan/inf: 'stop' raises an error naming the step (the last good checkpoint
   # stays); 'skip' keeps the previous params and optimizer state and counts the step (train_nonfinite_updates).
   c.on_nonfinite = 'stop'
-  # Official .npz (local or gs://) whose weights initialise a fresh run; the head is re-initialised when the class
-  # count differs and position embeddings are interpolated to the new resolution.
+  # Weights that initialise a fresh run (vit_jax/finetune.py): an official ViT .npz (local or gs://), a params.npz
+  # from `python -m vit_jax.convert` (timm), or another run's workdir (its latest checkpoint's params). The head is
+  # re-initialised when the class count differs; position embeddings are interpolated to the new resolution.
   c.init_from = ml_collections.config_dict.placeholder(str)
   # Numerics and memory (see README "Scaling out").
   c.dtype = 'float32'           # Compute dtype: 'float32' | 'bfloat16' | 'float16'. Parameters stay float32; softmax,
@@ -39,6 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Logical axis -> mesh axes rules, e.g. (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'), ...).
   # None: vit_jax.sharding.DEFAULT_RULES (FSDP on 'embed', Megatron on 'heads'/'mlp'; strategy then follows mesh.*).
   c.sharding_rules = ml_collections.config_dict.placeholder(tuple)
+  c.init_reinit_head = False              # Re-initialise the head even when its shape matches the checkpoint's.
+  c.init_posemb_interpolation = 'linear'  # 'linear' (official) | 'bilinear' | 'bicubic' (timm) | 'bicubic_torch'.
+  c.ema_decay = 0.0               # EMA of the params (e.g. 0.9999), used for eval and checkpointed; 0 disables.
+  c.label_smoothing = 0.0         # Targets (1 - s) * one_hot + s / num_classes (timm/DeiT convention).
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'vit_pico'
@@ -62,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.eval_crop_fraction = 0.875  # Resize to image_size / fraction, then centre crop; 1.0: plain resize.
   c.dataset.shuffle_buffer = 10_000
   c.dataset.cache = False             # Cache decoded train examples in memory (small datasets).
+  c.dataset.randaugment_layers = 0    # RandAugment N (ops per image; vit_jax/augment.py); 0 disables.
+  c.dataset.randaugment_magnitude = 10.0  # RandAugment M (10 = the reference's maximum level; may exceed it).
+  c.dataset.random_erasing = 0.0      # Probability of timm/DeiT random erasing (one box, 2%..1/3 of the area).
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'adamw'        # 'adamw' | 'sgd'
@@ -78,6 +86,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999            # AdamW beta2.
   c.optimizer.mu_dtype = ml_collections.config_dict.placeholder(str)  # First-moment (momentum) dtype, e.g.
                                     # 'bfloat16' to halve its memory; None: the parameters' float32.
+  # Per-parameter rules on '/'-joined param paths (vit_jax/param_groups.py), ((regex, multiplier), ...), first match
+  # wins: lr multipliers, and weight-decay multipliers (unmatched: 1 for kernels, 0 for everything else).
+  c.optimizer.lr_multipliers = ()
+  c.optimizer.wd_multipliers = ()
+  c.optimizer.layer_decay = 1.0     # Layer-wise lr decay: layer i of L blocks gets decay**(L + 1 - i); 1 disables.
+  c.optimizer.freeze = ''           # Regex: matching params get zero updates and no optimizer state; '' freezes none.
+
+  # Mixup / CutMix on the device batch (vit_jax/mixup.py, timm 'batch' mode); both alphas 0 disable.
+  c.mixup = ml_collections.ConfigDict()
+  c.mixup.mixup_alpha = 0.0         # Beta(a, a) mixing ratio (DeiT 0.8).
+  c.mixup.cutmix_alpha = 0.0        # Beta(a, a) CutMix ratio (DeiT 1.0).
+  c.mixup.switch_prob = 0.5         # With both on: chance of CutMix instead of Mixup for a batch.
+  c.mixup.prob = 1.0                # Chance that a batch is mixed at all.
+
+  # DeiT distillation (vit_jax/distill.py, losses.py): loss (1 - alpha) * CE + alpha * distill(dist head, teacher).
+  c.distill = ml_collections.ConfigDict()
+  c.distill.type = 'none'           # 'none' | 'soft' (KL at temperature) | 'hard' (CE with the teacher's argmax).
+  c.distill.alpha = 0.5
+  c.distill.temperature = 1.0       # Soft distillation only.
+  c.distill.init_from = ml_collections.config_dict.placeholder(str)  # Teacher weights: workdir, .npz, params.npz.
+  c.distill.model = ml_collections.ConfigDict()  # The teacher: name (registered) plus hyperparameter overrides.
+  c.distill.model.name = ml_collections.config_dict.placeholder(str)
 
   c.mesh = ml_collections.ConfigDict()
   # Devices per mesh axis (the product must be the device count; one axis may be -1 = the rest). Batches split over
@@ -96,7 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 # Sub-configs whose keys are open: model.* are hyperparameter overrides that create_model checks by name.
-_OPEN_SECTIONS = ('model',)
+_OPEN_SECTIONS = ('model', 'distill.model')
+_INTERPOLATIONS = ('linear', 'bilinear', 'bicubic', 'bicubic_torch')
+_DISTILL_TYPES = ('none', 'soft', 'hard')
 
 
 def _unknown_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> list[str]:
@@ -134,6 +166,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
     raise ValueError(f'config.dtype={config.dtype!r} is not supported; choose one of {DTYPES}.')
   if config.accum_steps < 1:
     raise ValueError(f'config.accum_steps={config.accum_steps} must be >= 1 (1: no accumulation).')
+  _validate_recipe(config)
   if config.optimizer.warmup_steps > config.total_steps:
     raise ValueError(f'config.optimizer.warmup_steps={config.optimizer.warmup_steps} exceeds '
                      f'config.total_steps={config.total_steps}; lower the warmup or train longer.')
@@ -190,3 +223,31 @@ def check_model_fits_images(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ValueError(f'config.model.name={config.model.name!r} cannot take config.dataset.image_size={size}: {e} '
                      'Fix: change config.dataset.image_size, or the model.* overrides named above.') from None
+
+
+def _validate_recipe(config: ml_collections.ConfigDict) -> None:
+  """Ranges of the fine-tuning, augmentation, regularisation and distillation fields."""
+  def check(ok: bool, key: str, want: str) -> None:
+    value = config
+    for part in key.split('.'):
+      value = value[part]
+    if not ok:
+      raise ValueError(f'config.{key}={value!r} must be {want}.')
+
+  check(config.init_posemb_interpolation in _INTERPOLATIONS, 'init_posemb_interpolation', f'one of {_INTERPOLATIONS}')
+  check(0.0 <= config.ema_decay < 1.0, 'ema_decay', 'in [0, 1) (0 disables the EMA)')
+  check(0.0 <= config.label_smoothing < 1.0, 'label_smoothing', 'in [0, 1)')
+  check(config.dataset.randaugment_layers >= 0, 'dataset.randaugment_layers', '>= 0 (0 disables RandAugment)')
+  check(config.dataset.randaugment_magnitude >= 0, 'dataset.randaugment_magnitude', '>= 0')
+  check(0.0 <= config.dataset.random_erasing <= 1.0, 'dataset.random_erasing', 'a probability in [0, 1]')
+  check(0.0 < config.optimizer.layer_decay <= 1.0, 'optimizer.layer_decay', 'in (0, 1] (1 disables)')
+  check(config.mixup.mixup_alpha >= 0, 'mixup.mixup_alpha', '>= 0 (0 disables)')
+  check(config.mixup.cutmix_alpha >= 0, 'mixup.cutmix_alpha', '>= 0 (0 disables)')
+  check(0.0 <= config.mixup.switch_prob <= 1.0, 'mixup.switch_prob', 'a probability in [0, 1]')
+  check(0.0 <= config.mixup.prob <= 1.0, 'mixup.prob', 'a probability in [0, 1]')
+  check(config.distill.type in _DISTILL_TYPES, 'distill.type', f'one of {_DISTILL_TYPES}')
+  check(0.0 <= config.distill.alpha <= 1.0, 'distill.alpha', 'in [0, 1]')
+  check(config.distill.temperature > 0, 'distill.temperature', '> 0')
+  if config.distill.type != 'none' and not (config.distill.model.get('name') and config.distill.init_from):
+    raise ValueError(f'config.distill.type={config.distill.type!r} needs a teacher: set config.distill.model.name '
+                     '(a registered model, plus its overrides) and config.distill.init_from (its checkpoint).')

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax import augment
 from vit_jax import datasets as _vit_jax_datasets  # Registers vit_jax's own TFDS builders (digits).
 from vit_jax.datasets import image_folder
 
@@ -321,7 +322,15 @@ def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_b
       image = _resize(image, size, size)
     if flip:
       image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-    return {'image': _normalize(image), 'label': tf.cast(example['label'], tf.int32)}
+    if dataset_config.randaugment_layers:  # Seeds folded from `rng`, so the crop/flip streams stay as they were.
+      image = augment.randaugment_float(image, dataset_config.randaugment_layers,
+                                        dataset_config.randaugment_magnitude,
+                                        tf.random.experimental.stateless_fold_in(rng, 2))
+    image = _normalize(image)
+    if dataset_config.random_erasing:
+      image = augment.random_erasing(image, dataset_config.random_erasing,
+                                     tf.random.experimental.stateless_fold_in(rng, 3))
+    return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
 
   ds = ds.map(preprocess, num_parallel_calls=_AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(_AUTOTUNE)

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from vit_jax import param_groups
+
 _SCHEDULES = ('cosine', 'linear', 'constant', 'rsqrt')
 _COOLDOWN_SCHEDULES = ('constant', 'rsqrt')  # Schedules that take optimizer.cooldown_steps.
 _OPTIMIZERS = ('adamw', 'sgd')
@@ -79,17 +81,39 @@ def weight_decay_mask(params: Any) -> Any:
 
 def create_optimizer(opt_config: ml_collections.ConfigDict,
                      total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optax chain (clip -> optimizer with masked decoupled weight decay) and its lr schedule."""
+  """The optax chain and its lr schedule: clip -> optimizer with decoupled weight decay -> lr multipliers.
+
+  Weight decay applies to kernels (times `wd_multipliers` rules); `lr_multipliers` rules and `layer_decay` scale
+  each parameter's update; parameters matching the `freeze` regex get zero updates and no optimizer state.
+  """
   schedule = create_learning_rate_schedule(opt_config, total_steps)
-  if opt_config.name == 'adamw':
-    core = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2, weight_decay=opt_config.weight_decay,
-                       mask=weight_decay_mask, mu_dtype=opt_config.mu_dtype)
+  lr_rules, wd_rules = tuple(opt_config.lr_multipliers), tuple(opt_config.wd_multipliers)
+  param_groups.check_rules(lr_rules, 'config.optimizer.lr_multipliers')  # Fail now, not inside the first step.
+  param_groups.check_rules(wd_rules, 'config.optimizer.wd_multipliers')
+  if not 0.0 < opt_config.layer_decay <= 1.0:
+    raise ValueError(f'config.optimizer.layer_decay={opt_config.layer_decay} must be in (0, 1] (1 disables).')
+  decay = []
+  if opt_config.weight_decay:
+    decay = [param_groups.add_decayed_weights(opt_config.weight_decay,
+                                              lambda t: param_groups.wd_multipliers(t, wd_rules))]
+  if opt_config.name == 'adamw':  # optax.adamw, with per-parameter decay multipliers.
+    core = optax.chain(optax.scale_by_adam(b1=opt_config.b1, b2=opt_config.b2, mu_dtype=opt_config.mu_dtype),
+                       *decay, optax.scale_by_learning_rate(schedule))
   elif opt_config.name == 'sgd':
-    core = optax.chain(
-        optax.add_decayed_weights(opt_config.weight_decay, mask=weight_decay_mask),
-        optax.sgd(schedule, momentum=opt_config.b1 or None, accumulator_dtype=opt_config.mu_dtype))
+    core = optax.chain(*decay, optax.sgd(schedule, momentum=opt_config.b1 or None,
+                                         accumulator_dtype=opt_config.mu_dtype))
   else:
     raise ValueError(f'Unknown optimizer.name {opt_config.name!r}; choose one of {_OPTIMIZERS}.')
+  parts = [core]
+  if lr_rules or opt_config.layer_decay != 1.0:
+    parts.append(param_groups.scale_by_multipliers(
+        lambda t: param_groups.lr_multipliers(t, lr_rules, opt_config.layer_decay)))
   clip = opt_config.grad_clip_norm
-  tx = optax.chain(optax.clip_by_global_norm(clip), core) if clip else core
+  if clip:
+    parts.insert(0, optax.clip_by_global_norm(clip))
+  tx = optax.chain(*parts) if len(parts) > 1 else core
+  if opt_config.freeze:
+    param_groups.frozen_labels({}, opt_config.freeze)  # Validates the regex now.
+    tx = optax.multi_transform({'trainable': tx, 'frozen': optax.set_to_zero()},
+                               lambda params: param_groups.frozen_labels(params, opt_config.freeze))
   return tx, schedule

@@ -10,6 +10,7 @@ Every load is all-or-nothing: unknown, missing or mis-shaped parameters raise a 
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Mapping, Optional
 
@@ -214,11 +215,12 @@ def _group(keys, name: str) -> set[str]:
   return {k for k in keys if k == name or k.startswith(name + '/')}
 
 
-def load_pretrained(path: str, init_params: Mapping[str, Any], *, keep_pre_logits: bool = False,
-                    posemb_interpolation: str = 'linear') -> Any:
-  """Loads a published ViT .npz into the structure of `init_params` (from `model.init`).
+def load_pretrained(path: str | Mapping[str, Any], init_params: Mapping[str, Any], *, keep_pre_logits: bool = False,
+                    posemb_interpolation: str = 'linear', reinit_head: bool = False) -> Any:
+  """Loads a published ViT .npz (or a params tree / flat '/'-keyed dict of arrays) into `init_params`' structure.
 
-  The head is taken from the file when its shape matches, else init_params' head is kept (new class count).
+  The head (and DeiT's `head_dist`) is taken from the file when its shape matches and not `reinit_head`, else
+  init_params' head is kept (new class count).
   `pre_logits` is loaded only when `keep_pre_logits` and the model has one. Position embeddings (after the
   class / distillation token rows) are resized to the model's grid with `posemb_interpolation` ('linear',
   'bilinear', 'bicubic', 'bicubic_torch'); Swin v1 relative-position bias tables of another window size are
@@ -230,22 +232,26 @@ def load_pretrained(path: str, init_params: Mapping[str, Any], *, keep_pre_logit
   """
   init, wrapped = _flatten_params(init_params)
   init, scanned_depth = _unstack_scanned(init)
-  ckpt, has_cls_slot = _normalise_keys(_read_npz(path))
+  arrays = _read_npz(path) if isinstance(path, (str, os.PathLike)) else _flatten_params(path)[0]
+  path = path if isinstance(path, (str, os.PathLike)) else 'the given params'
+  ckpt, has_cls_slot = _normalise_keys({k: np.asarray(v) for k, v in arrays.items()})
   keep_init: set[str] = set()
 
-  head_file, head_init = _group(ckpt, 'head'), _group(init, 'head')
-  if head_init:
-    if head_file != head_init or any(ckpt[k].shape != tuple(init[k].shape) for k in head_init):
-      desc = {k: ckpt[k].shape for k in sorted(head_file)} or 'none'
-      logging.warning('load_pretrained: keeping the freshly initialised head %s; checkpoint head: %s.',
-                      {k: tuple(init[k].shape) for k in sorted(head_init)}, desc)
-      keep_init |= head_init
+  for head in ('head', 'head_dist'):
+    head_file, head_init = _group(ckpt, head), _group(init, head)
+    if head_init:
+      if (reinit_head or head_file != head_init
+          or any(ckpt[k].shape != tuple(init[k].shape) for k in head_init)):
+        desc = {k: ckpt[k].shape for k in sorted(head_file)} or 'none'
+        logging.warning('load_pretrained: keeping the freshly initialised %s %s; checkpoint %s: %s.', head,
+                        {k: tuple(init[k].shape) for k in sorted(head_init)}, head, desc)
+        keep_init |= head_init
+        for k in head_file:
+          del ckpt[k]
+    elif head_file:
+      logging.info('load_pretrained: model has no %s; dropping the checkpoint %s.', head, head)
       for k in head_file:
         del ckpt[k]
-  elif head_file:
-    logging.info('load_pretrained: model has no head (num_classes=0); dropping the checkpoint head.')
-    for k in head_file:
-      del ckpt[k]
 
   pre_file, pre_init = _group(ckpt, 'pre_logits'), _group(init, 'pre_logits')
   if pre_file and not (keep_pre_logits and pre_init):

@@ -22,13 +22,16 @@ from clu import periodic_actions
 from etils import epath
 from flax.training import train_state
 
-from vit_jax import checkpoint, config_schema, guards, input_pipeline, metrics, models, optim, preemption, sharding
+from vit_jax import (checkpoint, config_schema, distill, ema, finetune, guards, input_pipeline, metrics, models,
+                     objective, optim, preemption, sharding)
 
 FINAL_METRICS_FILENAME = 'final_metrics.json'
 
 
 class TrainState(train_state.TrainState):
-  """Step, params and optimizer state; apply_fn and tx are static, so they are not checkpointed."""
+  """Step, params, optimizer state and the params' EMA (None unless config.ema_decay); apply_fn and tx are static,
+  so they are not checkpointed."""
+  ema_params: Any = None
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
@@ -53,23 +56,23 @@ def count_params(params: Any) -> int:
 
 
 def _boxed_init(model: nn.Module, tx: optax.GradientTransformation, image_size: int,
-                rules: sharding.Rules) -> Any:
+                rules: sharding.Rules, keep_ema: bool = False) -> Any:
   """key -> TrainState whose parameters and optimizer moments are boxed with logical axis names."""
   dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
 
   def init(key: jax.Array) -> TrainState:
     with models.layers.logical_partitioning(), nn.logical_axis_rules(rules):
       params = model.init({'params': key}, dummy, train=False)['params']
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, ema_params=params if keep_ema else None)
   return init
 
 
 def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, *, image_size: int,
-                         mesh: jax.sharding.Mesh,
-                         rules: sharding.Rules = sharding.DEFAULT_RULES) -> tuple[TrainState, Any]:
+                         mesh: jax.sharding.Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES,
+                         keep_ema: bool = False) -> tuple[TrainState, Any]:
   """The state's shapes, dtypes and shardings (jax.ShapeDtypeStruct leaves) without allocating it, and the
   shardings; e.g. to restore a checkpoint onto this mesh or to compile a step ahead of time."""
-  boxed = jax.eval_shape(_boxed_init(model, tx, image_size, rules), jax.random.key(0))
+  boxed = jax.eval_shape(_boxed_init(model, tx, image_size, rules, keep_ema), jax.random.key(0))
   shardings = sharding.state_sharding(mesh, boxed, rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.meta.unbox(boxed), shardings)
@@ -77,16 +80,16 @@ def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, *, 
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, *, image_size: int, seed: int,
-                       mesh: jax.sharding.Mesh,
-                       rules: sharding.Rules = sharding.DEFAULT_RULES) -> tuple[TrainState, Any]:
+                       mesh: jax.sharding.Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES,
+                       keep_ema: bool = False) -> tuple[TrainState, Any]:
   """Initialises the state directly into its shardings; also returns those shardings.
 
   Under the logical-axis `rules` the model's parameters come back boxed with their logical names, optax carries the
   boxes into the optimizer moments, and `sharding.state_sharding` turns them into one NamedSharding per leaf; the
   state itself is unboxed (plain arrays), so checkpoints and parameter trees keep their usual layout.
   """
-  init = _boxed_init(model, tx, image_size, rules)
-  _, shardings = abstract_train_state(model, tx, image_size=image_size, mesh=mesh, rules=rules)
+  init = _boxed_init(model, tx, image_size, rules, keep_ema)
+  _, shardings = abstract_train_state(model, tx, image_size=image_size, mesh=mesh, rules=rules, keep_ema=keep_ema)
   state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(jax.random.key(seed))
   return state, shardings
 
@@ -127,23 +130,34 @@ def compute_gradients(loss_fn: Any, params: Any, batch: dict[str, jax.Array], rn
   return grads, jax.tree.map(_merge_microbatches, outputs)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, dropout_key: jax.Array,
-               schedule: optax.Schedule, accum_steps: int = 1,
-               skip_nonfinite: bool = False) -> tuple[TrainState, metrics.TrainMetrics]:
-  """One optimizer update (over `accum_steps` micro-batches); dropout randomness depends only on (seed, step).
+def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: Any = None, *,
+               dropout_key: jax.Array, schedule: optax.Schedule, accum_steps: int = 1,
+               task: objective.Objective = objective.Objective(),
+               ema_decay: float = 0.0, skip_nonfinite: bool = False) -> tuple[TrainState, metrics.TrainMetrics]:
+  """One optimizer update (over `accum_steps` micro-batches); dropout and mixup randomness depend only on
+  (seed, step). `task` turns the batch into targets (label smoothing, mixup/cutmix) and, for distillation, runs
+  the teacher (`teacher_params`) in inference mode on the whole batch before it is split into micro-batches.
 
-  With `skip_nonfinite`, a step whose loss or gradient norm is nan/inf keeps the previous params and optimizer
-  state (only the step advances); either way the step is counted in `nonfinite_updates`.
+  With `skip_nonfinite`, a step whose loss or gradient norm is nan/inf keeps the previous state (params, optimizer
+  state and EMA; only the step advances); either way the step is counted in `nonfinite_updates`.
   """
   step_key = jax.random.fold_in(dropout_key, state.step)
+  images, targets = task.prepare(batch, jax.random.fold_in(step_key, 0x6D6978))
+  work = {'image': images, 'label': batch['label'], 'target': targets}
+  teacher_logits = task.teacher_logits(teacher_params, images)
+  if teacher_logits is not None:
+    work['teacher'] = teacher_logits
 
   def loss_fn(params, batch, rng):
-    logits = state.apply_fn({'params': params}, batch['image'], train=True, rngs={'dropout': rng})
-    outputs = metrics.classification_outputs(logits, batch['label'])
-    return outputs['loss'].mean(), outputs
+    out = state.apply_fn({'params': params}, batch['image'], train=True, rngs={'dropout': rng})
+    loss, logits = task.loss(out, batch['target'], batch.get('teacher'))
+    outputs = dict(metrics.classification_outputs(logits, batch['label']), loss=loss)
+    return loss.mean(), outputs
 
-  grads, outputs = compute_gradients(loss_fn, state.params, batch, step_key, accum_steps)
+  grads, outputs = compute_gradients(loss_fn, state.params, work, step_key, accum_steps)
   new_state = state.apply_gradients(grads=grads)
+  if ema_decay:
+    new_state = new_state.replace(ema_params=ema.update(new_state.ema_params, new_state.params, ema_decay))
   grad_norm = optax.global_norm(grads)
   finite = guards.is_finite(outputs['loss'], grad_norm)
   if skip_nonfinite:
@@ -156,7 +170,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, dropout_key: j
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> metrics.EvalMetrics:
   """Masked metrics of one eval batch; padding examples (mask 0) count for nothing."""
-  logits = state.apply_fn({'params': state.params}, batch['image'], train=False)
+  logits = state.apply_fn({'params': ema.eval_params(state)}, batch['image'], train=False)
   outputs = metrics.classification_outputs(logits, batch['label'])
   return metrics.EvalMetrics.single_from_model_output(mask=batch['mask'], **outputs)
 
@@ -210,7 +224,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = build_model(config, info.num_classes)
   tx, schedule = optim.create_optimizer(config.optimizer, config.total_steps)
   state, state_shardings = create_train_state(model, tx, image_size=config.dataset.image_size,
-                                              seed=config.seed, mesh=mesh, rules=rules)
+                                              seed=config.seed, mesh=mesh, rules=rules,
+                                              keep_ema=bool(config.ema_decay))
+  teacher = distill.build_teacher(config, info.num_classes)
+  train_objective = objective.from_config(config, info.num_classes, teacher.apply if teacher else None)
   logging.info('Model %s: %s parameters, %d classes; mesh %s; compute dtype %s.', config.model.name,
                f'{count_params(state.params):,}', info.num_classes, dict(mesh.shape), config.dtype)
   # Only a config that builds its model and state may claim the workdir, so a typo never blocks the fixed rerun.
@@ -233,8 +250,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info('Workdir %s has this config but no usable checkpoint; starting from step 0.', workdir)
     if config.init_from:
       logging.info('Initialising weights from %s.', config.init_from)
-      params = checkpoint.load_pretrained(config.init_from, jax.device_get(state.params))
-      state = state.replace(params=jax.device_put(params, state_shardings.params))
+      params = finetune.load_params(config.init_from, jax.device_get(state.params),
+                                    reinit_head=config.init_reinit_head,
+                                    posemb_interpolation=config.init_posemb_interpolation)
+      params = jax.device_put(params, state_shardings.params)
+      state = state.replace(params=params, ema_params=params if config.ema_decay else None)
   if start_step >= config.total_steps and final_path.exists():
     logging.info('Run already complete at step %d; %s is unchanged.', start_step, final_path)
     ckpt.close()
@@ -246,12 +266,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_spec = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
   dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  teacher_params = None
+  if teacher is not None:
+    teacher_params = distill.load_teacher_params(config, teacher)
+    teacher_params = jax.device_put(teacher_params, sharding.state_sharding(mesh, teacher_params, rules))
   p_train_step = jax.jit(
       sharding.with_activation_sharding(
           functools.partial(train_step, dropout_key=dropout_key, schedule=schedule, accum_steps=config.accum_steps,
+                            task=train_objective, ema_decay=config.ema_decay,
                             skip_nonfinite=config.on_nonfinite == 'skip'),
           mesh, rules),
-      in_shardings=(state_shardings, batch_spec), out_shardings=(state_shardings, replicated), donate_argnums=0)
+      in_shardings=(state_shardings, batch_spec, replicated), out_shardings=(state_shardings, replicated),
+      donate_argnums=0)
   p_eval_step = jax.jit(sharding.with_activation_sharding(eval_step, mesh, rules),
                         in_shardings=(state_shardings, batch_spec), out_shardings=replicated)
 
@@ -267,7 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with preemption.PreemptionWatcher(ckpt.reached_preemption) as preempted:
       for step in range(start_step + 1, config.total_steps + 1):
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
-          state, step_metrics = p_train_step(state, sharding.shard_batch(next(train_iter), mesh))
+          state, step_metrics = p_train_step(state, sharding.shard_batch(next(train_iter), mesh), teacher_params)
         monitor.add(step, step_metrics.nonfinite_updates.total)
         loop.train_metrics = step_metrics if loop.train_metrics is None else loop.train_metrics.merge(step_metrics)
         report_progress(step, time.time())

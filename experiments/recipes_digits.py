@@ -1,0 +1,98 @@
+"""Two small studies on the offline digits data, for issue 6 (fine-tuning and DeiT distillation).
+
+1. Fine-tuning across resolution: the default job (ViT-pico, 16 px) is trained once; its checkpoint then
+   initialises a run at 24 px with a freshly initialised head (position embeddings interpolated 4x4 -> 6x6), which
+   is compared with the same model trained from scratch at 24 px for the same number of steps and seed.
+2. Distillation: that 16 px ViT-pico (64 wide, 4 layers) is the teacher of a smaller distilled DeiT student
+   (32 wide, 2 layers, distillation token), trained with hard and with soft distillation, and without a teacher
+   (both heads on the labels), all for the same steps and seed.
+
+    python experiments/recipes_digits.py --out /tmp/issue6_study [--steps 300] [--seeds 0,1] \
+        [--pretrained WORKDIR_OF_DEFAULT_JOB] [--only finetune,distill]
+
+Prints one JSON object per run and a summary; all workdirs are kept under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from configs import default  # noqa: E402  pylint: disable=g-import-not-at-top
+from vit_jax import config_schema, train  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def run(config, workdir: pathlib.Path, tag: str) -> dict:
+  config_schema.validate_config(config)
+  final = train.train_and_evaluate(config, str(workdir))
+  row = {'run': tag, 'eval_accuracy': round(final['eval_accuracy'], 4), 'eval_loss': round(final['eval_loss'], 4),
+         'steps': final['step'], 'seed': config.seed, 'train_seconds': final['train_seconds']}
+  print(json.dumps(row), flush=True)
+  return row
+
+
+def short(config, steps: int, seed: int):
+  config.total_steps = steps
+  config.seed = seed
+  config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, steps // 5)
+  config.eval_every = 0
+  config.checkpoint_every = steps
+  config.log_every = max(steps // 4, 1)
+  return config
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--steps', type=int, default=300, help='steps of every compared run')
+  parser.add_argument('--seeds', default='0', help='comma-separated seeds of the compared runs')
+  parser.add_argument('--data_dir', default=None)
+  parser.add_argument('--pretrained', default=None, help='workdir of a finished default job to reuse as checkpoint '
+                      'and teacher (default: train it under --out)')
+  parser.add_argument('--only', default='finetune,distill', help='which studies to run')
+  args = parser.parse_args()
+  out = pathlib.Path(args.out)
+  rows = []
+
+  base = default.get_config()  # ViT-pico (64 wide, 4 layers), patch 4 at 16 px, 800 steps.
+  base.dataset.data_dir = args.data_dir
+  teacher_dir = pathlib.Path(args.pretrained) if args.pretrained else out / 'pretrain_16px'
+  rows.append(run(base, teacher_dir, 'pretrain_16px'))
+  studies = args.only.split(',')
+
+  for seed in map(int, args.seeds.split(',')):
+    for tag, init in (('scratch_24px', None), ('finetune_24px_from_16px', str(teacher_dir))):
+      if 'finetune' not in studies:
+        break
+      c = short(default.get_config(), args.steps, seed)
+      c.dataset.data_dir = args.data_dir
+      c.dataset.image_size = 24
+      c.dataset.crop_padding = 3
+      if init:
+        c.init_from = init
+        c.init_reinit_head = True
+      rows.append(run(c, out / f'{tag}_s{seed}', tag))
+
+    for tag, kind in (('student_no_distill', 'none'), ('student_hard_distill', 'hard'),
+                      ('student_soft_distill', 'soft')):
+      if 'distill' not in studies:
+        break
+      c = short(default.get_config(), args.steps, seed)
+      c.dataset.data_dir = args.data_dir
+      c.model.name = 'deit_ti16_distilled'
+      c.model.update(patch_size=4, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2, drop_path_rate=0.0)
+      c.distill.type = kind
+      if kind != 'none':
+        c.distill.init_from = str(teacher_dir)
+        c.distill.model.name = 'vit_pico'
+        c.distill.model.patch_size = 4
+      rows.append(run(c, out / f'{tag}_s{seed}', tag))
+  print('SUMMARY', json.dumps(rows))
+
+
+if __name__ == '__main__':
+  main()

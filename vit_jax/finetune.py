@@ -1,0 +1,72 @@
+"""Initialising a model's params from earlier weights: `config.init_from` and the distillation teacher.
+
+A source is one of
+  - an .npz file: an official ViT / big_vision checkpoint, or `DIR/params.npz` written by `vit_jax.convert` from a
+    timm checkpoint (flat '/'-joined keys), or that DIR itself;
+  - a vit_jax workdir (or its `checkpoints/` directory): the params of its latest Orbax checkpoint (its EMA params
+    when the run kept an EMA, since those are the ones it evaluated).
+Either way the weights go through `vit_jax.checkpoint.load_pretrained`, which re-initialises the head (and DeiT's
+`head_dist`) when the class count changes or `reinit_head` is set, and resizes position embeddings (and whatever
+else it knows how to resize, e.g. Swin bias tables) to the new model's resolution.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from absl import logging
+from etils import epath
+import orbax.checkpoint as ocp
+
+from vit_jax import checkpoint
+
+CONVERTED_FILENAME = 'params.npz'  # What `python -m vit_jax.convert --out DIR` writes.
+
+
+def _checkpoint_dir(path: epath.Path) -> epath.Path:
+  """The Orbax step directory root for a workdir or a checkpoints dir."""
+  if (path / checkpoint.CHECKPOINT_DIRNAME).is_dir():
+    return path / checkpoint.CHECKPOINT_DIRNAME
+  return path
+
+
+def read_workdir_params(workdir: str) -> Mapping[str, Any]:
+  """Params of the latest checkpoint in a vit_jax workdir (EMA params if the run kept them), as host arrays."""
+  ckpt_dir = _checkpoint_dir(epath.Path(workdir))
+  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+  step = manager.latest_step()
+  if step is None:
+    manager.close()
+    raise FileNotFoundError(f'{workdir} holds no checkpoint (looked in {ckpt_dir}). Point init_from at a finished '
+                            'run\'s workdir, an official .npz or a params.npz from `python -m vit_jax.convert`.')
+  logging.info('Reading params of step %d from %s.', step, ckpt_dir)
+  state = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  params = state.get('ema_params') or state['params']
+  return params
+
+
+def load_params(source: str, init_params: Mapping[str, Any], *, reinit_head: bool = False,
+                posemb_interpolation: str = 'linear', require_head: bool = False) -> Any:
+  """`init_params` (host arrays from model.init) with the weights of `source` (see the module docstring).
+
+  `require_head=True` (for teachers) loads every parameter, heads and pre_logits included, and raises if the
+  heads do not match the model.
+  """
+  path = epath.Path(source)
+  if path.is_dir() and (path / CONVERTED_FILENAME).exists() and not (path / checkpoint.CHECKPOINT_DIRNAME).exists():
+    arrays: Any = str(path / CONVERTED_FILENAME)  # A `vit_jax.convert --out DIR` directory.
+  elif path.is_dir():
+    arrays = read_workdir_params(source)
+  elif path.exists():
+    arrays = source
+  else:
+    raise FileNotFoundError(f'init_from={source!r} does not exist. Give an official ViT .npz, a params.npz from '
+                            '`python -m vit_jax.convert`, or a vit_jax workdir.')
+  loaded = checkpoint.load_pretrained(arrays, init_params, reinit_head=reinit_head and not require_head,
+                                      posemb_interpolation=posemb_interpolation, keep_pre_logits=require_head)
+  if require_head:
+    for head in ('head', 'head_dist'):
+      if head in init_params and loaded[head]['kernel'] is init_params[head]['kernel']:
+        raise ValueError(f'{source} has no {head} of shape {init_params[head]["kernel"].shape}; a teacher needs '
+                         'its trained head. Check config.distill.model (and the class count) against it.')
+  return loaded
