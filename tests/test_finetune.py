@@ -170,9 +170,8 @@ def test_init_from_workdir_with_ema_and_frozen_layers(digits_data_dir, tmp_path)
   config = tiny_config(digits_data_dir, total_steps=10, checkpoint_every=10, eval_every=0, ema_decay=0.9)
   train.train_and_evaluate(config, str(first))
   raw = finetune.read_workdir_params(str(first))
-  manager = checkpoint.Checkpointer(str(first), keep=1)
-  state = manager._manager.restore(10)  # pylint: disable=protected-access
-  manager.close()
+  step, state = checkpoint.read_latest_state(first / checkpoint.CHECKPOINT_DIRNAME)
+  assert step == 10
   assert state['ema_params'] is not None
   diff = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), state['ema_params'],
                       state['params'])

@@ -35,6 +35,25 @@ QUARANTINE_DIRNAME = 'checkpoints_corrupt'  # Under the workdir: corrupt steps a
 STATE_ITEM, DATA_ITEM, LOOP_ITEM = 'default', 'data', 'loop'
 
 
+def read_latest_state(directory: epath.PathLike) -> tuple[Optional[int], Any]:
+  """(step, train state as saved, host arrays) of the newest checkpoint under `directory`; (None, None) if none.
+
+  Reads only the train-state item, without an abstract state, for using another run's weights (init_from,
+  teachers). Runs resume through `Checkpointer` instead, which also restores the data and loop items.
+  """
+  manager = ocp.CheckpointManager(epath.Path(directory),
+                                  options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+                                  item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler()})
+  try:
+    step = manager.latest_step()
+    if step is None:
+      return None, None
+    restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore()}))
+    return step, restored[STATE_ITEM]
+  finally:
+    manager.close()
+
+
 class WorkdirConflictError(RuntimeError):
   """The workdir holds a run that the current config would overwrite."""
 

@@ -15,7 +15,6 @@ from typing import Any, Mapping
 
 from absl import logging
 from etils import epath
-import orbax.checkpoint as ocp
 
 from vit_jax import checkpoint
 
@@ -32,15 +31,11 @@ def _checkpoint_dir(path: epath.Path) -> epath.Path:
 def read_workdir_params(workdir: str) -> Mapping[str, Any]:
   """Params of the latest checkpoint in a vit_jax workdir (EMA params if the run kept them), as host arrays."""
   ckpt_dir = _checkpoint_dir(epath.Path(workdir))
-  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False, read_only=True))
-  step = manager.latest_step()
+  step, state = checkpoint.read_latest_state(ckpt_dir)
   if step is None:
-    manager.close()
     raise FileNotFoundError(f'{workdir} holds no checkpoint (looked in {ckpt_dir}). Point init_from at a finished '
                             'run\'s workdir, an official .npz or a params.npz from `python -m vit_jax.convert`.')
-  logging.info('Reading params of step %d from %s.', step, ckpt_dir)
-  state = manager.restore(step, args=ocp.args.StandardRestore())
-  manager.close()
+  logging.info('Read the params of step %d from %s.', step, ckpt_dir)
   params = state.get('ema_params') or state['params']
   return params
 
