@@ -10,41 +10,17 @@ from vit_jax.models import layers
 from vit_jax.models import registry
 from vit_jax.models import vit
 
+from tests.model_utils import abstract_params as _abstract_params
+from tests.model_utils import count as _count
+from tests.model_utils import images as _images
+from tests.model_utils import random_params as _random_params
+from tests.model_utils import randomize as _randomize
+
 TINY = dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64)
 
 
 def _tiny(**kw) -> vit.VisionTransformer:
   return vit.VisionTransformer(**{'num_classes': 10, **TINY, **kw})
-
-
-def _images(b=2, size=16, seed=0):
-  return jax.random.normal(jax.random.key(seed), (b, size, size, 3))
-
-
-def _count(tree) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
-def _abstract_params(model, size):
-  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))['params']
-
-
-def _random_params(model, size=16, seed=0):
-  """Random params of the right shapes without compiling `init` (slow on a 2-core CPU).
-
-  Every leaf is non-zero (unlike the zero-initialised head and cls); LayerNorm scales are near 1.
-  """
-  return _randomize(_abstract_params(model, size), seed)
-
-
-def _randomize(abstract, seed=0):
-  flat = traverse_util.flatten_dict(abstract, sep='/')
-  rng = np.random.default_rng(seed)
-  out = {}
-  for k, v in flat.items():
-    noise = rng.normal(0.0, 0.1 if k.endswith('scale') else 0.05, v.shape).astype(np.float32)
-    out[k] = jnp.asarray(noise + 1.0 if k.endswith('scale') else noise)
-  return traverse_util.unflatten_dict(out, sep='/')
 
 
 @pytest.mark.parametrize('name', registry.list_models())
