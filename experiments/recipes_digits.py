@@ -60,8 +60,14 @@ def main() -> None:
 
   base = default.get_config()  # ViT-pico (64 wide, 4 layers), patch 4 at 16 px, 800 steps.
   base.dataset.data_dir = args.data_dir
-  teacher_dir = pathlib.Path(args.pretrained) if args.pretrained else out / 'pretrain_16px'
-  rows.append(run(base, teacher_dir, 'pretrain_16px'))
+  if args.pretrained:  # Reused as it is (its config may predate fields added since).
+    teacher_dir = pathlib.Path(args.pretrained)
+    final = json.loads((teacher_dir / 'final_metrics.json').read_text())
+    rows.append({'run': 'pretrain_16px', 'eval_accuracy': round(final['eval_accuracy'], 4), 'reused': str(teacher_dir)})
+    print(json.dumps(rows[-1]), flush=True)
+  else:
+    teacher_dir = out / 'pretrain_16px'
+    rows.append(run(base, teacher_dir, 'pretrain_16px'))
   studies = args.only.split(',')
 
   for seed in map(int, args.seeds.split(',')):

@@ -18,14 +18,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(patch_size=4, hidden_size=16, mlp_dim=32, num_layers=3, num_heads=2)
 
 
-def _init(name='vit_pico', size=16, num_classes=10, **kw):
-  model = models.create_model(name, num_classes=num_classes, **{**TINY, **kw})
+@functools.lru_cache(maxsize=None)
+def _init_cached(name, size, num_classes, kw):
+  model = models.create_model(name, num_classes=num_classes, **{**TINY, **dict(kw)})
   init = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)['params'])
   return model, init()
 
 
+def _init(name='vit_pico', size=16, num_classes=10, **kw):
+  return _init_cached(name, size, num_classes, tuple(sorted(kw.items())))
+
+
 def _update(tx, grads, params):
-  return jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(grads, params)
+  return tx.update(grads, tx.init(params), params)[0]  # Eager: cheaper than compiling for one call.
 
 
 def _opt(**kw):
@@ -195,8 +200,8 @@ def test_init_from_workdir_with_ema_and_frozen_layers(digits_data_dir, tmp_path)
 
 
 def test_train_step_ema_and_hard_distillation():
-  student, s_params = _init('deit_ti16_distilled', num_classes=10, drop_path_rate=0.0)
-  teacher, t_params = _init('vit_pico', num_classes=10, hidden_size=24)
+  student, s_params = _init('deit_ti16_distilled', num_classes=10, drop_path_rate=0.0, num_layers=1)
+  teacher, t_params = _init('vit_pico', num_classes=10, hidden_size=24, num_layers=1)
   t_params = jax.tree.map(lambda x: x + 0.05 * jnp.sign(jnp.sin(jnp.arange(x.size).reshape(x.shape))), t_params)
   tx, schedule = optim.create_optimizer(_opt(name='sgd', lr=0.1, b1=0.0), 10)
   state = train.TrainState.create(apply_fn=student.apply, params=s_params, tx=tx, ema_params=s_params)
