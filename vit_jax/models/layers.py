@@ -210,3 +210,56 @@ class MAPHead(nn.Module):
     x = x + MlpBlock(mlp_dim=self.mlp_dim or 4 * d, gelu_approximate=self.gelu_approximate, dtype=self.dtype,
                      name='MlpBlock_0')(y)
     return x[:, 0]
+
+
+class HierarchicalBackbone(nn.Module):
+  """The forward API shared by the hierarchical families (Swin, PVTv2, MViTv2), defined once.
+
+  A subclass's setup defines `patch_embed`, `head_drop`, `head` (when num_classes > 0) and, if it has one, the
+  final `norm`; it implements `stage_modules()` and `check_input_size(height, width)` (a ValueError that names the
+  fix for sizes the model cannot take). Features are NHWC; the head mean-pools over H and W.
+  """
+
+  def stage_modules(self) -> Sequence[nn.Module]:
+    raise NotImplementedError
+
+  def check_input_size(self, height: int, width: int) -> None:
+    raise NotImplementedError
+
+  def final_norm(self, x: Array) -> Array:
+    """The norm after the last stage (identity for families without one, e.g. PVTv2)."""
+    return self.norm(x)
+
+  def _stages(self, images: Array, train: bool) -> list[Array]:
+    if images.ndim != 4:
+      raise ValueError(f'Expected NHWC images, got shape {images.shape}.')
+    self.check_input_size(images.shape[1], images.shape[2])
+    x = self.patch_embed(images)
+    outs = []
+    for stage in self.stage_modules():
+      x = stage(x, train)
+      outs.append(x)
+    return outs
+
+  def forward_intermediates(self, images: Array, *, train: bool = False, norm: bool = False) -> list[Array]:
+    """Per-stage NHWC outputs (strides 4, 8, 16, 32 for the registered models); norm=True applies the final norm
+    to the last one (timm's `norm`)."""
+    outs = self._stages(images, train)
+    if norm:
+      outs[-1] = self.final_norm(outs[-1])
+    return outs
+
+  def forward_features(self, images: Array, *, train: bool = False) -> Array:
+    """The final-normed NHWC feature map (timm's forward_features, NHWC)."""
+    return self.final_norm(self._stages(images, train)[-1])
+
+  def forward_head(self, features: Array, *, pre_logits: bool = False, train: bool = False) -> Array:
+    """Mean over H and W, then (unless pre_logits) dropout and the classifier."""
+    x = jnp.mean(features, axis=(1, 2))
+    if pre_logits:
+      return x
+    x = self.head_drop(x, deterministic=not train)
+    return self.head(x) if self.num_classes > 0 else x
+
+  def __call__(self, images: Array, *, train: bool = False) -> Array:
+    return self.forward_head(self.forward_features(images, train=train), train=train)

@@ -239,7 +239,7 @@ class PvtStage(nn.Module):
 # Model.
 # ----------------------------------------------------------------------------------------------------------------
 
-class PyramidVisionTransformerV2(nn.Module):
+class PyramidVisionTransformerV2(layers.HierarchicalBackbone):
   """PVTv2 on NHWC images (timm `PyramidVisionTransformerV2`).
 
   drop_rate is timm's `drop_rate`: dropout after the attention projection, in the MLP and before the classifier.
@@ -320,37 +320,15 @@ class PyramidVisionTransformerV2(nn.Module):
 
   # -- forward ----------------------------------------------------------------------------------------------------
 
-  def _stages(self, images: Array, train: bool) -> list[Array]:
-    if images.ndim != 4:
-      raise ValueError(f'Expected NHWC images, got shape {images.shape}.')
-    self.stage_resolutions(images.shape[1], images.shape[2])
-    x = self.patch_embed(images)
-    outs = []
-    for stage in self.stages:
-      x = stage(x, train)
-      outs.append(x)
-    return outs
+  def stage_modules(self) -> Sequence[nn.Module]:
+    return self.stages
 
-  def forward_intermediates(self, images: Array, *, train: bool = False, norm: bool = False) -> list[Array]:
-    """Per-stage NHWC outputs (strides 4, 8, 16, 32; widths embed_dims). Each is already normed by its stage's
-    LayerNorm; `norm` is accepted for API symmetry with the other families and changes nothing (no final norm)."""
-    del norm
-    return self._stages(images, train)
+  def check_input_size(self, height: int, width: int) -> None:
+    self.stage_resolutions(height, width)
 
-  def forward_features(self, images: Array, *, train: bool = False) -> Array:
-    """The final (stage-normed) NHWC feature map (timm's forward_features, NHWC)."""
-    return self._stages(images, train)[-1]
-
-  def forward_head(self, features: Array, *, pre_logits: bool = False, train: bool = False) -> Array:
-    """Mean over H, W, then (unless pre_logits) dropout and the classifier."""
-    x = jnp.mean(features, axis=(1, 2))
-    if pre_logits:
-      return x
-    x = self.head_drop(x, deterministic=not train)
-    return self.head(x) if self.num_classes > 0 else x
-
-  def __call__(self, images: Array, *, train: bool = False) -> Array:
-    return self.forward_head(self.forward_features(images, train=train), train=train)
+  def final_norm(self, x: Array) -> Array:
+    """Identity: each PVTv2 stage ends with its own LayerNorm, and there is no final one."""
+    return x
 
 
 # ----------------------------------------------------------------------------------------------------------------

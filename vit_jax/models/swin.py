@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models import attention
+from vit_jax.models import layers
 from vit_jax.models import registry
 from vit_jax.models.layers import DropPath, constrain, logical, remat
 
@@ -381,7 +382,7 @@ class SwinStage(nn.Module):
 # Models.
 # ----------------------------------------------------------------------------------------------------------------
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(layers.HierarchicalBackbone):
   """Swin Transformer v1 on NHWC images (timm `SwinTransformer`).
 
   drop_rate is the dropout before the classifier (timm's `drop_rate`); proj_drop_rate is the dropout after the
@@ -476,39 +477,11 @@ class SwinTransformer(nn.Module):
 
   # -- forward ----------------------------------------------------------------------------------------------------
 
-  def _stages(self, images: Array, train: bool) -> list[Array]:
-    if images.ndim != 4:
-      raise ValueError(f'Expected NHWC images, got shape {images.shape}.')
-    self.stage_geometry(images.shape[1], images.shape[2])
-    x = self.patch_embed(images)
-    outs = []
-    for stage in self.layers:
-      x = stage(x, train)
-      outs.append(x)
-    return outs
+  def stage_modules(self) -> Sequence[nn.Module]:
+    return self.layers
 
-  def forward_intermediates(self, images: Array, *, train: bool = False, norm: bool = False) -> list[Array]:
-    """Per-stage NHWC outputs (strides 4, 8, 16, 32; widths embed_dim * 2**i). norm=True applies the final norm
-    to the last one (timm's `norm`)."""
-    outs = self._stages(images, train)
-    if norm:
-      outs[-1] = self.norm(outs[-1])
-    return outs
-
-  def forward_features(self, images: Array, *, train: bool = False) -> Array:
-    """The final-normed NHWC feature map (timm's forward_features)."""
-    return self.norm(self._stages(images, train)[-1])
-
-  def forward_head(self, features: Array, *, pre_logits: bool = False, train: bool = False) -> Array:
-    """Global average pool over H, W, then (unless pre_logits) dropout and the classifier."""
-    x = jnp.mean(features, axis=(1, 2))
-    if pre_logits:
-      return x
-    x = self.head_drop(x, deterministic=not train)
-    return self.head(x) if self.num_classes > 0 else x
-
-  def __call__(self, images: Array, *, train: bool = False) -> Array:
-    return self.forward_head(self.forward_features(images, train=train), train=train)
+  def check_input_size(self, height: int, width: int) -> None:
+    self.stage_geometry(height, width)
 
 
 class SwinTransformerV2(SwinTransformer):
