@@ -2,12 +2,14 @@
 
 python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR WORKDIR [RESTORE_WORKDIR OUT_NPZ]
 trains `make_config` in WORKDIR, then restores RESTORE_WORKDIR's latest checkpoint onto another mesh shape and has
-process 0 write its parameters to OUT_NPZ.
+process 0 write its parameters to OUT_NPZ, then fine-tunes one step from WORKDIR (init_from) in WORKDIR_init_from
+with parameters split over both hosts (FSDP across hosts).
 """
 import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+INIT_FROM_SUFFIX = '_init_from'
 
 
 def make_config(data_dir: str):
@@ -27,8 +29,6 @@ def make_config(data_dir: str):
 def restore_params(workdir: str, config, mesh_config):
   """The params of `workdir`'s latest checkpoint restored onto a mesh built from `mesh_config`, as host numpy."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from vit_jax import checkpoint, input_pipeline, optim, sharding, train  # pylint: disable=g-import-not-at-top
   mesh = sharding.create_mesh(mesh_config)
   model = train.build_model(config, input_pipeline.get_dataset_info(config.dataset).num_classes)
@@ -38,7 +38,7 @@ def restore_params(workdir: str, config, mesh_config):
   state = ckpt.restore(abstract)
   ckpt.close()
   assert jax.tree.leaves(state.params)[0].sharding.mesh.shape == mesh.shape
-  return jax.tree.map(np.asarray, multihost_utils.process_allgather(state.params, tiled=True))
+  return sharding.to_host(state.params)
 
 
 def main(argv):
@@ -60,6 +60,11 @@ def main(argv):
         dict(data=2, fsdp=-1, tensor=1, dcn_data=-1, dcn_fsdp=1, dcn_tensor=1)))
     if jax.process_index() == 0:
       np.savez(argv[7], **traverse_util.flatten_dict(params, sep='/'))
+    finetune = make_config(data_dir)
+    finetune.init_from, finetune.init_reinit_head = workdir, False
+    finetune.total_steps = finetune.checkpoint_every = finetune.optimizer.warmup_steps = 1  # lr 0: params as loaded.
+    finetune.mesh.update(dict(data=1, fsdp=-1, dcn_data=1, dcn_fsdp=-1))
+    train.train_and_evaluate(finetune, workdir + INIT_FROM_SUFFIX)
 
 
 if __name__ == '__main__':

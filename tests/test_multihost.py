@@ -96,6 +96,11 @@ def test_two_processes_train_and_checkpoint_like_one(digits_data_dir, tmp_path, 
     np.testing.assert_allclose(two[key], one[key], rtol=1e-4, err_msg=key)
   # Only process 0 wrote metrics: one TensorBoard event file.
   assert len(list((tmp_path / 'two').glob('events.out.tfevents.*'))) == 1
+  # The two processes then started a run from theirs (init_from) with every parameter split across both hosts, and
+  # took one step at lr 0: it evaluates exactly as the run it loaded.
+  tuned = json.loads((tmp_path / f'two{multihost_worker.INIT_FROM_SUFFIX}' / train.FINAL_METRICS_FILENAME).read_text())
+  assert tuned['step'] == 1
+  np.testing.assert_allclose(tuned['eval_loss'], two['eval_loss'], rtol=1e-5, err_msg='init_from across hosts')
 
   # Each checkpoint restored onto another mesh shape in this one process (fsdp=8).
   mesh_config = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=-1, dcn_fsdp=1, dcn_tensor=1))

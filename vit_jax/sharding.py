@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import mesh_utils
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # Mesh axes in order from outermost (across hosts) to innermost; batches are split over BATCH_AXES.
@@ -220,6 +221,17 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
   """Assembles each process's part of the batch into global jax.Arrays split over the batch axes."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def to_host(tree: Any) -> Any:
+  """The global value of every array in `tree` as host numpy, on every process.
+
+  Unlike jax.device_get, this also works when shards live on other hosts (FSDP or tensor parallel across hosts).
+  A collective: every process must call it.
+  """
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
 def prefetch_to_device(batches: Iterator[Mapping[str, np.ndarray]], mesh: Mesh,

@@ -250,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info('Workdir %s has this config but no usable checkpoint; starting from step 0.', workdir)
     if config.init_from:
       logging.info('Initialising weights from %s.', config.init_from)
-      params = finetune.load_params(config.init_from, jax.device_get(state.params),
+      params = finetune.load_params(config.init_from, sharding.to_host(state.params),
                                     reinit_head=config.init_reinit_head,
                                     posemb_interpolation=config.init_posemb_interpolation)
       params = jax.device_put(params, state_shardings.params)
