@@ -1,7 +1,8 @@
 """The default scaling study: ViTs of 3.5k to 140k parameters on the offline `digits` dataset, on a CPU.
 
-4 shapes x 4 training lengths x 2 training-set sizes = 32 ledger rows from 8 full runs and 24 short cooldown
-branches (rsqrt schedule with linear cooldown). About 10 minutes on an idle 2-core CPU:
+6 shapes x 4 training lengths x 2 training-set sizes = 48 ledger rows from 12 full runs and 36 short cooldown
+branches (rsqrt schedule with linear cooldown). Six roughly geometric sizes, so that each axis's Pareto frontier has
+enough points for a fit. About 10 minutes on an idle 2-core CPU (sweep 10:01, fit 8 s measured):
 
   python -m experiments.scaling_laws.sweep --config=experiments/scaling_laws/configs/digits.py --workdir=DIR
   python -m experiments.scaling_laws.fit --ledger=DIR/ledger.csv --out=DIR/report
@@ -29,7 +30,9 @@ def get_config():
   s.base.optimizer.warmup_steps = 50
   s.shapes = (
       dict(hidden_size=16, num_layers=1, mlp_dim=32, num_heads=2, patch_size=4),
+      dict(hidden_size=24, num_layers=2, mlp_dim=48, num_heads=2, patch_size=4),
       dict(hidden_size=32, num_layers=2, mlp_dim=64, num_heads=2, patch_size=4),
+      dict(hidden_size=40, num_layers=3, mlp_dim=80, num_heads=2, patch_size=4),
       dict(hidden_size=48, num_layers=3, mlp_dim=96, num_heads=3, patch_size=4),
       dict(hidden_size=64, num_layers=4, mlp_dim=128, num_heads=4, patch_size=4),
   )
