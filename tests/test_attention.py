@@ -48,6 +48,8 @@ def test_einsum_matches_a_numpy_reference():
     ('vit_pico', {'classifier': 'map', 'num_layers': 1}, 8),  # Encoder and MAP-head attention.
     ('swin_t', dict(embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=2), 16),
     ('swinv2_t', dict(embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=2), 16),
+    ('pvt_v2_b0', dict(embed_dims=(8, 16), depths=(1, 1), num_heads=(1, 2), sr_ratios=(2, 1), mlp_ratios=2.0), 32),
+    ('mvitv2_t', dict(embed_dim=8, depths=(1, 1), num_heads=1, img_size=32), 32),  # Rel-pos terms as the bias.
 ])
 def test_models_agree_across_implementations(name, kwargs, size):
   images = jax.random.normal(jax.random.key(1), (2, size, size, 3))

@@ -114,7 +114,7 @@ def test_rel_pos_index_by_hand():
   np.testing.assert_array_equal(mvitv2.rel_pos_index(5, 3), [[3, 1, 0], [4, 2, 1], [5, 3, 2], [6, 4, 3], [7, 5, 4]])
 
 
-def test_decomposed_rel_pos_matches_numpy_loops():
+def test_rel_pos_bias_matches_numpy_loops():
   rng = np.random.default_rng(0)
   b, heads, d = 2, 3, 4
   (qh, qw), (kh, kw) = (4, 2), (2, 4)
@@ -123,8 +123,8 @@ def test_decomposed_rel_pos_matches_numpy_loops():
   attn = rng.standard_normal((b, heads, qh * qw, kh * kw)).astype(np.float32)
   table_h = rng.standard_normal((rows, d)).astype(np.float32)
   table_w = rng.standard_normal((rows, d)).astype(np.float32)
-  got = np.asarray(mvitv2.decomposed_rel_pos(jnp.asarray(attn), jnp.asarray(q), (qh, qw), (kh, kw),
-                                             jnp.asarray(table_h), jnp.asarray(table_w)))
+  got = attn + np.asarray(mvitv2.rel_pos_bias(jnp.asarray(q), (qh, qw), (kh, kw), jnp.asarray(table_h),
+                                              jnp.asarray(table_w)))
   want = attn.copy()
   for bi in range(b):
     for h in range(heads):

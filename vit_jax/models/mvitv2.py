@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import attention
 from vit_jax.models import layers
 from vit_jax.models import registry
 from vit_jax.models.layers import DropPath
@@ -84,12 +85,11 @@ def rel_pos_index(q_size: int, k_size: int) -> np.ndarray:
   return dist.astype(np.int64)
 
 
-def decomposed_rel_pos(attn: Array, q: Array, q_size: tuple[int, int], k_size: tuple[int, int],
-                       rel_pos_h: Array, rel_pos_w: Array) -> Array:
-  """Adds MViTv2's decomposed relative-position terms to attention logits.
+def rel_pos_bias(q: Array, q_size: tuple[int, int], k_size: tuple[int, int], rel_pos_h: Array,
+                 rel_pos_w: Array) -> Array:
+  """MViTv2's decomposed relative-position logit terms <q, R_h[dist_h]> + <q, R_w[dist_w]>, (B, heads, Lq, Lk).
 
-  attn: (B, heads, q_h*q_w, k_h*k_w); q: (B, heads, q_h*q_w, head_dim) (pooled and normed, unscaled);
-  rel_pos_h / rel_pos_w: (rows, head_dim). Returns attn + <q, R_h[dist_h]> + <q, R_w[dist_w]>.
+  q: (B, heads, q_h*q_w, head_dim) (pooled and normed, unscaled); rel_pos_h / rel_pos_w: (rows, head_dim).
   """
   (qh, qw), (kh, kw) = q_size, k_size
   rh = rel_pos_h[jnp.asarray(rel_pos_index(qh, kh))].astype(q.dtype)  # (qh, kh, d)
@@ -98,8 +98,7 @@ def decomposed_rel_pos(attn: Array, q: Array, q_size: tuple[int, int], k_size: t
   r_q = q.reshape(b, heads, qh, qw, d)
   bias_h = jnp.einsum('byhwc,hkc->byhwk', r_q, rh)
   bias_w = jnp.einsum('byhwc,wkc->byhwk', r_q, rw)
-  attn = attn.reshape(b, heads, qh, qw, kh, kw) + bias_h[..., :, None] + bias_w[..., None, :]
-  return attn.reshape(b, heads, qh * qw, kh * kw)
+  return (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, heads, qh * qw, kh * kw)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,6 +127,7 @@ class MultiScaleAttention(nn.Module):
   qkv_bias: bool = True
   residual_pooling: bool = True
   dtype: Any = jnp.float32
+  attention_impl: str = 'einsum'  # Attention kernel (vit_jax.models.attention); the rel-pos terms are its bias.
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -156,13 +156,13 @@ class MultiScaleAttention(nn.Module):
 
     rel_h = self.param('rel_pos_h', _trunc_normal, (self.rel_pos_rows, hd))
     rel_w = self.param('rel_pos_w', _trunc_normal, (self.rel_pos_rows, hd))
-    logits = jnp.einsum('bhqd,bhkd->bhqk', q * jnp.asarray(hd ** -0.5, q.dtype), k)
-    logits = decomposed_rel_pos(logits, q, q_size, k_size, rel_h, rel_w)
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqk,bhkd->bhqd', attn, v)
+    bias = rel_pos_bias(q, q_size, k_size, rel_h, rel_w)
+    heads_last = lambda t: t.transpose(0, 2, 1, 3)  # (B, heads, L, hd) -> (B, L, heads, hd).
+    out = attention.dot_product_attention(heads_last(q), heads_last(k), heads_last(v), bias=bias,
+                                          scale=hd ** -0.5, implementation=self.attention_impl)
     if self.residual_pooling:
-      out = out + q
-    out = out.transpose(0, 2, 1, 3).reshape(b, q_size[0], q_size[1], self.dim_out)
+      out = out + heads_last(q)
+    out = out.reshape(b, q_size[0], q_size[1], self.dim_out)
     return nn.Dense(self.dim_out, name='proj', **dense)(out)
 
 
@@ -182,6 +182,7 @@ class MultiScaleBlock(nn.Module):
   residual_pooling: bool = True
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  attention_impl: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -198,7 +199,8 @@ class MultiScaleBlock(nn.Module):
       shortcut = nn.max_pool(shortcut, (k, k), strides=(s, s), padding=((k // 2, k // 2), (k // 2, k // 2)))
     y = MultiScaleAttention(
         self.dim_out, self.num_heads, self.stride_q, self.stride_kv, self.rel_pos_rows, qkv_bias=self.qkv_bias,
-        residual_pooling=self.residual_pooling, dtype=self.dtype, name='attn')(x_norm)
+        residual_pooling=self.residual_pooling, dtype=self.dtype, attention_impl=self.attention_impl,
+        name='attn')(x_norm)
     x = shortcut + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
     y = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name='norm2')(x)
     y = _Mlp(int(self.dim_out * self.mlp_ratio), dtype=self.dtype, name='mlp')(y)
@@ -233,6 +235,7 @@ class MultiScaleVitStage(nn.Module):
   drop_path_rates: tuple[float, ...] = ()
   remat: Any = False  # bool or a named policy (layers.remat).
   dtype: Any = jnp.float32
+  attention_impl: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -243,7 +246,7 @@ class MultiScaleVitStage(nn.Module):
           rel_pos_rows=self.rel_pos_rows[j], mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
           residual_pooling=self.residual_pooling,
           drop_path_rate=self.drop_path_rates[j] if self.drop_path_rates else 0.0, dtype=self.dtype,
-          name=f'blocks_{j}')(x, train)
+          attention_impl=self.attention_impl, name=f'blocks_{j}')(x, train)
     return x
 
 
@@ -271,6 +274,7 @@ class MultiScaleVisionTransformerV2(layers.HierarchicalBackbone):
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
   remat: Any = False  # bool or a named policy (layers.remat).
+  attention_impl: str = 'einsum'  # Attention kernel: 'einsum' | 'xla' | 'cudnn' (vit_jax.models.attention).
 
   def _dims(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
     n = len(self.depths)
@@ -311,7 +315,7 @@ class MultiScaleVisionTransformerV2(layers.HierarchicalBackbone):
             rel_pos_rows=rows[i], mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
             residual_pooling=self.residual_pooling,
             drop_path_rates=tuple(float(r) for r in dpr[starts[i]:starts[i + 1]]), remat=self.remat,
-            dtype=self.dtype)
+            dtype=self.dtype, attention_impl=self.attention_impl)
         for i in range(n)]
     self.norm = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype)
     self.head_drop = nn.Dropout(self.drop_rate)

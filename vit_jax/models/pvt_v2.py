@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import attention
 from vit_jax.models import layers
 from vit_jax.models import registry
 from vit_jax.models.layers import DropPath
@@ -117,6 +118,7 @@ class SpatialReductionAttention(nn.Module):
   attn_drop_rate: float = 0.0
   proj_drop_rate: float = 0.0
   dtype: Any = jnp.float32
+  attention_impl: str = 'einsum'  # Attention kernel (vit_jax.models.attention).
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -146,11 +148,11 @@ class SpatialReductionAttention(nn.Module):
     kv = kv.reshape(b, kv.shape[1], 2, heads, hd)  # timm's (2, heads, hd) split of the 2*dim outputs.
     k, v = kv[:, :, 0], kv[:, :, 1]
 
-    q = q * jnp.asarray(hd ** -0.5, q.dtype)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
-    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    attn = nn.Dropout(self.attn_drop_rate)(attn, deterministic=deterministic)
-    out = jnp.einsum('bhqk,bkhd->bqhd', attn, v).reshape(b, h, w, dim)
+    dropout = None
+    if self.attn_drop_rate > 0 and not deterministic:
+      dropout = lambda weights: nn.Dropout(self.attn_drop_rate)(weights, deterministic=False)
+    out = attention.dot_product_attention(q, k, v, scale=hd ** -0.5, implementation=self.attention_impl,
+                                          dropout=dropout).reshape(b, h, w, dim)
     out = nn.Dense(dim, name='proj', **dense)(out)
     return nn.Dropout(self.proj_drop_rate)(out, deterministic=deterministic)
 
@@ -188,6 +190,7 @@ class PvtBlock(nn.Module):
   attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  attention_impl: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -196,7 +199,8 @@ class PvtBlock(nn.Module):
     y = nn.LayerNorm(epsilon=_BLOCK_LN_EPS, dtype=self.dtype, name='norm1')(x)
     y = SpatialReductionAttention(
         self.num_heads, sr_ratio=self.sr_ratio, linear=self.linear, qkv_bias=self.qkv_bias,
-        attn_drop_rate=self.attn_drop_rate, proj_drop_rate=self.drop_rate, dtype=self.dtype, name='attn')(
+        attn_drop_rate=self.attn_drop_rate, proj_drop_rate=self.drop_rate, dtype=self.dtype,
+        attention_impl=self.attention_impl, name='attn')(
             y, deterministic)
     x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
     y = nn.LayerNorm(epsilon=_BLOCK_LN_EPS, dtype=self.dtype, name='norm2')(x)
@@ -220,6 +224,7 @@ class PvtStage(nn.Module):
   drop_path_rates: tuple[float, ...] = ()
   remat: Any = False  # bool or a named policy (layers.remat).
   dtype: Any = jnp.float32
+  attention_impl: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -231,7 +236,7 @@ class PvtStage(nn.Module):
           self.num_heads, mlp_ratio=self.mlp_ratio, sr_ratio=self.sr_ratio, linear=self.linear,
           qkv_bias=self.qkv_bias, drop_rate=self.drop_rate, attn_drop_rate=self.attn_drop_rate,
           drop_path_rate=self.drop_path_rates[j] if self.drop_path_rates else 0.0, dtype=self.dtype,
-          name=f'blocks_{j}')(x, train)
+          attention_impl=self.attention_impl, name=f'blocks_{j}')(x, train)
     return nn.LayerNorm(epsilon=_BLOCK_LN_EPS, dtype=self.dtype, name='norm')(x)
 
 
@@ -259,6 +264,7 @@ class PyramidVisionTransformerV2(layers.HierarchicalBackbone):
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
   remat: Any = False  # bool or a named policy (layers.remat).
+  attention_impl: str = 'einsum'  # Attention kernel: 'einsum' | 'xla' | 'cudnn' (vit_jax.models.attention).
 
   @property
   def num_features(self) -> int:
@@ -279,7 +285,7 @@ class PyramidVisionTransformerV2(layers.HierarchicalBackbone):
                  sr_ratio=srs[i], linear=self.linear, mlp_ratio=mlps[i], qkv_bias=self.qkv_bias,
                  drop_rate=self.drop_rate, attn_drop_rate=self.attn_drop_rate,
                  drop_path_rates=tuple(float(r) for r in dpr[starts[i]:starts[i + 1]]), remat=self.remat,
-                 dtype=self.dtype)
+                 dtype=self.dtype, attention_impl=self.attention_impl)
         for i in range(n)]
     self.head_drop = nn.Dropout(self.drop_rate)
     if self.num_classes > 0:
