@@ -171,12 +171,19 @@ def _files(directory: epath.Path) -> list[epath.Path]:
   return out
 
 
+_DIGEST_CHUNK_BYTES = 16 << 20  # Files are hashed in chunks: checkpoint shards can be gigabytes.
+
+
 def _file_digests(step_dir: epath.Path) -> dict[str, list[Any]]:
   """{relative path: [size, sha256]} of every file of a checkpoint step."""
   out = {}
   for path in sorted(_files(step_dir)):
-    data = path.read_bytes()
-    out[str(path.relative_to(step_dir))] = [len(data), hashlib.sha256(data).hexdigest()]
+    digest, size = hashlib.sha256(), 0
+    with path.open('rb') as f:
+      while chunk := f.read(_DIGEST_CHUNK_BYTES):
+        digest.update(chunk)
+        size += len(chunk)
+    out[str(path.relative_to(step_dir))] = [size, digest.hexdigest()]
   return out
 
 
