@@ -13,11 +13,13 @@ INIT_FROM_SUFFIX = '_init_from'
 
 
 def make_config(data_dir: str):
-  """The default config, shortened to a dozen steps with one final eval and checkpoint."""
+  """The default config, shortened to a dozen steps with one final eval and checkpoint, and two layers deep
+  (compile time)."""
   sys.path.insert(0, str(ROOT))
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.dataset.data_dir = data_dir
+  config.model.num_layers = 2
   config.total_steps = 12
   config.log_every = 4
   config.eval_every = 0
