@@ -52,14 +52,28 @@ def fit_axis(rows: list[dict[str, Any]], x_key: str, metric: str, *, samples: in
     return out, []
   fit_d = distinct >= laws.MIN_POINTS_FOR_D
   fit = laws.fit_power_law(x[front], y[front], fit_d=fit_d)
-  intervals, draws = laws.bootstrap(x[front], y[front], fit, samples=samples, seed=seed, fit_d=fit_d)
-  out.update(fit.params(), ci95={k: list(v) for k, v in intervals.items()}, rmse_log=fit.rmse_log,
-             bootstrap_samples=len(draws), d_fitted=fit_d)
+  boot = laws.bootstrap(x[front], y[front], fit, samples=samples, seed=seed, fit_d=fit_d)
+  out.update(fit.params(), ci95={k: list(v) for k, v in boot.intervals.items()}, rmse_log=fit.rmse_log,
+             bootstrap_samples=len(boot.draws), d_fitted=fit_d, at_bound=list(fit.at_bound),
+             ci95_at_bound_fraction=boot.at_bound_fraction)
+  warnings = []
   if not fit_d:
-    out['warning'] = (f'only {distinct} frontier points, so d is fixed at 0 (E = a x^-b + c) and the intervals are '
-                      f'rough; {laws.MIN_POINTS_FOR_D} or more points fit all four constants. Add grid points along '
-                      'this axis.')
-  return out, draws
+    warnings.append(f'only {distinct} frontier points, so d is fixed at 0 (E = a x^-b + c) and the intervals are '
+                    f'rough; {laws.MIN_POINTS_FOR_D} or more points fit all four constants. Add grid points along '
+                    'this axis.')
+  if fit.at_bound:
+    warnings.append(f'the fit itself ended on the optimiser limit of {", ".join(fit.at_bound)}: the data do not '
+                    'pin it down.')
+  if not boot.draws:
+    warnings.append(f'no bootstrap intervals: with {distinct} frontier points every usable resample is the same '
+                    'set of points.')
+  bounded = [f'{k} {100 * f:.0f}%' for k, f in boot.at_bound_fraction.items() if f >= 0.025]
+  if bounded:
+    warnings.append(f'bootstrap refits that ended on an optimiser limit: {", ".join(bounded)}; an interval end '
+                    'at that limit (e.g. b = 10) reflects the limit, not the data.')
+  if warnings:
+    out['warning'] = ' Also, '.join(warnings)
+  return out, boot.draws
 
 
 def analyse(rows: list[dict[str, Any]], metric: str, *, samples: int = 200, holdout_fraction: float = 0.2,
@@ -70,9 +84,14 @@ def analyse(rows: list[dict[str, Any]], metric: str, *, samples: int = 200, hold
   if metric not in rows[0]:
     raise ValueError(f'The ledger has no column {metric!r}; its columns are {sorted(rows[0])}.')
   usable = [r for r in rows if isinstance(r[metric], float) and math.isfinite(r[metric]) and r[metric] > 0]
+  if not usable:
+    raise ValueError(f'No ledger row has a positive, finite {metric!r} (values: '
+                     f'{sorted({repr(r[metric]) for r in rows})[:5]}). An empty column means the runs predate that '
+                     'metric: rerun the sweep (it skips training) so every row gets it, or pick another --metric.')
   dropped = sorted(r['run'] for r in rows if r not in usable)
+  perfect = sorted(r['run'] for r in rows if r[metric] == 0.0)
   results: dict[str, Any] = {'metric': metric, 'n_runs': len(usable), 'dropped_runs': dropped,
-                             'law': 'E = a * (x + d)^(-b) + c', 'fits': {}}
+                             'zero_error_runs': perfect, 'law': 'E = a * (x + d)^(-b) + c', 'fits': {}}
   draws: dict[str, list[dict[str, float]]] = {}
   for axis, key in AXES.items():
     results['fits'][axis], draws[axis] = fit_axis(usable, key, metric, samples=samples, seed=seed)
@@ -100,12 +119,17 @@ def report_markdown(results: dict[str, Any], ledger_path: str) -> str:
     if 'a' not in fit:
       lines.append(f'| {AXIS_UNITS[axis]} | {fit["n_frontier"]} | skipped: {fit["skipped"]} | | | | |')
       continue
-    cells = [f'{_fmt(fit[k])} [{_fmt(fit["ci95"][k][0])}, {_fmt(fit["ci95"][k][1])}]' for k in laws.PARAM_NAMES]
+    cells = [_fmt(fit[k]) + (f' [{_fmt(fit["ci95"][k][0])}, {_fmt(fit["ci95"][k][1])}]'
+                             if math.isfinite(fit['ci95'][k][0]) else ' [no interval]') for k in laws.PARAM_NAMES]
     lines.append(f'| {AXIS_UNITS[axis]} | {fit["n_frontier"]} | ' + ' | '.join(cells) + f' | {fit["rmse_log"]:.3f} |')
   lines.append('')
   for axis, fit in results['fits'].items():
     if 'warning' in fit:
       lines.append(f'- {axis}: {fit["warning"]}')
+  if results['zero_error_runs']:
+    lines.append(f'- {len(results["zero_error_runs"])} runs reached {metric} = 0, which a log-space fit cannot use: '
+                 'they are left out, so the frontier is drawn through the runs they beat. Use a harder eval or a '
+                 f'finer metric (e.g. eval_loss). Runs: {", ".join(results["zero_error_runs"])}.')
   c = results['fits']['compute']
   if 'a' in c:
     lines += ['', f'Compute law: **{metric} = {_fmt(c["a"])} · (C + {_fmt(c["d"])})^(-{c["b"]:.3f}) + {c["c"]:.4f}**'
@@ -132,6 +156,15 @@ def report_markdown(results: dict[str, Any], ledger_path: str) -> str:
   return '\n'.join(lines)
 
 
+def _finite_or_null(tree: Any) -> Any:
+  """`tree` with NaN/inf floats as None: fits.json stays standard JSON (no interval is null, not NaN)."""
+  if isinstance(tree, dict):
+    return {k: _finite_or_null(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_finite_or_null(v) for v in tree]
+  return None if isinstance(tree, float) and not math.isfinite(tree) else tree
+
+
 def write_report(rows: list[dict[str, Any]], ledger_path: str, out: str, *, metric: str, samples: int,
                  holdout_fraction: float, seed: int) -> dict[str, Any]:
   """Runs `analyse` and writes the plots, report.md and fits.json into `out`; returns the results."""
@@ -151,7 +184,7 @@ def write_report(rows: list[dict[str, Any]], ledger_path: str, out: str, *, metr
   with open(os.path.join(out, 'report.md'), 'w') as f:
     f.write(report_markdown(results, ledger_path))
   with open(os.path.join(out, 'fits.json'), 'w') as f:
-    json.dump(results, f, indent=2)
+    json.dump(_finite_or_null(results), f, indent=2)
   return results
 
 

@@ -15,6 +15,15 @@ from scipy import optimize
 PARAM_NAMES = ('a', 'b', 'c', 'd')
 MIN_POINTS = 4         # Frontier points needed for any fit (3 constants + 1 degree of freedom)...
 MIN_POINTS_FOR_D = 6   # ... and for fitting d as well (with fewer, d = 0).
+# Optimiser limits (rescaled units). A constant that ends on one was stopped by the limit, not by the data. c's
+# limits, 0 and min(E), and d >= 0 are physical (no negative floor or offset, no floor above an observed error) and
+# are not flagged.
+_LOG_A_LIMIT, _B_LIMITS, _D_LIMIT_FACTOR = 50.0, (1e-4, 10.0), 1e3
+
+
+def min_points(fit_d: bool) -> int:
+  """Distinct x values a fit needs: MIN_POINTS_FOR_D with d free, MIN_POINTS with d fixed at 0."""
+  return MIN_POINTS_FOR_D if fit_d else MIN_POINTS
 
 
 def power_law(x: np.ndarray, a: float, b: float, c: float, d: float) -> np.ndarray:
@@ -44,6 +53,7 @@ class Fit:
   x: np.ndarray
   y: np.ndarray
   rmse_log: float
+  at_bound: tuple[str, ...] = ()  # Constants the optimiser's limits stopped (see _LOG_A_LIMIT ...).
 
   def params(self) -> dict[str, float]:
     return {k: float(getattr(self, k)) for k in PARAM_NAMES}
@@ -74,7 +84,8 @@ def fit_power_law(x: np.ndarray, y: np.ndarray, *, init: Optional[dict[str, floa
     return np.log(np.exp(log_a) * np.power(u + d, -b) + c) - log_y
 
   n = 4 if fit_d else 3  # theta = (log a, b, c[, d]) in rescaled units.
-  lower, upper = [-50.0, 1e-4, 0.0, 0.0][:n], [50.0, 10.0, c_max, 1e3 * float(u.max())][:n]
+  lower = [-_LOG_A_LIMIT, _B_LIMITS[0], 0.0, 0.0][:n]
+  upper = [_LOG_A_LIMIT, _B_LIMITS[1], c_max, _D_LIMIT_FACTOR * float(u.max())][:n]
   starts = []
   if init is not None:
     starts.append([np.log(init['a'] * scale ** -init['b']), init['b'], min(init['c'], 0.9 * c_max),
@@ -99,36 +110,55 @@ def fit_power_law(x: np.ndarray, y: np.ndarray, *, init: Optional[dict[str, floa
     raise RuntimeError('The power-law fit failed from every start.')
   log_a, b, c = best.x[:3]
   d = best.x[3] if fit_d else 0.0
+  near = lambda v, limit: abs(v - limit) <= 1e-6 * max(1.0, abs(limit))
+  # d = 0 (no offset) is a physical lower end, like c's; the other limits are the optimiser's.
+  at_bound = tuple(k for k, i in (('a', 0), ('b', 1), ('d', 3))
+                   if i < n and (near(best.x[i], upper[i]) or (k != 'd' and near(best.x[i], lower[i]))))
   return Fit(a=float(np.exp(log_a) * scale ** b), b=float(b), c=float(c), d=float(d * scale), x=x, y=y,
-             rmse_log=float(np.sqrt(np.mean(best.fun ** 2))))
+             rmse_log=float(np.sqrt(np.mean(best.fun ** 2))), at_bound=at_bound)
+
+
+@dataclasses.dataclass
+class Bootstrap:
+  """Percentile intervals {name: (low, high)}, the per-resample constants, and per constant the fraction of
+  refits that ended on an optimiser limit (an interval end that sits there is the limit, not the data)."""
+  intervals: dict[str, tuple[float, float]]
+  draws: list[dict[str, float]]
+  at_bound_fraction: dict[str, float]
 
 
 def bootstrap(x: np.ndarray, y: np.ndarray, fit: Fit, *, samples: int, seed: int = 0, level: float = 0.95,
-              fit_d: bool = True) -> tuple[dict[str, tuple[float, float]], list[dict[str, float]]]:
-  """Percentile intervals of the constants from refits to (x, y) pairs resampled with replacement.
+              fit_d: bool = True) -> Bootstrap:
+  """Refits to (x, y) pairs resampled with replacement.
 
-  Returns ({name: (low, high)}, the per-resample constants). Resamples with fewer than 3 distinct x are redrawn.
+  A resample with fewer distinct x than the point fit needed (`min_points(fit_d)`) is redrawn, so every refit
+  identifies the same constants as the fit it qualifies. With no more distinct x than that, every such resample
+  holds the same points and there is no interval to estimate: the intervals are NaN and there are no draws.
   """
   rng = np.random.default_rng(seed)
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
   draws: list[dict[str, float]] = []
-  attempts = 0
-  while len(draws) < samples and attempts < 20 * samples:
+  bounded = {k: 0 for k in PARAM_NAMES}
+  attempts = 0 if len(np.unique(x)) > min_points(fit_d) else 50 * samples
+  while len(draws) < samples and attempts < 50 * samples:
     attempts += 1
     idx = rng.integers(0, len(x), len(x))
-    if len(np.unique(x[idx])) < 3:
+    if len(np.unique(x[idx])) < min_points(fit_d):
       continue
     try:
-      draws.append(fit_power_law(x[idx], y[idx], init=fit.params(), fit_d=fit_d).params())
+      refit = fit_power_law(x[idx], y[idx], init=fit.params(), fit_d=fit_d)
     except (ValueError, RuntimeError):
       continue
+    draws.append(refit.params())
+    for k in refit.at_bound:
+      bounded[k] += 1
   if not draws:
     nan = (float('nan'), float('nan'))
-    return {k: nan for k in PARAM_NAMES}, draws
+    return Bootstrap({k: nan for k in PARAM_NAMES}, draws, {k: float('nan') for k in PARAM_NAMES})
   tail = 100 * (1 - level) / 2
   intervals = {k: (float(np.percentile([s[k] for s in draws], tail)),
                    float(np.percentile([s[k] for s in draws], 100 - tail))) for k in PARAM_NAMES}
-  return intervals, draws
+  return Bootstrap(intervals, draws, {k: bounded[k] / len(draws) for k in PARAM_NAMES})
 
 
 def extrapolation_check(x: np.ndarray, y: np.ndarray, *, holdout_fraction: float) -> dict:
