@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from ml_collections.config_flags import config_flags as cf_impl
 
-from experiments.scaling_laws import fewshot, fit, laws, runner, study as study_lib
-from vit_jax import checkpoint, optim, train
+from experiments.scaling_laws import fewshot, fit, laws, ledger, runner, study as study_lib
+from vit_jax import checkpoint, flops, optim, train
 from vit_jax.config_schema import base_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -86,11 +86,21 @@ def test_expand_makes_trunks_and_branches():
   assert trunk.trunk is None and trunk.config.total_steps == 400 and trunk.config.optimizer.cooldown_steps == 80
   assert (b200.trunk, b200.branch_step, b200.config.optimizer.cooldown_steps) == (trunk.name, 160, 40)
   assert (b100.trunk, b100.branch_step) == (trunk.name, 80)
-  assert trunk.config.checkpoint_every == 80 and trunk.config.keep_checkpoints == 6
+  assert trunk.config.checkpoint_every == 80  # Saves 80, 160, ..., 400, plus spare slots for preemption saves.
+  assert trunk.config.keep_checkpoints == 5 + study_lib.PREEMPTION_SLOTS
   assert trunk.config.dataset.train_split == 'train[:100]' and runs[0].config.dataset.train_split == 'train'
   assert trunk.config.model.hidden_size == 16 and s.base.total_steps != 400  # The base is not modified.
   independent = study_lib.expand(_tiny_study(None, steps=(100, 200), branch_cooldowns=False))
   assert all(r.trunk is None for r in independent)
+
+
+def test_trunk_keeps_branch_starts_through_preemption_saves():
+  """Steps (300, 600, 1000) at cooldown 0.2: branches start at 240 and 480; the trunk saves 240, 480, 720, 960 and
+  1000. Orbax keeps only the newest keep_checkpoints steps, so off-cadence preemption saves must not evict 240."""
+  trunk = study_lib.expand(_tiny_study(None, steps=(300, 600, 1000), cooldown_fraction=0.2))[0]
+  every, keep = trunk.config.checkpoint_every, trunk.config.keep_checkpoints
+  saves = sorted(set(range(every, 1001, every)) | {1000} | {250, 500, 730, 970})  # Four preemptions.
+  assert every == 240 and {240, 480} <= set(saves[-keep:])
 
 
 @pytest.mark.parametrize('overrides,match', [
@@ -98,6 +108,7 @@ def test_expand_makes_trunks_and_branches():
     (dict(cooldown_fraction=1.5), 'cooldown_fraction'),
     (dict(shapes=(dict(),)), 'study.shapes'),
     (dict(train_examples=(-1,)), 'train_examples'),
+    (dict(base=dict(optimizer=dict(cooldown_steps=5))), 'cooldown_fraction'),
 ])
 def test_study_errors_name_the_field(overrides, match):
   with pytest.raises(ValueError, match=match):
@@ -145,6 +156,9 @@ def test_ridge_probe():
   assert fewshot.ridge_probe_error(x[::3], labels[::3], x, labels, num_classes=4, l2_reg=1.0) == 0.0
   # Fewer points than dimensions takes the dual form; it must agree with the primal solution.
   few = np.concatenate([np.flatnonzero(labels == c)[:2] for c in range(4)])
+  y = 2.0 * np.eye(4)[labels[few]] - 1.0
+  np.testing.assert_allclose(fewshot.ridge_weights(x[few], y, 3.0, dual=True),
+                             fewshot.ridge_weights(x[few], y, 3.0, dual=False), rtol=1e-8, atol=1e-10)
   errors = fewshot.fewshot_errors(x, labels, x, labels, num_classes=4, shots=(2, 5), l2_reg=2.0 ** 10, seeds=2)
   assert set(errors) == {2, 5} and errors[5] < 0.05
   noise = rng.normal(size=(120, 16))
@@ -267,3 +281,119 @@ def test_sweep_branches_skips_and_resumes(digits_data_dir, tmp_path, monkeypatch
   with pytest.raises(checkpoint.WorkdirConflictError, match='optimizer.lr'):
     runner.run_study(s, str(root))
   assert (branch / 'ledger_row.json').read_text() == branch_row
+
+
+# --- Runner and ledger bookkeeping (no training).
+
+
+def _write_config(run_dir, config):
+  run_dir.mkdir(parents=True, exist_ok=True)
+  (run_dir / 'config.json').write_text(config.to_json_best_effort())
+
+
+def _other_lr(run):
+  config = run.config.copy_and_resolve_references()
+  config.optimizer.lr = 0.123
+  return config
+
+
+def _no_training(*args, **kwargs):
+  raise AssertionError('nothing may train here')
+
+
+def test_branch_refuses_a_trunk_of_another_config(tmp_path):
+  trunk, branch = study_lib.expand(_tiny_study(None))
+  trunk_dir = tmp_path / 'runs' / trunk.name
+  _write_config(trunk_dir, _other_lr(trunk))
+  (trunk_dir / 'checkpoints' / str(branch.branch_step)).mkdir(parents=True)
+  with pytest.raises(checkpoint.WorkdirConflictError, match='optimizer.lr'):
+    runner.seed_branch(tmp_path, branch, trunk)
+  assert not (tmp_path / 'runs' / branch.name).exists()
+
+
+def test_changed_study_is_refused_before_anything_trains(tmp_path, monkeypatch):
+  for run in study_lib.expand(_tiny_study(None)):
+    _write_config(tmp_path / 'runs' / run.name, run.config)
+  monkeypatch.setattr(train, 'train_and_evaluate', _no_training)
+  # A longer length makes a new trunk; the old 16-step trunk would become a branch with other checkpoint settings.
+  with pytest.raises(checkpoint.WorkdirConflictError, match='w16d1m32h2_nall_s16'):
+    runner.run_study(_tiny_study(None, steps=(8, 16, 32)), str(tmp_path))
+  assert not (tmp_path / 'runs' / 'w16d1m32h2_nall_s32').exists()
+
+
+def test_ledger_refuses_rows_of_another_config_and_leaves_out_stale_probes(tmp_path):
+  s = _tiny_study(None)
+  runs = study_lib.expand(s)
+  for run in runs:
+    _write_config(tmp_path / 'runs' / run.name, run.config)
+    ledger.write_row(tmp_path / 'runs' / run.name, {'run': run.name, ledger.PROBE_KEY: ledger.probe_settings(s)})
+  assert ledger.write_ledger(tmp_path, runs, s)[1] == 2
+  s.fewshot.l2_reg = 1.0
+  assert ledger.write_ledger(tmp_path, runs, s)[1] == 0
+  _write_config(tmp_path / 'runs' / runs[1].name, _other_lr(runs[1]))
+  with pytest.raises(checkpoint.WorkdirConflictError, match='optimizer.lr'):
+    ledger.write_ledger(tmp_path, runs, s)
+
+
+def test_changed_fewshot_settings_recompute_only_the_probe(tmp_path, monkeypatch):
+  s = _tiny_study(None)
+  run = study_lib.expand(s)[0]
+  run_dir = tmp_path / 'runs' / run.name
+  _write_config(run_dir, run.config)
+  old = {'run': run.name, 'eval_error': 0.25, 'fewshot_2shot_error': 0.5, ledger.PROBE_KEY: ledger.probe_settings(s)}
+  ledger.write_row(run_dir, old)
+  monkeypatch.setattr(train, 'train_and_evaluate', _no_training)
+  monkeypatch.setattr(fewshot, 'probe_run', lambda *a, **kw: {int(k): 0.125 for k in kw['shots']})
+  assert runner.execute(tmp_path, run, s) == 'skipped'
+  s.fewshot.shots = (3,)
+  assert runner.execute(tmp_path, run, s) == 'reprobed'
+  row = ledger.read_row(run_dir)
+  assert row['fewshot_3shot_error'] == 0.125 and 'fewshot_2shot_error' not in row and row['eval_error'] == 0.25
+  assert ledger.probe_is_current(row, s)
+
+
+def test_preempted_or_crashed_run_writes_no_row_and_counts_its_time(tmp_path, monkeypatch):
+  run = study_lib.expand(_tiny_study(None))[0]
+  run_dir = tmp_path / 'runs' / run.name
+
+  def preempted(config, workdir):
+    checkpoint.claim_workdir(workdir, config)
+    return {'preempted_at_step': 4}
+  monkeypatch.setattr(train, 'train_and_evaluate', preempted)
+  with pytest.raises(runner.RunPreempted, match='step 4 .*Rerun the same command to resume'):
+    runner.execute(tmp_path, run, _tiny_study(None))
+  monkeypatch.setattr(train, 'train_and_evaluate', lambda *a: 1 / 0)
+  with pytest.raises(ZeroDivisionError):
+    runner.execute(tmp_path, run, _tiny_study(None))
+  assert not (run_dir / 'ledger_row.json').exists()
+  assert json.loads((run_dir / 'sweep_timing.json').read_text())['attempts'] == 2
+
+
+def test_device_hours_count_each_part_at_its_own_device_count(tmp_path):
+  trunk, branch = study_lib.expand(_tiny_study(None))  # The branch starts at step 4 of 16.
+  for run, wall, devices in ((trunk, 160.0, 8), (branch, 20.0, 2)):
+    _write_config(tmp_path / 'runs' / run.name, run.config)
+    (tmp_path / 'runs' / run.name / 'sweep_timing.json').write_text(
+        json.dumps({'wall_seconds': wall, 'attempts': 1, 'devices': devices}))
+  cost = ledger.cost(tmp_path, branch)
+  assert cost['wall_seconds'] == 20 + 40 and cost['devices'] == 2
+  np.testing.assert_allclose(cost['device_hours'], (20 * 2 + 40 * 8) / 3600)
+  (tmp_path / 'runs' / trunk.name / 'sweep_timing.json').unlink()
+  assert np.isnan(ledger.cost(tmp_path, branch)['device_hours'])
+
+
+def test_flops_count_map_heads_and_pre_logits():
+  config = study_lib.expand(_tiny_study(None))[0].config
+  plain = ledger.vit_shape(config, 10)
+  assert plain['flops_method'] == 'analytic'
+  assert plain['macs_per_image'] == flops.vit_forward_macs(
+      image_size=16, patch_size=plain['patch_size'], hidden_size=16, num_layers=1, mlp_dim=32, num_classes=10)
+  config.model.classifier = 'map'
+  map_head = ledger.vit_shape(config, 10)
+  assert map_head['flops_method'] == 'xla' and map_head['macs_per_image'] > plain['macs_per_image']
+
+
+def test_too_many_train_examples_are_refused(digits_data_dir, tmp_path, monkeypatch):
+  monkeypatch.setattr(train, 'train_and_evaluate', _no_training)
+  with pytest.raises(ValueError, match='has only 1'):
+    runner.run_study(_tiny_study(digits_data_dir, train_examples=(10 ** 6,)), str(tmp_path))

@@ -17,6 +17,17 @@ from vit_jax import checkpoint, input_pipeline, optim, sharding, train
 BIAS_CONSTANT = 100.0
 
 
+def ridge_weights(x: np.ndarray, y: np.ndarray, l2_reg: float, *, dual: bool | None = None) -> np.ndarray:
+  """Ridge solution (x^T x + l2 I)^-1 x^T y, or the equal x^T (x x^T + l2 I)^-1 y (`dual`, the default when there
+  are fewer points than features: it solves an n x n system instead of a d x d one)."""
+  n, d = x.shape
+  if dual is None:
+    dual = n < d
+  if dual:
+    return x.T @ np.linalg.solve(x @ x.T + l2_reg * np.eye(n), y)
+  return np.linalg.solve(x.T @ x + l2_reg * np.eye(d), x.T @ y)
+
+
 def ridge_probe_error(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *,
                       num_classes: int, l2_reg: float) -> float:
   """Error of the closed-form ridge classifier fitted on (x_train, y_train), measured on (x_test, y_test)."""
@@ -25,11 +36,7 @@ def ridge_probe_error(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarr
   x = np.pad((x_train - mean) / std, ((0, 0), (0, 1)), constant_values=BIAS_CONSTANT)
   xt = np.pad((x_test - mean) / std, ((0, 0), (0, 1)), constant_values=BIAS_CONSTANT)
   y = 2.0 * np.eye(num_classes)[np.asarray(y_train)] - 1.0
-  n, d = x.shape
-  if n >= d:  # (x^T x + l2 I)^-1 x^T y, or equivalently x^T (x x^T + l2 I)^-1 y when there are fewer points.
-    w = np.linalg.solve(x.T @ x + l2_reg * np.eye(d), x.T @ y)
-  else:
-    w = x.T @ np.linalg.solve(x @ x.T + l2_reg * np.eye(n), y)
+  w = ridge_weights(x, y, l2_reg)
   return float(np.mean(np.argmax(xt @ w, axis=1) != np.asarray(y_test)))
 
 

@@ -16,7 +16,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from vit_jax import checkpoint, train
+from vit_jax import checkpoint, input_pipeline, train
 
 from experiments.scaling_laws import ledger, study as study_lib
 
@@ -25,16 +25,8 @@ def run_dir_of(root: epath.Path, run: study_lib.Run) -> epath.Path:
   return root / study_lib.RUNS_DIRNAME / run.name
 
 
-def _check_identity(run_dir: epath.Path, run: study_lib.Run) -> None:
-  """Refuses (before anything is written) a run workdir that holds a different config."""
-  config_file = run_dir / checkpoint.CONFIG_FILENAME
-  if config_file.exists():
-    diffs = checkpoint.config_differences(json.loads(config_file.read_text()),
-                                          json.loads(run.config.to_json_best_effort()))
-    if diffs:
-      raise checkpoint.WorkdirConflictError(
-          f'Run {run.name}: {run_dir} holds a run with a different config:\n  ' + '\n  '.join(diffs) +
-          '\nNothing was changed. Use a new --workdir for a changed study, or restore the original study config.')
+class RunPreempted(RuntimeError):
+  """A run stopped early on preemption; its checkpoint is saved and rerunning the same command resumes it."""
 
 
 def finished_metrics(run_dir: epath.Path, total_steps: int) -> Optional[dict[str, Any]]:
@@ -46,17 +38,22 @@ def finished_metrics(run_dir: epath.Path, total_steps: int) -> Optional[dict[str
   return final if final.get('step') == total_steps else None
 
 
-def seed_branch(root: epath.Path, run: study_lib.Run) -> None:
-  """Gives a branch run the trunk's checkpoint at its branch step, unless it already has checkpoints of its own."""
+def seed_branch(root: epath.Path, run: study_lib.Run, trunk: study_lib.Run) -> None:
+  """Gives a branch run the trunk's checkpoint at its branch step, unless it already has checkpoints of its own.
+
+  The trunk's workdir must hold `trunk`'s config: a changed study must never seed from an old trunk.
+  """
   run_dir = run_dir_of(root, run)
   ckpt_dir = run_dir / checkpoint.CHECKPOINT_DIRNAME
   if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
     return  # Resume the branch's own progress.
-  source = root / study_lib.RUNS_DIRNAME / run.trunk / checkpoint.CHECKPOINT_DIRNAME / str(run.branch_step)
+  trunk_dir = run_dir_of(root, trunk)
+  source = trunk_dir / checkpoint.CHECKPOINT_DIRNAME / str(run.branch_step)
   if not source.exists():
     raise FileNotFoundError(
-        f'Branch {run.name} starts from step {run.branch_step} of run {run.trunk}, but {source} does not exist. '
-        f'Train {run.trunk} first (a local sweep does; with --emit_commands run stage 1 before stage 2).')
+        f'Branch {run.name} starts from step {run.branch_step} of run {trunk.name}, but {source} does not exist. '
+        f'Train {trunk.name} first (a local sweep does; with --emit_commands run stage 1 before stage 2).')
+  ledger.check_identity(trunk_dir, trunk, required=True)
   checkpoint.claim_workdir(str(run_dir), run.config)
   tmp = run_dir / '.branch_seed_tmp'
   if tmp.exists():
@@ -67,24 +64,57 @@ def seed_branch(root: epath.Path, run: study_lib.Run) -> None:
   logging.info('Branch %s starts from %s.', run.name, source)
 
 
-def execute(root: epath.Path, run: study_lib.Run, study: ml_collections.ConfigDict) -> str:
-  """Trains `run` unless finished, then writes its ledger row. Returns 'skipped', 'trained' or 'row'."""
+def train_run(root: epath.Path, run: study_lib.Run, trunk: Optional[study_lib.Run]) -> dict[str, Any]:
+  """Trains (or resumes) `run`, adding the attempt's wall time even when it fails; raises RunPreempted."""
   run_dir = run_dir_of(root, run)
-  _check_identity(run_dir, run)
-  if ledger.read_row(run_dir) is not None:
-    logging.info('Run %s is finished; skipped.', run.name)
-    return 'skipped'
-  outcome = 'row'
-  final = finished_metrics(run_dir, run.config.total_steps)
-  if final is None:
-    if run.trunk:
-      seed_branch(root, run)
-    start = time.time()
+  if trunk is not None:
+    seed_branch(root, run, trunk)
+  start = time.time()
+  try:
     final = train.train_and_evaluate(run.config, str(run_dir))
-    ledger.record_wall_time(run_dir, time.time() - start, jax.device_count())
-    outcome = 'trained'
+  finally:
+    if run_dir.exists():
+      ledger.record_wall_time(run_dir, time.time() - start, jax.device_count())
+  if 'preempted_at_step' in final:
+    raise RunPreempted(f'Run {run.name} was preempted at step {final["preempted_at_step"]} of '
+                       f'{run.config.total_steps}; its checkpoint is saved and no ledger row was written. Rerun the '
+                       'same command to resume.')
+  return final
+
+
+def execute(root: epath.Path, run: study_lib.Run, study: ml_collections.ConfigDict,
+            trunk: Optional[study_lib.Run] = None) -> str:
+  """Trains `run` (a branch from `trunk`) unless finished, then writes its ledger row.
+
+  Returns 'skipped', 'reprobed' (finished, but the few-shot settings changed), 'trained' or 'row'.
+  """
+  run_dir = run_dir_of(root, run)
+  ledger.check_identity(run_dir, run)
+  row = ledger.read_row(run_dir)
+  if row is not None:
+    if ledger.probe_is_current(row, study):
+      logging.info('Run %s is finished; skipped.', run.name)
+      return 'skipped'
+    ledger.write_row(run_dir, ledger.reprobe(row, run, study, run_dir))
+    return 'reprobed'
+  final = finished_metrics(run_dir, run.config.total_steps)
+  outcome = 'row' if final is not None else 'trained'
+  if final is None:
+    final = train_run(root, run, trunk)
   ledger.write_row(run_dir, ledger.make_row(run, study, root, final))
   return outcome
+
+
+def check_before_training(root: epath.Path, runs: list[study_lib.Run], study: ml_collections.ConfigDict) -> None:
+  """Refuses a changed study, or too few training examples, before any run trains."""
+  for run in runs:
+    ledger.check_identity(run_dir_of(root, run), run)
+  largest = max(int(n) for n in study.train_examples)
+  if largest:
+    available = input_pipeline.get_dataset_info(study.base.dataset).num_train_examples
+    if largest > available:
+      raise ValueError(f'study.train_examples asks for {largest} examples, but {study.base.dataset.train_split!r} '
+                       f'has only {available}; lower study.train_examples (0: the whole split).')
 
 
 def _config_args(argv: list[str]) -> list[str]:
@@ -127,19 +157,22 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, only: Optional[
   With `only`, the ledger is not written (concurrent cluster jobs); the final --ledger_only job writes it.
   """
   runs = study_lib.expand(study)
+  by_name = {r.name: r for r in runs}
   root = epath.Path(workdir)
+  if only is not None and only not in by_name:
+    raise ValueError(f'--only={only} is not a run of this study; its runs are {list(by_name)}.')
+  if not ledger_only:
+    check_before_training(root, runs, study)
   if only is not None:
-    selected = [r for r in runs if r.name == only]
-    if not selected:
-      raise ValueError(f'--only={only} is not a run of this study; its runs are {[r.name for r in runs]}.')
-    execute(root, selected[0], study)
+    run = by_name[only]
+    execute(root, run, study, by_name.get(run.trunk))
     return '', 0, len(runs)
   root.mkdir(parents=True, exist_ok=True)
   if not ledger_only:
     start = time.time()
     for i, run in enumerate(runs):
       logging.info('Run %d/%d: %s', i + 1, len(runs), run.name)
-      outcome = execute(root, run, study)
+      outcome = execute(root, run, study, by_name.get(run.trunk))
       path, count = ledger.write_ledger(root, runs, study)
       logging.info('Run %s: %s (%.0f s into the sweep); %s has %d rows.', run.name, outcome, time.time() - start,
                    path, count)

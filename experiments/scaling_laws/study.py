@@ -17,6 +17,7 @@ import re
 from typing import Any, Optional
 
 import ml_collections
+from absl import logging
 
 from vit_jax import config_schema
 
@@ -24,6 +25,8 @@ RUNS_DIRNAME = 'runs'
 # Shape keys in the order and with the abbreviations used in run names.
 _SHAPE_ABBREVIATIONS = {'hidden_size': 'w', 'num_layers': 'd', 'mlp_dim': 'm', 'num_heads': 'h', 'patch_size': 'p'}
 MAX_TRUNK_CHECKPOINTS = 64
+# Spare trunk checkpoint slots: each preemption adds one off-cadence save, which must not evict a branch start.
+PREEMPTION_SLOTS = 16
 
 
 def base_study() -> ml_collections.ConfigDict:
@@ -75,6 +78,10 @@ def validate_study(study: ml_collections.ConfigDict) -> None:
     raise ValueError(f'study.fewshot.shots={tuple(study.fewshot.shots)} must be positive.')
   if study.fewshot.l2_reg <= 0 or study.fewshot.seeds <= 0:
     raise ValueError('study.fewshot.l2_reg and study.fewshot.seeds must be positive.')
+  if study.base.optimizer.cooldown_steps:
+    raise ValueError(f'study.base.optimizer.cooldown_steps={study.base.optimizer.cooldown_steps} would be replaced: '
+                     'each run cools down for round(study.cooldown_fraction * steps) steps. Set it to 0 and choose '
+                     'study.cooldown_fraction instead.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +128,25 @@ def _run_config(study: ml_collections.ConfigDict, shape: dict[str, Any], steps: 
   return config
 
 
+def _set_trunk_checkpoints(config: ml_collections.ConfigDict, starts: list[int], name: str) -> None:
+  """The trunk saves at every branch start (a multiple of their gcd) and keeps all its saves, plus spare slots
+  for preemption saves, so no branch start is ever evicted."""
+  every = math.gcd(*starts)
+  saves = -(-config.total_steps // every)  # Multiples of `every`, plus the final step when it is not one.
+  if saves > MAX_TRUNK_CHECKPOINTS:
+    raise ValueError(
+        f'Branch starts {starts} of {name} share only the divisor {every}, so the trunk would keep {saves} '
+        f'checkpoints (more than {MAX_TRUNK_CHECKPOINTS}). Choose study.steps whose cooldown starts '
+        '(steps - round(cooldown_fraction * steps)) have a larger common divisor.')
+  config.checkpoint_every = every
+  config.keep_checkpoints = saves + PREEMPTION_SLOTS
+
+
 def expand(study: ml_collections.ConfigDict) -> list[Run]:
   """The study's runs, trunks before their branches, so running them in order never waits on a missing trunk."""
   validate_study(study)
+  logging.info('Each run trains its own study.steps length; study.base.total_steps=%d is not used.',
+               study.base.total_steps)
   runs = []
   lengths = sorted({int(t) for t in study.steps}, reverse=True)
   for shape in (study.shapes or ({},)):
@@ -140,16 +163,8 @@ def expand(study: ml_collections.ConfigDict) -> list[Run]:
         else:
           branches.append(Run(run_name(shape, t, n), shape, t, n, config))
       starts = [r.branch_step for r in branches if r.trunk]
-      if starts:  # The trunk checkpoints exactly where branches start (and at its end).
-        every = math.gcd(*starts)
-        keep = trunk_len // every + 1
-        if keep > MAX_TRUNK_CHECKPOINTS:
-          raise ValueError(
-              f'Branch starts {starts} of {run_name(shape, trunk_len, n)} share only the divisor {every}, so the '
-              f'trunk would keep {keep} checkpoints (more than {MAX_TRUNK_CHECKPOINTS}). Choose study.steps whose '
-              'cooldown starts (steps - round(cooldown_fraction * steps)) have a larger common divisor.')
-        trunk_config.checkpoint_every = every
-        trunk_config.keep_checkpoints = keep
+      if starts:
+        _set_trunk_checkpoints(trunk_config, starts, run_name(shape, trunk_len, n))
       runs.append(Run(run_name(shape, trunk_len, n), shape, trunk_len, n, trunk_config))
       runs.extend(branches)
   names = [r.name for r in runs]

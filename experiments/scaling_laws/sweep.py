@@ -7,7 +7,9 @@ Locally the runs train one after another (trunks before the branches that start 
 study.py) and DIR/ledger.csv is rewritten after each. A run whose ledger row exists is skipped; an unfinished one
 resumes from its latest checkpoint (vit_jax.train does that). --emit_commands prints one command per run for a
 cluster scheduler, in stages: stage 2 (branches) needs stage 1 (trunks) finished, and the last command builds the
-ledger. A run's workdir is DIR/runs/NAME; a workdir that holds a different config is refused, and nothing is changed.
+ledger. A run's workdir is DIR/runs/NAME; a workdir that holds a different config is refused before anything trains,
+and nothing is changed. A preempted run exits with status 1: rerun the same command to resume it. Changed
+study.fewshot settings recompute only the probe of finished runs.
 """
 from __future__ import annotations
 
@@ -43,11 +45,15 @@ def main(argv):
   if _EMIT.value:
     print('\n'.join(runner.emit_commands(study_lib.expand(_CONFIG.value), _WORKDIR.value, sys.argv[1:])))
     return
-  path, count, total = runner.run_study(_CONFIG.value, _WORKDIR.value, only=_ONLY.value,
-                                        ledger_only=_LEDGER_ONLY.value)
+  try:
+    path, count, total = runner.run_study(_CONFIG.value, _WORKDIR.value, only=_ONLY.value,
+                                          ledger_only=_LEDGER_ONLY.value)
+  except runner.RunPreempted as e:
+    sys.exit(f'Preempted: {e}')  # Exit status 1: the scheduler should rerun this command.
   if path:
     missing = total - count
-    print(f'Ledger: {path} ({count} of {total} runs' + (f'; {missing} not finished)' if missing else ')'))
+    print(f'Ledger: {path} ({count} of {total} runs' +
+          (f'; {missing} not finished or with a stale probe, see the log)' if missing else ')'))
 
 
 if __name__ == '__main__':
