@@ -67,7 +67,9 @@ def seed_branch(root: epath.Path, run: study_lib.Run, trunk: study_lib.Run) -> N
 def train_run(root: epath.Path, run: study_lib.Run, trunk: Optional[study_lib.Run]) -> dict[str, Any]:
   """Trains (or resumes) `run`, adding the attempt's wall time even when it fails; raises RunPreempted."""
   run_dir = run_dir_of(root, run)
-  if trunk is not None:
+  if run.trunk:
+    if trunk is None or trunk.name != run.trunk:
+      raise ValueError(f'Branch {run.name} needs its trunk run {run.trunk}, got {trunk and trunk.name}.')
     seed_branch(root, run, trunk)
   start = time.time()
   try:
