@@ -95,6 +95,49 @@ def test_intact_checkpoint_restores_state_iterator_and_loop(tmp_path):
   assert (tmp_path / 'checkpoints' / '4.orbax-checkpoint-tmp-123').exists()
 
 
+class _RefusingIter(_Iter):
+  def set_state(self, state):
+    raise RuntimeError('iterator format changed')
+
+
+def test_unrestorable_iterator_position_keeps_every_checkpoint(tmp_path, caplog):
+  """A failing input-iterator restore is not corruption: the state restores, no step is moved aside."""
+  _save_steps(tmp_path, [10, 20])
+  with caplog.at_level('WARNING'):
+    restored = checkpoint.Checkpointer(str(tmp_path), keep=5).restore_latest_valid(
+        {'w': jnp.zeros((4,))}, data_iterator=_RefusingIter())
+  assert (restored.step, restored.data_restored) == (20, False)
+  np.testing.assert_array_equal(restored.state['w'], np.full(4, 20.0))
+  assert any('iterator format changed' in r.getMessage() for r in caplog.records)
+  assert not (tmp_path / checkpoint.QUARANTINE_DIRNAME).exists()
+
+
+def test_iterator_position_of_another_process_count_is_not_restored(tmp_path):
+  _save_steps(tmp_path, [10])
+  [npz] = (tmp_path / 'checkpoints' / '10' / checkpoint.DATA_ITEM).glob('process_0.npz')
+  with np.load(npz) as data:
+    arrays = dict(data)
+  arrays['__process_count__'] = np.asarray(2)  # As if two processes had saved it.
+  np.savez(npz, **arrays)
+  (tmp_path / 'checkpoints' / 'manifests' / '10.json').unlink()  # The edit is not corruption here.
+  it = _Iter(-1)
+  restored = checkpoint.Checkpointer(str(tmp_path), keep=5).restore_latest_valid({'w': jnp.zeros((4,))},
+                                                                                 data_iterator=it)
+  assert (restored.step, restored.data_restored, it.n) == (10, False, -1)
+
+
+def test_when_every_step_fails_nothing_is_moved_and_the_run_does_not_restart(tmp_path):
+  _save_steps(tmp_path, [1, 2])
+  for step in (1, 2):
+    for f in (p for p in (tmp_path / 'checkpoints' / str(step) / 'default').rglob('*') if p.is_file()):
+      f.write_bytes(f.read_bytes()[:f.stat().st_size // 3])
+  with pytest.raises(checkpoint.CheckpointRestoreError, match=r'steps \[2, 1\].*Nothing was moved'):
+    checkpoint.Checkpointer(str(tmp_path), keep=5).restore_latest_valid({'w': jnp.zeros((4,))},
+                                                                        data_iterator=_Iter())
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()) == ['1', '2']
+  assert not (tmp_path / checkpoint.QUARANTINE_DIRNAME).exists()
+
+
 def test_wrong_shapes_list_the_parameters(tmp_path):
   _save_steps(tmp_path, [1])
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=5)

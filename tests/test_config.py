@@ -130,3 +130,7 @@ def test_valid_config_passes_device_checks():
   config.batch_size = 100
   with pytest.raises(ValueError, match='multiple of 8'):
     config_schema.check_devices(config, 8, process_count=2)
+  config.batch_size, config.mesh.dcn_data, config.mesh.dcn_tensor = 64, 1, -1
+  config_schema.check_devices(config, 8, process_count=1)  # One host: dcn_* do not apply.
+  with pytest.raises(ValueError, match='dcn_tensor=-1: tensor parallelism across hosts'):
+    config_schema.check_devices(config, 8, process_count=2)

@@ -58,6 +58,10 @@ class WorkdirConflictError(RuntimeError):
   """The workdir holds a run that the current config would overwrite."""
 
 
+class CheckpointRestoreError(RuntimeError):
+  """No checkpoint of a workdir could be restored; nothing was moved."""
+
+
 class CheckpointMismatchError(ValueError):
   """A checkpoint's parameters do not fit the model being trained (another model, or other shapes)."""
 
@@ -121,25 +125,38 @@ class CheckpointableIterator(Protocol):
   def set_state(self, state: dict[str, bytes]) -> None: ...
 
 
+class DataIteratorMismatchError(ValueError):
+  """A checkpoint's input-iterator state was written by another number of processes (each reads another slice)."""
+
+
+_PROCESS_COUNT_KEY = '__process_count__'  # Stored beside the iterator's own entries.
+
+
 class DataIteratorHandler(ocp.handlers.CheckpointHandler):
   """Orbax handler for input-iterator snapshots: every process writes `process_{index}.npz` in the item directory.
 
   The snapshot is taken by the caller when `save` is requested (DataIteratorSave.capture), so the loop may draw
-  more batches while Orbax writes in the background. Read back without pickle.
+  more batches while Orbax writes in the background. Read back without pickle. The process count is stored too:
+  with another count each process reads another slice of the data, so a snapshot would resume the wrong stream.
   """
 
   def save(self, directory: epath.Path, args: 'DataIteratorSave') -> None:
     arrays = {k: np.frombuffer(v, np.uint8) for k, v in args.state.items()}
+    arrays[_PROCESS_COUNT_KEY] = np.asarray(jax.process_count(), np.int64)
     with (directory / f'process_{jax.process_index()}.npz').open('wb') as f:
       np.savez(f, **arrays)
 
   def restore(self, directory: epath.Path, args: 'DataIteratorRestore') -> CheckpointableIterator:
     path = directory / f'process_{jax.process_index()}.npz'
     if not path.exists():
-      raise FileNotFoundError(f'{directory} has no input-iterator state for process {jax.process_index()} '
-                              '(was the run saved with a different number of processes?).')
+      raise DataIteratorMismatchError(f'{directory} has no input-iterator state for process '
+                                      f'{jax.process_index()}: it was saved by fewer processes.')
     with path.open('rb') as f, np.load(f, allow_pickle=False) as data:
-      args.iterator.set_state({k: data[k].tobytes() for k in data.files})
+      saved_count = int(data[_PROCESS_COUNT_KEY]) if _PROCESS_COUNT_KEY in data.files else jax.process_count()
+      if saved_count != jax.process_count():
+        raise DataIteratorMismatchError(f'{directory} was saved by {saved_count} processes, not '
+                                        f'{jax.process_count()}.')
+      args.iterator.set_state({k: data[k].tobytes() for k in data.files if k != _PROCESS_COUNT_KEY})
     return args.iterator
 
 
@@ -346,50 +363,82 @@ class Checkpointer:
 
   def restore_latest_valid(self, abstract_state: Any, *,
                            data_iterator: Optional[CheckpointableIterator] = None) -> Optional[Restored]:
-    """Restores the newest step that is intact; corrupt newer steps are moved aside with a warning.
+    """Restores the newest step that is intact; corrupt newer steps are then moved aside with a warning.
 
-    Returns None when there is no usable checkpoint. A checkpoint whose parameters do not fit `abstract_state`
-    raises CheckpointMismatchError (that is a wrong config, not corruption, so no fallback is tried).
+    Returns None when there are no checkpoints. When every step fails, nothing is moved and CheckpointRestoreError
+    is raised: a cause common to all steps (memory, a changed environment) must not look like a fresh start. A
+    checkpoint whose parameters do not fit `abstract_state` raises CheckpointMismatchError (a wrong config, not
+    corruption). An input-iterator state that cannot be restored (e.g. another process count) is not corruption
+    either: the train state is restored and `data_restored` is False.
     """
     self._warn_about_unfinished_saves()
+    failed: list[tuple[int, Exception]] = []
     for step in sorted(self._manager.all_steps(), reverse=True):
-      try:
-        # Process 0 checks the manifest (one read of the files, not one per process) and tells the others.
-        problem = None
-        if jax.process_index() == 0:
-          problem = _manifest_problem(self.step_dir(step), self._manifest_file(step))
-        if _any_process(problem is not None):
-          raise IOError(problem or 'manifest mismatch found by process 0')
-        metadata = self._manager.item_metadata(step)
-        present = {k for k in (STATE_ITEM, DATA_ITEM, LOOP_ITEM) if (self.step_dir(step) / k).exists()}
-        if STATE_ITEM not in present or metadata.get(STATE_ITEM) is None:
-          raise IOError(f'no readable {STATE_ITEM!r} item')
-      except CheckpointMismatchError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
-        self._quarantine(step, e)
+      error, metadata, present = self._integrity_error(step)
+      if _any_process(error is not None):  # Every process takes the same branch.
+        failed.append((step, error or IOError('a problem found by another process')))
         continue
       check_same_structure(metadata[STATE_ITEM], abstract_state, f'Checkpoint {self.step_dir(step)}')
       args = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
       if LOOP_ITEM in present:
         args[LOOP_ITEM] = ocp.args.JsonRestore()
-      if data_iterator is not None and DATA_ITEM in present:
-        args[DATA_ITEM] = DataIteratorRestore(data_iterator)
-      error: Optional[Exception] = None
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
       except Exception as e:  # pylint: disable=broad-except
         error = e
-      if _any_process(error is not None):  # All processes fall back together, or none does.
-        self._quarantine(step, error or IOError('restore failed on another process'))
+      if _any_process(error is not None):
+        failed.append((step, error or IOError('restore failed on another process')))
         continue
-      if data_iterator is not None and DATA_ITEM not in present:
-        logging.warning('Checkpoint %s has no input-iterator state (written by an older vit_jax); the input '
-                        'pipeline restarts from its beginning, so this resume is not exact.', self.step_dir(step))
+      for bad_step, bad_error in failed:  # An older step restored, so the newer ones are corrupt: move them aside.
+        self._quarantine(bad_step, bad_error)
       logging.info('Restored checkpoint %s.', self.step_dir(step))
       return Restored(step=step, state=restored[STATE_ITEM], loop=dict(restored.get(LOOP_ITEM) or {}),
-                      data_restored=DATA_ITEM in args)
+                      data_restored=self._restore_data(step, present, data_iterator))
+    if failed:
+      step, error = failed[0]
+      raise CheckpointRestoreError(
+          f'No checkpoint in {self._root} could be restored (steps {[s for s, _ in failed]}; the newest failed with '
+          f'{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ""}). Nothing was moved '
+          'or deleted, and the run does not start again from step 0 over them. Fix the cause (memory, devices, '
+          'package versions) and rerun, or start in a new --workdir.')
     return None
+
+  def _integrity_error(self, step: int) -> tuple[Optional[Exception], Any, set[str]]:
+    """(this process's problem with `step` or None, its item metadata, the items present)."""
+    try:
+      # Process 0 checks the manifest (one read of the files, not one per process) and tells the others.
+      problem = None
+      if jax.process_index() == 0:
+        problem = _manifest_problem(self.step_dir(step), self._manifest_file(step))
+      if _any_process(problem is not None):
+        raise IOError(problem or 'manifest mismatch found by process 0')
+      metadata = self._manager.item_metadata(step)
+      present = {k for k in (STATE_ITEM, DATA_ITEM, LOOP_ITEM) if (self.step_dir(step) / k).exists()}
+      if STATE_ITEM not in present or metadata.get(STATE_ITEM) is None:
+        raise IOError(f'no readable {STATE_ITEM!r} item')
+    except Exception as e:  # pylint: disable=broad-except
+      return e, None, set()
+    return None, metadata, present
+
+  def _restore_data(self, step: int, present: set[str], data_iterator: Optional[CheckpointableIterator]) -> bool:
+    """Restores the input iterator's position from `step`; False (with a warning) when it cannot."""
+    if data_iterator is None:
+      return False
+    error: Optional[Exception] = None
+    if DATA_ITEM not in present:
+      error = IOError('no input-iterator state (written by an older vit_jax)')
+    else:
+      try:
+        self._manager.restore(step, args=ocp.args.Composite(**{DATA_ITEM: DataIteratorRestore(data_iterator)}))
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+    if _any_process(error is not None):
+      logging.warning('Checkpoint %s: the input-iterator position was not restored (%s: %s). The train state is; '
+                      'the input pipeline starts again with a new seed, so this resume is not exact.',
+                      self.step_dir(step), type(error).__name__ if error else 'IOError',
+                      str(error).splitlines()[0][:300] if error and str(error) else 'on another process')
+      return False
+    return True
 
   def _quarantine(self, step: int, error: Exception) -> None:
     """Moves a corrupt step out of the checkpoint directory (kept for inspection) and warns, naming both paths."""

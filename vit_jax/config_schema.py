@@ -190,6 +190,11 @@ def check_devices(config: ml_collections.ConfigDict, num_devices: int, process_c
   if process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_count = jax.process_count()
+  if process_count > 1 and int(config.mesh.dcn_tensor) != 1:
+    raise ValueError(f'config.mesh.dcn_tensor={config.mesh.dcn_tensor}: tensor parallelism across hosts is not '
+                     'supported. Each host reads its own slice of every batch, so hosts that share batch rows (as '
+                     'tensor-parallel hosts do) would feed different images. Fix: keep mesh.dcn_tensor=1 and put the '
+                     'hosts on mesh.dcn_data or mesh.dcn_fsdp.')
   batch_devices = math.prod(sizes.get(axis, 1) for axis in sharding.BATCH_AXES)
   accum = int(config.get('accum_steps', 1) or 1)
   divisor = math.lcm(batch_devices * accum, process_count)

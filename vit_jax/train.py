@@ -241,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   restored = ckpt.restore_latest_valid(state, data_iterator=train_iter)
   if restored is not None:
     state, start_step, loop = restored.state, int(restored.state.step), LoopRecord.from_json(restored.loop)
-    if not restored.data_restored:  # A checkpoint from before iterator checkpointing: at least do not replay.
+    if not restored.data_restored:  # Position not restored (older checkpoint, other process count): no replay.
       train_iter = input_pipeline.create_train_iterator(
           config.dataset, global_batch_size=config.batch_size, seed=config.seed + 1_000_003 * start_step)
     logging.info('Resumed from step %d of %d.', start_step, config.total_steps)
