@@ -144,16 +144,17 @@ def test_pre_logits_dropped_or_kept(tmp_path):
   # Dropped when the model has no representation layer.
   loaded = pretrained.load_pretrained(path, _params(_model(), seed=1))
   assert 'pre_logits' not in loaded
-  # Kept on request.
+  # Loaded by default when the model has a representation layer too (as the official loader), and when required.
   init = _params(rep, seed=1)
-  kept = pretrained.load_pretrained(path, init, keep_pre_logits=True)
-  _assert_trees_equal(kept, file_params)
-  # Not requested: the model keeps its own freshly initialised layer.
-  fresh = pretrained.load_pretrained(path, init)
+  _assert_trees_equal(pretrained.load_pretrained(path, init), file_params)
+  _assert_trees_equal(pretrained.load_pretrained(path, init, keep_pre_logits=True), file_params)
+  # keep_pre_logits=False: the model keeps its own freshly initialised layer.
+  fresh = pretrained.load_pretrained(path, init, keep_pre_logits=False)
   _assert_trees_equal(fresh['pre_logits'], init['pre_logits'])
   _assert_trees_equal(fresh['Transformer'], file_params['Transformer'])
-  # Requested but absent from the file: an error, never a silent partial load.
+  # Absent from the file: kept fresh by default, an error when required (never a silent partial load).
   no_rep_path = _official_file(tmp_path, _params(_model()), 'norep.npz')
+  _assert_trees_equal(pretrained.load_pretrained(no_rep_path, init)['pre_logits'], init['pre_logits'])
   with pytest.raises(ValueError, match='pre_logits/kernel'):
     pretrained.load_pretrained(no_rep_path, init, keep_pre_logits=True)
 

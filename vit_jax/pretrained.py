@@ -215,13 +215,16 @@ def _group(keys, name: str) -> set[str]:
   return {k for k in keys if k == name or k.startswith(name + '/')}
 
 
-def load_pretrained(path: str | Mapping[str, Any], init_params: Mapping[str, Any], *, keep_pre_logits: bool = False,
-                    posemb_interpolation: str = 'linear', reinit_head: bool = False) -> Any:
+def load_pretrained(path: str | Mapping[str, Any], init_params: Mapping[str, Any], *,
+                    keep_pre_logits: Optional[bool] = None, posemb_interpolation: str = 'linear',
+                    reinit_head: bool = False) -> Any:
   """Loads a published ViT .npz (or a params tree / flat '/'-keyed dict of arrays) into `init_params`' structure.
 
   The head (and DeiT's `head_dist`) is taken from the file when its shape matches and not `reinit_head`, else
   init_params' head is kept (new class count).
-  `pre_logits` is loaded only when `keep_pre_logits` and the model has one. Position embeddings (after the
+  `pre_logits` (the representation layer) is loaded when the model has one, as the official loader does;
+  keep_pre_logits=True also requires it in the file (teachers), False keeps the model's freshly initialised layer,
+  and a file without one (None) keeps it with a warning. Position embeddings (after the
   class / distillation token rows) are resized to the model's grid with `posemb_interpolation` ('linear',
   'bilinear', 'bicubic', 'bicubic_torch'); Swin v1 relative-position bias tables of another window size are
   resized bicubically per head (`resize_rel_pos_bias_table`). SwinV2 needs no resizing: its continuous bias works
@@ -254,13 +257,14 @@ def load_pretrained(path: str | Mapping[str, Any], init_params: Mapping[str, Any
         del ckpt[k]
 
   pre_file, pre_init = _group(ckpt, 'pre_logits'), _group(init, 'pre_logits')
-  if pre_file and not (keep_pre_logits and pre_init):
-    why = 'keep_pre_logits=False' if not keep_pre_logits else 'the model has no representation layer'
+  if pre_file and (not pre_init or keep_pre_logits is False):
+    why = 'keep_pre_logits=False' if pre_init else 'the model has no representation layer'
     logging.info('load_pretrained: dropping the checkpoint pre_logits (%s).', why)
     for k in pre_file:
       del ckpt[k]
-  if pre_init and not keep_pre_logits:
-    logging.warning('load_pretrained: keeping the freshly initialised pre_logits layer.')
+  if pre_init and (keep_pre_logits is False or (keep_pre_logits is None and not pre_file)):
+    logging.warning('load_pretrained: keeping the freshly initialised pre_logits layer (%s).',
+                    'keep_pre_logits=False' if pre_file else 'the checkpoint has none')
     keep_init |= pre_init
 
   missing = sorted(set(init) - set(ckpt) - keep_init)
