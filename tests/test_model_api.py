@@ -62,7 +62,7 @@ def family_outputs(request):
     v = {'params': params}
     feats = model.apply(v, x, method='forward_features')
     return dict(
-        features=feats, head=model.apply(v, feats, method='forward_head'),
+        features=feats, head=model.apply(v, feats, train=False, method='forward_head'),  # Every family takes train.
         pre_logits=model.apply(v, feats, pre_logits=True, method='forward_head'),
         stages=model.apply(v, x, norm=True, method='forward_intermediates'),
         logits=remat.apply(v, x))  # == forward_head(forward_features) checks remat and __call__ at once.

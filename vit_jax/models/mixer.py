@@ -109,8 +109,10 @@ class MlpMixer(nn.Module):
       outs[-1] = self.pre_head_layer_norm(outs[-1])
     return [o.reshape(o.shape[0], gh, gw, o.shape[-1]) for o in outs]
 
-  def forward_head(self, features: Array, *, pre_logits: bool = False) -> Array:
-    """Mean-pools the tokens; returns the pre-logits (B, hidden_dim) or the float32 logits."""
+  def forward_head(self, features: Array, *, pre_logits: bool = False, train: bool = False) -> Array:
+    """Mean-pools the tokens; returns the pre-logits (B, hidden_dim) or the float32 logits (`train` is accepted
+    as every family's forward_head takes it; this head has no dropout)."""
+    del train
     x = jnp.mean(features, axis=1)
     if pre_logits or not self.num_classes:
       return x

@@ -305,8 +305,12 @@ class VisionTransformer(nn.Module):
     n = self.num_prefix_tokens
     return [o[:, n:].reshape(o.shape[0], gh, gw, o.shape[-1]) for o in outs]
 
-  def forward_head(self, features: Array, *, pre_logits: bool = False) -> Array:
-    """Pools `forward_features` output; returns the pre-logits (B, num_features) or the float32 logits."""
+  def forward_head(self, features: Array, *, pre_logits: bool = False, train: bool = False) -> Array:
+    """Pools `forward_features` output; returns the pre-logits (B, num_features) or the float32 logits.
+
+    `train` is accepted as every family's forward_head takes it; this head has no dropout.
+    """
+    del train
     if self.classifier == 'token':
       x = features[:, 0]
     elif self.classifier == 'gap':
