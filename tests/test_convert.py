@@ -187,4 +187,4 @@ def test_every_registry_entry_records_its_timm_name(name):
   elif spec.family == 'pvt_v2':
     assert arch == name
   elif spec.family == 'mvitv2':
-    assert arch == {'mvitv2_t': 'mvitv2_tiny', 'mvitv2_s': 'mvitv2_small'}[name]
+    assert arch == {'mvitv2_t': 'mvitv2_tiny', 'mvitv2_s': 'mvitv2_small', 'mvitv2_b': 'mvitv2_base'}[name]

@@ -54,17 +54,17 @@ def tiny():
 # -- counts and registry ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('name,expected,reference_m', [
-    ('mvitv2_t', 24_173_320, 24.17), ('mvitv2_s', 34_870_216, 34.87)])
+    ('mvitv2_t', 24_173_320, 24.17), ('mvitv2_s', 34_870_216, 34.87), ('mvitv2_b', 51_472_744, 51.47)])
 def test_param_counts(name, expected, reference_m):
   spec = registry.get_model_spec(name)
   assert spec.num_params == expected
   count = _count(registry.create_model(name, num_classes=1000), 224)
-  assert count == expected  # Measured with timm 1.0.31: sum(p.numel()) of timm.create_model(timm_name).
+  assert count == expected  # timm 1.0.31: sum(p.numel()) of timm.create_model(timm_name) (B too).
   assert abs(count / 1e6 - reference_m) <= 0.005
 
 
 def test_registry_metadata():
-  assert set(registry.list_models('mvitv2*')) == {'mvitv2_t', 'mvitv2_s'}
+  assert set(registry.list_models('mvitv2*')) == {'mvitv2_t', 'mvitv2_s', 'mvitv2_b'}
   spec = registry.get_model_spec('mvitv2_t')
   assert spec.family == 'mvitv2' and spec.image_size == 224 and spec.timm_name == 'mvitv2_tiny.fb_in1k'
   assert registry.get_model_spec('mvitv2_s').timm_name == 'mvitv2_small.fb_in1k'

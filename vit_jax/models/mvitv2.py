@@ -373,3 +373,7 @@ registry.register_model('mvitv2_t', MultiScaleVisionTransformerV2, family='mvitv
 registry.register_model('mvitv2_s', MultiScaleVisionTransformerV2, family='mvitv2', image_size=224,
                         num_params=34_870_216, timm_name='mvitv2_small.fb_in1k', drop_path_rate=0.1,
                         depths=(1, 2, 11, 2))
+# MViTv2-B: drop_path_rate 0.3 in the ImageNet-1k recipe (MViTv2 paper; mmpretrain's mvitv2-base config).
+registry.register_model('mvitv2_b', MultiScaleVisionTransformerV2, family='mvitv2', image_size=224,
+                        num_params=51_472_744, timm_name='mvitv2_base.fb_in1k', drop_path_rate=0.3,
+                        depths=(2, 3, 16, 3))
