@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from vit_jax import convert
+from vit_jax import finetune
 from vit_jax import pretrained
 from vit_jax.models import create_model
 from vit_jax.models import get_model_spec
@@ -131,6 +132,13 @@ def test_cli_writes_npz_loadable_by_load_pretrained_and_refuses_non_empty_out(tm
   assert np.abs(logits - io['logits']).max() < 1e-4
   with pytest.raises(ValueError, match='refusing to overwrite'):
     convert.main(argv)
+  # convert.json records the options that reproduce timm; a fine-tuning config without them is warned about.
+  assert json.loads((out / 'convert.json').read_text())['timm_numerics'] == {'gelu_approximate': False}
+  [line] = finetune.warn_about_numerics(out, create_model(meta['model'], num_classes=3))
+  assert 'config.model.gelu_approximate=True' in line
+  assert finetune.warn_about_numerics(out, model) == []
+  assert convert.timm_numerics('r50_vit_b16') == {'gelu_approximate': False, 'resnet_norm_style': 'timm'}
+  assert convert.timm_numerics('swin_t') == {}
 
 
 def test_swin_npz_loads_through_load_pretrained(tmp_path):

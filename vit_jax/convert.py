@@ -417,6 +417,18 @@ def save_params_npz(params: Mapping[str, Any], path: str) -> None:
     np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
 
 
+def timm_numerics(model: str, model_overrides: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+  """create_model options under which converted timm weights reproduce timm's logits (numerics only: no parameter
+  changes). timm's ViT and Mixer use exact GELU; its ResNetV2 stem standardises weights its own way."""
+  spec = registry.get_model_spec(model)
+  options: dict[str, Any] = {}
+  if spec.family in ('vit', 'mixer'):
+    options['gelu_approximate'] = False
+  if {**spec.kwargs, **dict(model_overrides or {})}.get('resnet') is not None:
+    options['resnet_norm_style'] = 'timm'
+  return options
+
+
 def convert_file(model: str, src: str, out_dir: str, *, num_classes: Optional[int] = None,
                  image_size: Optional[int] = None, model_overrides: Optional[Mapping[str, Any]] = None) -> str:
   """Converts `src` (.safetensors) into `out_dir`/params.npz (+ convert.json); returns the .npz path.
@@ -434,7 +446,11 @@ def convert_file(model: str, src: str, out_dir: str, *, num_classes: Optional[in
   head = params.get('head', {}).get('kernel')
   meta = dict(model=model, timm_name=registry.get_model_spec(model).timm_name, source=os.path.abspath(src),
               num_classes=int(head.shape[-1]) if head is not None else 0, model_overrides=dict(model_overrides or {}),
+              timm_numerics=timm_numerics(model, model_overrides),
               format='flat "/"-joined flax param paths (np.savez)')
+  if meta['timm_numerics']:
+    logging.info('To reproduce timm\'s logits with %s, build the model with %s (config.model.*).', path,
+                 meta['timm_numerics'])
   with open(os.path.join(out_dir, 'convert.json'), 'x') as f:
     json.dump(meta, f, indent=2)
   return path

@@ -36,4 +36,5 @@ def load_teacher_params(config: ml_collections.ConfigDict, teacher: nn.Module) -
   abstract = jax.eval_shape(lambda: teacher.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
   logging.info('Loading distillation teacher %s from %s.', config.distill.model.name, config.distill.init_from)
   return finetune.load_params(config.distill.init_from, abstract['params'], require_head=True,
-                              posemb_interpolation=config.init_posemb_interpolation)
+                              posemb_interpolation=config.init_posemb_interpolation,
+                              model=teacher)

@@ -11,14 +11,16 @@ else it knows how to resize, e.g. Swin bias tables) to the new model's resolutio
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import json
+from typing import Any, Mapping, Optional
 
 from absl import logging
 from etils import epath
 
 from vit_jax import checkpoint
 
-CONVERTED_FILENAME = 'params.npz'  # What `python -m vit_jax.convert --out DIR` writes.
+CONVERTED_FILENAME = 'params.npz'  # What `python -m vit_jax.convert --out DIR` writes...
+CONVERT_META_FILENAME = 'convert.json'  # ... beside its metadata.
 
 
 def _checkpoint_dir(path: epath.Path) -> epath.Path:
@@ -40,14 +42,33 @@ def read_workdir_params(workdir: str) -> Mapping[str, Any]:
   return params
 
 
+def warn_about_numerics(converted_dir: epath.Path, model: Any) -> list[str]:
+  """Warns (and returns the lines) where `model`'s options differ from those under which the converted timm
+  weights in `converted_dir` reproduce timm (convert.json's `timm_numerics`, e.g. exact GELU)."""
+  meta_file = converted_dir / CONVERT_META_FILENAME
+  if not meta_file.exists():
+    return []
+  wanted = json.loads(meta_file.read_text()).get('timm_numerics', {})
+  lines = [f'config.model.{k}={getattr(model, k, None)!r}, but these weights reproduce timm with {v!r}'
+           for k, v in wanted.items() if getattr(model, k, None) != v]
+  for line in lines:
+    logging.warning('%s: %s; set it for timm\'s logits.', converted_dir, line)
+  return lines
+
+
 def load_params(source: str, init_params: Mapping[str, Any], *, reinit_head: bool = False,
-                posemb_interpolation: str = 'linear', require_head: bool = False) -> Any:
+                posemb_interpolation: str = 'linear', require_head: bool = False,
+                model: Optional[Any] = None) -> Any:
   """`init_params` (host arrays from model.init) with the weights of `source` (see the module docstring).
 
   `require_head=True` (for teachers) loads every parameter, heads and pre_logits included, and raises if the
-  heads do not match the model.
+  heads do not match the model. `model` (the flax module) is checked against a converted timm checkpoint's
+  numerics (`warn_about_numerics`).
   """
   path = epath.Path(source)
+  converted = path if path.is_dir() else path.parent
+  if model is not None and (converted / CONVERTED_FILENAME).exists():
+    warn_about_numerics(converted, model)
   if path.is_dir() and (path / CONVERTED_FILENAME).exists() and not (path / checkpoint.CHECKPOINT_DIRNAME).exists():
     arrays: Any = str(path / CONVERTED_FILENAME)  # A `vit_jax.convert --out DIR` directory.
   elif path.is_dir():

@@ -252,7 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info('Initialising weights from %s.', config.init_from)
       params = finetune.load_params(config.init_from, sharding.to_host(state.params),
                                     reinit_head=config.init_reinit_head,
-                                    posemb_interpolation=config.init_posemb_interpolation)
+                                    posemb_interpolation=config.init_posemb_interpolation,
+                                    model=model)
       params = jax.device_put(params, state_shardings.params)
       state = state.replace(params=params, ema_params=params if config.ema_decay else None)
   if start_step >= config.total_steps and final_path.exists():
