@@ -35,15 +35,17 @@ OFFICIAL_I21K = {
 }
 
 
+def _inception_dataset(config: ml_collections.ConfigDict, name: str, train_split: str, eval_split: str, *,
+                       image_size: int, eval_crop_fraction: float, shuffle_buffer: int) -> None:
+  """The dataset fields every recipe here shares: inception crop and flip for training."""
+  config.dataset.update(dict(name=name, train_split=train_split, eval_split=eval_split, image_size=image_size,
+                             train_crop='inception', flip=True, eval_crop_fraction=eval_crop_fraction,
+                             shuffle_buffer=shuffle_buffer))
+
+
 def _imagenet(config: ml_collections.ConfigDict, *, image_size: int = 224) -> None:
-  config.dataset.name = 'imagenet2012'
-  config.dataset.train_split = 'train'
-  config.dataset.eval_split = 'validation'
-  config.dataset.image_size = image_size
-  config.dataset.train_crop = 'inception'
-  config.dataset.flip = True
-  config.dataset.eval_crop_fraction = 0.875
-  config.dataset.shuffle_buffer = 250_000
+  _inception_dataset(config, 'imagenet2012', 'train', 'validation', image_size=image_size, eval_crop_fraction=0.875,
+                     shuffle_buffer=250_000)
   config.log_every = 100
   config.eval_every = 5000
   config.checkpoint_every = 1000
@@ -183,14 +185,8 @@ def vit_finetune(dataset: str, model_name: str = 'vit_b16', *, lr: float = 0.03,
   config.model.dropout_rate = 0.0
   config.model.drop_path_rate = 0.0
   config.init_from = init_from if init_from is not None else OFFICIAL_I21K.get(model_name)
-  config.dataset.name = name
-  config.dataset.train_split = train_split
-  config.dataset.eval_split = eval_split
-  config.dataset.image_size = size
-  config.dataset.train_crop = 'inception'
-  config.dataset.flip = True
-  config.dataset.eval_crop_fraction = 1.0
-  config.dataset.shuffle_buffer = 50_000
+  _inception_dataset(config, name, train_split, eval_split, image_size=size, eval_crop_fraction=1.0,
+                     shuffle_buffer=50_000)
   config.batch_size = 512
   config.total_steps = steps
   config.log_every = 50

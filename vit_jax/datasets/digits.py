@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+
+from vit_jax.datasets import local_builder
 
 NUM_EXAMPLES = 1797
 NUM_TEST = 360
@@ -36,17 +37,11 @@ def split_indices() -> dict[str, np.ndarray]:
   return {'train': np.sort(perm[NUM_TEST:]), 'test': np.sort(perm[:NUM_TEST])}
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
+class Digits(local_builder.LocalCodePath, tfds.core.GeneratorBasedBuilder):
   """scikit-learn's 8x8 digits (10 classes), 1,437 train / 360 test, prepared without a download."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release: seeded 1,437/360 train/test split.'}
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    """This file. TFDS's default lookup needs the `importlib_resources` backport, which may not be installed."""
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from vit_jax.datasets import local_builder
 from absl import logging
 from etils import epath
 
@@ -94,7 +96,8 @@ def decode_ok(data: bytes) -> bool:
     return False
 
 
-class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class ImageFolder(local_builder.LocalCodePath, tfds.core.GeneratorBasedBuilder,
+                  skip_registration=True):
   """Images in FOLDER/SPLIT/CLASS/; build with `image_folder.builder(folder, splits, data_dir)`."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -107,12 +110,6 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     config = tfds.core.BuilderConfig(name=f'{base}_{_fingerprint(folder, self._files)}',
                                      description=f'Images from {self._folder}.')
     super().__init__(data_dir=data_dir, config=config)
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    """This file. TFDS's default lookup needs the `importlib_resources` backport, which may not be installed."""
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
