@@ -182,3 +182,22 @@ def test_teacher_temperature_warmup_per_epoch():
   np.testing.assert_allclose(got, np.repeat(want, per_epoch), rtol=1e-6)
   assert float(dino_task.teacher_temperature(100, steps_per_epoch=3, warmup_temp=0.04, temp=0.07,
                                              warmup_epochs=0)) == pytest.approx(0.07)
+
+
+def test_weight_decay_follows_the_cosine_per_step():
+  """optimizer.weight_decay_end: update = -lr * wd(t) * p for a zero gradient, with DINO's cosine wd(t)."""
+  from vit_jax import optim
+  from vit_jax.config_schema import base_config
+  opt = base_config().optimizer
+  opt.update(name='sgd', b1=0.0, lr=1.0, schedule='constant', warmup_steps=0, grad_clip_norm=0.0,
+             weight_decay=0.04, weight_decay_end=0.4)
+  total = 6
+  tx, _ = optim.create_optimizer(opt, total_steps=total)
+  params = {'kernel': jnp.ones((2,)), 'bias': jnp.ones((2,))}
+  state = tx.init(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  want = _cosine_scheduler(0.04, 0.4, total)
+  for step in range(total):
+    updates, state = tx.update(zeros, state, params)
+    np.testing.assert_allclose(np.asarray(updates['kernel']), -want[step], rtol=1e-6)
+    assert float(jnp.abs(updates['bias']).max()) == 0.0  # No decay on biases.

@@ -88,6 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 100
   c.optimizer.end_lr_factor = 0.0   # Final lr = lr * end_lr_factor.
   c.optimizer.weight_decay = 0.0    # Decoupled; never applied to biases, norms, position embeddings, cls tokens.
+  # Set: weight decay follows a per-step cosine from weight_decay to this (DINO: 0.04 -> 0.4); None: constant.
+  c.optimizer.weight_decay_end = ml_collections.config_dict.placeholder(float)
   c.optimizer.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
   c.optimizer.b1 = 0.9              # AdamW beta1, or SGD momentum.
   c.optimizer.b2 = 0.999            # AdamW beta2.

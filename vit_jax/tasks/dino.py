@@ -3,8 +3,8 @@
 The pure pieces, usable without the trainer:
 - `dino_loss(student_out, teacher_out, center, ...)` -> (loss, new_center): the official `DINOLoss.forward` and its
   `update_center`, over the global batch (under jit the means span every device);
-- `cosine_schedule`: DINO's `utils.cosine_scheduler` evaluated at a step (teacher momentum 0.996 -> 1, weight decay
-  0.04 -> 0.4, lr warm-up + cosine);
+- `cosine_schedule` (from vit_jax.optim): DINO's `utils.cosine_scheduler` at a step (teacher momentum 0.996 -> 1;
+  the optimizer's weight decay 0.04 -> 0.4 through optimizer.weight_decay_end);
 - `teacher_temperature`: the per-epoch linear warm-up of the teacher temperature (0.04 -> 0.07 over 30 epochs).
 """
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from vit_jax.optim import cosine_schedule  # noqa: F401  (DINO's cosine_scheduler; re-exported)
 
 Array = jax.Array
 
@@ -49,25 +51,6 @@ def dino_loss(student_out: Array, teacher_out: Array, center: Array, *, student_
   batch_center = jnp.mean(teacher_out, axis=(0, 1)).reshape(center.shape)
   new_center = center * center_momentum + batch_center * (1 - center_momentum)
   return loss, new_center
-
-
-def cosine_schedule(step: Any, *, base: float, final: float, total_steps: int, warmup_steps: int = 0,
-                    warmup_start: float = 0.0) -> Array:
-  """DINO's `cosine_scheduler(base, final, ...)[step]`, as a function of a (traced) step.
-
-  Warm-up: np.linspace(warmup_start, base, warmup_steps) (reaches `base` at step warmup_steps - 1); then
-  final + (base - final) / 2 * (1 + cos(pi * i / n)) for i = step - warmup_steps of n = total_steps -
-  warmup_steps (so `final` itself is never reached). Steps past the end keep the last value.
-  """
-  if not 0 <= warmup_steps < total_steps:
-    raise ValueError(f'warmup_steps={warmup_steps} must lie in [0, total_steps={total_steps}).')
-  step = jnp.minimum(jnp.asarray(step, jnp.float32), total_steps - 1)
-  n = total_steps - warmup_steps
-  cosine = final + 0.5 * (base - final) * (1 + jnp.cos(jnp.pi * (step - warmup_steps) / n))
-  if warmup_steps == 0:
-    return cosine
-  ramp = warmup_start + (base - warmup_start) * step / max(warmup_steps - 1, 1)
-  return jnp.where(step < warmup_steps, ramp, cosine)
 
 
 def teacher_temperature(step: Any, *, steps_per_epoch: int, warmup_temp: float, temp: float,
