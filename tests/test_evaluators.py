@@ -80,8 +80,8 @@ def test_fewshot_evaluator_reports_one_minus_the_probe_error():
     ({'type': 'knn', 'kk': 3}, r"evals.bad: unknown key\(s\) \['kk'\]"),
     ({'type': 'knn', 'k': 0}, r'evals.bad.k=0'),
     ({'type': 'knn', 'temperature': 0.0}, r'evals.bad.temperature=0.0'),
-    ({'type': 'linear', 'every': -1}, r'evals.bad.every=-1'),
-    ({'type': 'linear', 'epochs': 0}, r'evals.bad.epochs=0'),
+    ({'type': 'linear_probe', 'every': -1}, r'evals.bad.every=-1'),
+    ({'type': 'linear_probe', 'epochs': 0}, r'evals.bad.epochs=0'),
     ({'type': 'fewshot', 'shots': ()}, r'evals.bad.shots=\(\)'),
 ])
 def test_bad_eval_configs_are_named_before_compiling(entry, message):
@@ -94,7 +94,7 @@ def test_bad_eval_configs_are_named_before_compiling(entry, message):
 
 
 def test_due_steps():
-  evals = ml_collections.ConfigDict({'a': {'type': 'knn', 'every': 10}, 'b': {'type': 'linear'}})
+  evals = ml_collections.ConfigDict({'a': {'type': 'knn', 'every': 10}, 'b': {'type': 'linear_probe'}})
   built = evaluators.build_evaluators(evals)
   assert [s for s in range(1, 26) if built['a'].is_due(s, 25)] == [10, 20, 25]
   assert [s for s in range(1, 26) if built['b'].is_due(s, 25)] == [25]
@@ -133,7 +133,7 @@ def test_run_periodic_on_digits_pixels(digits_data_dir):
 def _trained_workdir(data_dir, workdir):
   from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config(data_dir, total_steps=10, eval_every=0, checkpoint_every=10)
-  config.evals.lin = {'type': 'linear', 'epochs': 3, 'train_split': 'train[:300]'}
+  config.evals.lin = {'type': 'linear_probe', 'epochs': 3, 'train_split': 'train[:300]'}
   train.train_and_evaluate(config, str(workdir))
   return config
 

@@ -45,9 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema_decay = 0.0               # EMA of the params (e.g. 0.9999), used for eval and checkpointed; 0 disables.
   c.label_smoothing = 0.0         # Targets (1 - s) * one_hot + s / num_classes (timm/DeiT convention).
   # Evaluators on frozen features run during training (vit_jax/evaluators): named entries, e.g.
-  # c.evals.knn = dict(type='knn', every=100, k=20, temperature=0.07); each has type ('knn' | 'linear' | 'fewshot'),
-  # every (steps; 0: only after the last step), train_split / eval_split (default: the dataset's) and its own keys.
-  # Their scalars are logged as NAME/METRIC. Empty: none.
+  # c.evals.knn = dict(type='knn', every=100, k=20, temperature=0.07); each has a type ('knn' | 'linear_probe' |
+  # 'fewshot'), every (steps; 0: only after the last step), train_split / eval_split (default: the dataset's) and
+  # its own keys. Their scalars are logged as NAME/METRIC. Empty: none.
   c.evals = ml_collections.ConfigDict()
 
   # The training objective (vit_jax/tasks/): task.name picks it ('classification', 'mae', 'dino', ...); tasks with

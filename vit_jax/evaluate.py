@@ -1,14 +1,16 @@
 """Command line: run evaluators (k-NN, linear probe, few-shot) on a trained or converted model; prints one JSON line.
 
-  python -m vit_jax.evaluate --workdir DIR [--evals knn,linear] [--step N]
+  python -m vit_jax.evaluate --workdir DIR [--evals knn,linear_probe] [--step N]
       a training workdir: its config.json, its latest (or --step) checkpoint, the task's evaluation weights (the
       EMA when kept; DINO's teacher) and its `config.evals`;
   python -m vit_jax.evaluate --config configs/X.py --model NAME --init_from params.npz [--evals knn]
       a converted checkpoint (`python -m vit_jax.convert`) or an official .npz, on the config's dataset.
 
-`--evals` lists entries of config.evals by name, or evaluator types (knn, linear, fewshot) run with their defaults;
-without it every entry of config.evals runs. `--config.evals.knn.k=10`-style overrides work with --config. Features
-are the model's pre-logits (vit_jax.evaluators.pre_logits_fn). The last line printed is one JSON object:
+`--evals` lists entries of config.evals by name, or evaluator types (knn, linear_probe, fewshot) run with their
+defaults; without it every entry of config.evals runs, or, if there is none, the kinds the task names as
+suiting it (`Task.evaluators`, e.g. DINO's k-NN and linear probe). `--config.evals.knn.k=10`-style overrides work
+with --config. Features are the model's pre-logits (vit_jax.evaluators.pre_logits_fn; DINO's: the backbone's class
+token). The last line printed is one JSON object:
 {"source": ..., "step": ..., "NAME/METRIC": value, ...}.
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir: evaluate it
 _STEP = flags.DEFINE_integer('step', None, 'With --workdir: the checkpoint step (default: the latest).')
 _MODEL = flags.DEFINE_string('model', None, 'With --init_from: the registered model name (sets config.model.name).')
 _INIT_FROM = flags.DEFINE_string('init_from', None, 'Weights for --model: params.npz, an official .npz, a workdir.')
-_EVALS = flags.DEFINE_list('evals', None, 'Names in config.evals or evaluator types (knn, linear, fewshot).')
+_EVALS = flags.DEFINE_list('evals', None,
+                           'Names in config.evals or evaluator types (knn, linear_probe, fewshot).')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Override config.dataset.data_dir (e.g. on another machine).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Feature-extraction batch (default: config.batch_size).')
 
@@ -55,14 +58,15 @@ def workdir_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def select_evaluators(config: ml_collections.ConfigDict, names: Optional[Sequence[str]]) -> dict[str, Any]:
-  """{name: evaluator}: the named entries of config.evals, or evaluator types with their defaults; all of
-  config.evals when `names` is empty."""
-  from vit_jax import evaluators  # pylint: disable=g-import-not-at-top
+  """{name: evaluator}: the named entries of config.evals, or evaluator types with their defaults; when `names`
+  is empty, all of config.evals, else the task's suggested kinds (`Task.evaluators`)."""
+  from vit_jax import evaluators, tasks  # pylint: disable=g-import-not-at-top
   entries = evaluators.build_evaluators(config.get('evals'))
   if not names:
-    if not entries:
-      raise ValueError('The config has no config.evals entries; pass --evals, e.g. --evals knn,linear.')
-    return entries
+    names = list(entries) or list(tasks.get_task(tasks.task_name(config)).evaluators)
+    if not names:
+      raise ValueError('The config has no config.evals entries and its task suggests none; pass --evals, e.g. '
+                       '--evals knn,linear_probe.')
   out = {}
   for name in names:
     if name in entries:

@@ -3,7 +3,7 @@
 `config.evals` is a ConfigDict of named evaluator configs, e.g.
 
     config.evals.knn = dict(type='knn', every=100, k=20, temperature=0.07)
-    config.evals.linear = dict(type='linear', every=0, epochs=100)
+    config.evals.linear = dict(type='linear_probe', every=0, epochs=100)
 
 Every entry has `type` (a key of EVALUATORS), `every` (run every this many steps and after the last step; 0: only
 after the last step), `train_split` and `eval_split` (default: the dataset's), plus its protocol's own keys (see
@@ -22,7 +22,7 @@ from vit_jax.evaluators.base import Evaluator, FeatureFn, Features, extract_feat
 
 EVALUATORS: dict[str, type[Evaluator]] = {
     'knn': knn.KNN,
-    'linear': linear_probe.LinearProbe,
+    'linear_probe': linear_probe.LinearProbe,
     'fewshot': fewshot.FewShot,
 }
 

@@ -83,7 +83,8 @@ def linear_probe_accuracy(train: base.Features, test: base.Features, *, num_clas
 
 
 class LinearProbe(base.Evaluator):
-  """config.evals.NAME with type 'linear': epochs (100), batch_size (256), lr (0.01), weight_decay (1e-4), seed."""
+  """config.evals.NAME with type 'linear_probe': epochs (100), batch_size (256), lr (0.01), weight_decay (1e-4),
+  seed (0)."""
 
   DEFAULTS = {'epochs': 100, 'batch_size': 256, 'lr': 0.01, 'weight_decay': 1e-4, 'seed': 0}
 
