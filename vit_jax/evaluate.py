@@ -25,16 +25,21 @@ import ml_collections
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/NAME.py[:arg]) for --model mode.',
-                                          lock_config=False, accept_new_attributes=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir: evaluate its latest (or --step) checkpoint.')
-_STEP = flags.DEFINE_integer('step', None, 'With --workdir: the checkpoint step (default: the latest).')
-_MODEL = flags.DEFINE_string('model', None, 'With --init_from: the registered model name (sets config.model.name).')
-_INIT_FROM = flags.DEFINE_string('init_from', None, 'Weights for --model: params.npz, an official .npz, a workdir.')
-_EVALS = flags.DEFINE_list('evals', None,
-                           'Names in config.evals or evaluator types (knn, linear_probe, fewshot).')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Override config.dataset.data_dir (e.g. on another machine).')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Feature-extraction batch (default: config.batch_size).')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line's flags; defined only when this module runs as the program, so that importing it as a
+  library (experiments/ssl_digits.py) leaves the importer's flags alone."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/NAME.py[:arg]) for --init_from mode.',
+                                  lock_config=False, accept_new_attributes=True)
+  flags.DEFINE_string('workdir', None, 'A training workdir: evaluate its latest (or --step) checkpoint.')
+  flags.DEFINE_integer('step', None, 'With --workdir: the checkpoint step (default: the latest).')
+  flags.DEFINE_string('model', None, 'With --init_from: the registered model name (sets config.model.name).')
+  flags.DEFINE_string('init_from', None, 'Weights to evaluate: params.npz, an official .npz, or a workdir.')
+  flags.DEFINE_list('evals', None, 'Names in config.evals or evaluator types (knn, linear_probe, fewshot).')
+  flags.DEFINE_string('data_dir', None, 'Override config.dataset.data_dir (e.g. on another machine).')
+  flags.DEFINE_integer('batch_size', None, 'Feature-extraction batch (default: config.batch_size).')
 
 
 def _tuples(value: Any) -> Any:
@@ -129,23 +134,23 @@ def evaluate(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if bool(_WORKDIR.value) == bool(_INIT_FROM.value):
+  if bool(FLAGS.workdir) == bool(FLAGS.init_from):
     raise app.UsageError('Give either --workdir DIR, or --config, --model and --init_from.')
-  if _WORKDIR.value:
-    config = workdir_config(_WORKDIR.value)
+  if FLAGS.workdir:
+    config = workdir_config(FLAGS.workdir)
   else:
-    if _CONFIG.value is None:
+    if FLAGS.config is None:
       raise app.UsageError('--init_from needs --config (the dataset to evaluate on, and the model\'s overrides).')
-    config = _CONFIG.value
-    config.init_from = _INIT_FROM.value
-    if _MODEL.value:
-      config.model.name = _MODEL.value
-  if _DATA_DIR.value:
-    config.dataset.data_dir = _DATA_DIR.value
-  result = evaluate(config, workdir=_WORKDIR.value, step=_STEP.value, names=_EVALS.value,
-                    batch_size=_BATCH_SIZE.value)
+    config = FLAGS.config
+    config.init_from = FLAGS.init_from
+    if FLAGS.model:
+      config.model.name = FLAGS.model
+  if FLAGS.data_dir:
+    config.dataset.data_dir = FLAGS.data_dir
+  result = evaluate(config, workdir=FLAGS.workdir, step=FLAGS.step, names=FLAGS.evals, batch_size=FLAGS.batch_size)
   print(json.dumps(result, sort_keys=True), flush=True)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
