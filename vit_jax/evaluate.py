@@ -51,15 +51,27 @@ def _tuples(value: Any) -> Any:
   return value
 
 
+def _overlay(config: ml_collections.ConfigDict, saved: dict[str, Any]) -> None:
+  """Writes the `saved` values over `config`, section by section (keys it lacks are added)."""
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+      _overlay(config[key], value)
+    else:
+      config[key] = value
+
+
 def workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a training run recorded in `workdir`/config.json."""
+  """The config a training run recorded in `workdir`/config.json, over today's defaults (so a run recorded before a
+  field existed reads it at its default)."""
   from etils import epath  # pylint: disable=g-import-not-at-top
-  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoint, config_schema  # pylint: disable=g-import-not-at-top
   path = epath.Path(workdir) / checkpoint.CONFIG_FILENAME
   if not path.exists():
     raise FileNotFoundError(f'{path} does not exist: --workdir must be a vit_jax training workdir. For a converted '
                             'checkpoint use --config, --model and --init_from instead.')
-  return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+  config = config_schema.base_config()
+  _overlay(config, _tuples(json.loads(path.read_text())))
+  return config
 
 
 def select_evaluators(config: ml_collections.ConfigDict, names: Optional[Sequence[str]]) -> dict[str, Any]:
