@@ -166,6 +166,8 @@ def _get(tree, path):
 NO_TIMM_EQUIVALENT = {
     'vit_pico': 'project-only tiny model for the digits config and tests',
     'swinv2_l': "timm has no window-8 256 px Swin-V2-L (its 256 px large model uses window 16)",
+    **{f'dino_vit_{v}': 'timm keeps the DINO backbone only (vit_*_224.dino), not the DINO head'
+       for v in ('s16', 'b16', 's8', 'b8')},
 }
 
 
