@@ -152,7 +152,7 @@ def load_variables(source: str, init_variables: Mapping[str, Any], *, reinit_hea
   init_params = init_variables['params']
   loaded = checkpoint.load_pretrained(arrays, init_params, reinit_head=reinit_head and not require_head,
                                       posemb_interpolation=posemb_interpolation,
-                                      keep_pre_logits=True if require_head else None)
+                                      keep_pre_logits=True if require_head else None, model=model)
   if require_head:
     for head in ('head', 'head_dist'):
       if head in init_params and loaded[head]['kernel'] is init_params[head]['kernel']:
