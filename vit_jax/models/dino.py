@@ -256,7 +256,7 @@ DINO_RULES: tuple[facts.Rule, ...] = (
     (_BB + r'mlp\.fc1', _OB + 'MlpBlock_0/Dense_0', 'linear'),
     (_BB + r'mlp\.fc2', _OB + 'MlpBlock_0/Dense_1', 'linear'),
     (r'backbone\.norm', 'Transformer/encoder_norm', 'norm'),
-    (r'head\.mlp\.(\d*[02468])', lambda m: f'dino_head/Dense_{int(m.group(1)) // 2}', 'linear'),  # GELUs between
+    (r'head\.mlp\.(\d+)', lambda m: f'dino_head/Dense_{int(m.group(1)) // 2}', 'linear'),  # GELUs between
     (r'head\.last_layer\.weight_v', 'dino_head/last_layer/kernel', _last_layer_direction),
     (r'head\.last_layer\.weight_g', 'dino_head/last_layer/scale', _last_layer_norm),
 )
