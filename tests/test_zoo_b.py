@@ -1,15 +1,21 @@
-"""XCiT and CvT: parameter counts, the timm-style API, BatchNorm statistics and cross-covariance attention.
+"""XCiT and CvT: parameter counts, the timm-style API, BatchNorm statistics, cross-covariance attention, logit
+parity of converted reference weights, and layer grouping.
 
 References: timm's `xcit.py` (XCiT) and transformers' `CvtForImageClassification` (CvT). Counts are the
-references' at 224 px / 1000 classes; logit parity against committed fixtures (tests/parity/make_zoo_b_fixtures.py)
-is checked by the conversion tests below.
+references' at 224 px / 1000 classes; parity fixtures (random weights and random BatchNorm running statistics,
+tiny configurations) are written by tests/parity/make_zoo_b_fixtures.py, which needs torch; these tests do not.
 """
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tests import model_utils
+from vit_jax import convert
+from vit_jax import param_groups
 from vit_jax.models import cvt
 from vit_jax.models import layers
 from vit_jax.models import registry
@@ -183,3 +189,74 @@ def test_bad_inputs_name_the_fix():
     jax.eval_shape(_tiny('cvt', depths=(1, 1)).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   with pytest.raises(ValueError, match='too small for CvT'):
     jax.eval_shape(cvt.CvT(num_classes=2).init, jax.random.key(0), jnp.zeros((1, 2, 2, 3)))
+
+
+# -- conversion: logit parity with the references -----------------------------------------------------------------
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'parity', 'fixtures')
+LAYOUTS = {'xcit_p16': 'timm', 'xcit_p8': 'timm', 'cvt': 'hf'}
+
+
+@pytest.mark.parametrize('fixture', sorted(LAYOUTS))
+def test_converted_logits_match_reference(fixture):
+  """Every reference tensor converts (none left over, none missing), running statistics land in batch_stats, and
+  eval-mode logits match the reference's within 1e-5 in float32."""
+  with open(os.path.join(FIXTURES, fixture + '.json')) as f:
+    meta = json.load(f)
+  sd = convert.load_safetensors(os.path.join(FIXTURES, fixture + '.safetensors'))
+  data = np.load(os.path.join(FIXTURES, fixture + '.npz'))
+  variables = convert.timm_to_params(meta['model'], sd, layout=LAYOUTS[fixture],
+                                     model_overrides=meta['model_overrides'])
+  assert set(variables) == {'params', 'batch_stats'}
+  stats = jax.tree.leaves(variables['batch_stats'])
+  assert len(stats) == 2 * sum(k.endswith('running_mean') for k in sd)
+  model = registry.create_model(meta['model'], num_classes=meta['num_classes'], **meta['model_overrides'])
+  logits = jax.jit(model.apply)(variables, data['input_nhwc'])
+  diff = float(np.abs(np.asarray(logits) - data['logits']).max())
+  print(f'{fixture}: max |logit diff| {diff:.1e}')
+  assert diff <= 1e-5
+
+
+def test_cvt_has_only_the_hf_layout():
+  sd = convert.load_safetensors(os.path.join(FIXTURES, 'cvt.safetensors'))
+  with pytest.raises(ValueError, match="no conversion table for layout 'timm'.*'hf'"):
+    convert.timm_to_params('cvt_13', sd)
+
+
+# -- layer grouping: layer-wise lr decay and freezing --------------------------------------------------------------
+
+def _names(family):
+  model = _tiny(family)
+  return param_groups.all_names(model_utils.abstract_params(model, SIZE))
+
+
+def test_xcit_layer_ids():
+  """Stem (conv patch embedding, Fourier projection, class token) 0; XCA blocks 1..L; class blocks, norm, head L+1."""
+  ids, n = param_groups.layer_ids(_names('xcit'), family='xcit')
+  assert n == 2
+  assert {ids[k] for k in ids if k.startswith(('patch_embed/', 'pos_embed/', 'cls_token'))} == {0}
+  assert ids['blocks_0/attn/temperature'] == 1 and ids['blocks_1/local_mp/conv2/kernel'] == 2
+  assert {ids[k] for k in ids if k.startswith(('cls_attn_blocks_', 'norm/', 'head/'))} == {3}
+  mults = param_groups.lr_multipliers(model_utils.abstract_params(_tiny('xcit'), SIZE), layer_decay=0.5,
+                                      family='xcit')
+  assert mults['patch_embed']['proj_0_conv']['kernel'] == 0.5 ** 3 and mults['head']['kernel'] == 1.0
+
+
+def test_cvt_layer_ids():
+  """Stage 0's embedding is the stem; blocks numbered over the stages; a later stage's embedding and class token
+  join its first block."""
+  ids, n = param_groups.layer_ids(_names('cvt'), family='cvt')
+  assert n == 4  # depths (1, 1, 2)
+  assert {ids[k] for k in ids if k.startswith('stages_0/embedding/')} == {0}
+  assert ids['stages_0/layers_0/attention/conv_proj_q/normalization/scale'] == 1
+  assert ids['stages_1/embedding/projection/kernel'] == ids['stages_1/layers_0/fc1/kernel'] == 2
+  assert ids['stages_2/cls_token'] == ids['stages_2/layers_0/fc2/bias'] == 3
+  assert ids['stages_2/layers_1/layernorm_after/scale'] == 4
+  assert ids['norm/scale'] == ids['head/kernel'] == 5
+
+
+def test_freezing_by_regex():
+  params = model_utils.abstract_params(_tiny('cvt'), SIZE)
+  labels = param_groups.frozen_labels(params, r'^stages_[01]/')
+  flat = dict(zip(param_groups.all_names(params), jax.tree.leaves(labels)))
+  assert flat['stages_0/embedding/projection/kernel'] == 'frozen' and flat['head/kernel'] == 'trainable'

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models import attention
+from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
 from vit_jax.models.layers import DropPath
@@ -304,3 +305,47 @@ registry.register_model('cvt_21', CvT, family='cvt', image_size=224, num_params=
                         embed_dims=(64, 192, 384), depths=(1, 4, 16), num_heads=(1, 3, 6), drop_path_rate=0.1)
 registry.register_model('cvt_w24', CvT, family='cvt', image_size=224, num_params=277_196_392, timm_name=None,
                         embed_dims=(192, 768, 1024), depths=(2, 2, 20), num_heads=(3, 12, 16), drop_path_rate=0.1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Family facts: the Hugging Face conversion table (layout 'hf'; CvT has no timm layout, so convert with
+# `timm_to_params(name, sd, layout='hf')` / `python -m vit_jax.convert --layout hf`) and the layer grouping. No
+# parameter depends on the image size (no position embedding): nothing to resize. FLOPs: XLA's cost analysis.
+# ----------------------------------------------------------------------------------------------------------------
+
+_S = r'cvt\.encoder\.stages\.(\d+)\.'
+_L = _S + r'layers\.(\d+)\.'
+_OUR_L = r'stages_\1/layers_\2/'
+
+
+def _qkv_path(leaf: str):
+  """Path builder for HF's ...convolution_projection_{query,key,value} / projection_{...} (named q, k, v here)."""
+  return lambda m: f'stages_{m[1]}/layers_{m[2]}/attention/{leaf.format(m[3][0])}'
+
+
+_HF_RULES = (
+    (_S + r'embedding\.convolution_embeddings\.projection', r'stages_\1/embedding/projection', 'conv'),
+    (_S + r'embedding\.convolution_embeddings\.normalization', r'stages_\1/embedding/normalization', 'norm'),
+    (_S + r'cls_token', r'stages_\1/cls_token', 'raw'),
+    (_L + r'attention\.attention\.convolution_projection_(query|key|value)\.convolution_projection\.convolution',
+     _qkv_path('conv_proj_{}/convolution'), 'conv'),
+    (_L + r'attention\.attention\.convolution_projection_(query|key|value)\.convolution_projection\.normalization',
+     _qkv_path('conv_proj_{}/normalization'), 'batchnorm'),
+    (_L + r'attention\.attention\.projection_(query|key|value)', _qkv_path('projection_{}'), 'linear'),
+    (_L + r'attention\.output\.dense', _OUR_L + 'attention/output', 'linear'),
+    (_L + r'intermediate\.dense', _OUR_L + 'fc1', 'linear'),
+    (_L + r'output\.dense', _OUR_L + 'fc2', 'linear'),
+    (_L + r'(layernorm_before|layernorm_after)', _OUR_L + r'\3', 'norm'),
+    (r'layernorm', 'norm', 'norm'),
+    (r'classifier', 'head', 'linear'),
+)
+
+FACTS = facts.register_family(facts.FamilyFacts(
+    name='cvt',
+    layouts={'hf': facts.ConversionTable(_HF_RULES, source_heads=('classifier',))},
+    # Layer 0: the first token embedding. Blocks 1..L in order over the stages; a later stage's token embedding
+    # and class token belong to its first block. The final norm and head are L + 1.
+    grouping=facts.LayerGrouping(blocks=((r'^stages_(\d+)/layers_(\d+)/', 'block2'),
+                                         (r'^stages_([1-9]\d*)/(embedding|cls_token)', 'before')),
+                                 stem=r'^stages_0/embedding/'),
+))

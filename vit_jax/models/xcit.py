@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models import attention
+from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
 from vit_jax.models.layers import DropPath
@@ -412,3 +413,39 @@ for _size, _cfg in (('t12', _T12), ('s12', _S12), ('m24', _M24)):
     _timm = {'t12': 'tiny_12', 's12': 'small_12', 'm24': 'medium_24'}[_size]
     registry.register_model(_name, XCiT, family='xcit', image_size=224, num_params=NUM_PARAMS[_name],
                             timm_name=f'xcit_{_timm}_p{_patch}_224', patch_size=_patch, **_cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Family facts: timm conversion table and layer grouping. No table depends on the image size (the Fourier encoding
+# is computed for any grid), so there is nothing to resize; FLOPs come from XLA's cost analysis.
+# ----------------------------------------------------------------------------------------------------------------
+
+_B, _CB = r'blocks\.(\d+)\.', r'cls_attn_blocks\.(\d+)\.'
+_TIMM_RULES = (
+    (r'patch_embed\.proj\.(\d+)\.0', lambda m: f'patch_embed/proj_{int(m[1]) // 2}_conv', 'conv'),
+    (r'patch_embed\.proj\.(\d+)\.1', lambda m: f'patch_embed/proj_{int(m[1]) // 2}_bn', 'batchnorm'),
+    (r'pos_embed\.token_projection', 'pos_embed/token_projection', 'conv'),
+    (r'cls_token', 'cls_token', 'raw'),
+    (_B + r'(norm[123])', r'blocks_\1/\2', 'norm'),
+    (_B + r'attn\.(qkv|proj)', r'blocks_\1/attn/\2', 'linear'),
+    (_B + r'attn\.temperature', r'blocks_\1/attn/temperature', 'raw'),
+    (_B + r'local_mp\.(conv[12])', r'blocks_\1/local_mp/\2', 'conv'),
+    (_B + r'local_mp\.bn', r'blocks_\1/local_mp/bn', 'batchnorm'),
+    (_B + r'mlp\.(fc[12])', r'blocks_\1/mlp/\2', 'linear'),
+    (_B + r'(gamma[123])', r'blocks_\1/\2', 'raw'),
+    (_CB + r'(norm[12])', r'cls_attn_blocks_\1/\2', 'norm'),
+    (_CB + r'attn\.(q|k|v|proj)', r'cls_attn_blocks_\1/attn/\2', 'linear'),
+    (_CB + r'mlp\.(fc[12])', r'cls_attn_blocks_\1/mlp/\2', 'linear'),
+    (_CB + r'(gamma[12])', r'cls_attn_blocks_\1/\2', 'raw'),
+    (r'norm', 'norm', 'norm'),
+    (r'head', 'head', 'linear'),
+)
+
+FACTS = facts.register_family(facts.FamilyFacts(
+    name='xcit',
+    layouts={'timm': facts.ConversionTable(_TIMM_RULES, source_heads=('head',))},
+    # timm's group_matcher: the stem (conv patch embedding, position encoding, class token) is layer 0, the XCA
+    # blocks 1..L, and the class-attention blocks, final norm and head L + 1.
+    grouping=facts.LayerGrouping(blocks=((r'^blocks_(\d+)/', 'block1'),),
+                                 stem=r'^(patch_embed|pos_embed|cls_token)(/|$)'),
+))
