@@ -11,15 +11,15 @@ microsoft/cvt-21, microsoft/cvt-w24-384-22k). Parameter names follow its state d
       {convolution,normalization}                        .convolution_projection.{convolution,normalization}
   stages_{i}/layers_{j}/attention/projection_{q,k,v}  ...attention.attention.projection_{query,key,value}
   stages_{i}/layers_{j}/attention/output              ...attention.output.dense
-  stages_{i}/layers_{j}/mlp/{fc1,fc2}                 ...intermediate.dense / output.dense
+  stages_{i}/layers_{j}/{fc1,fc2}                     ...intermediate.dense / output.dense
   norm, head                                          layernorm, classifier
 
-Each stage: a convolutional token embedding (overlapping conv, kernel 7 stride 4 padding 2 in stage 0, else
-3 / 2 / 1, then LayerNorm), then pre-norm transformer blocks whose queries, keys and values come from a depthwise
-3x3 conv (no bias) + BatchNorm on the token map (stride 1 for queries, 2 for keys and values) followed by a linear
-projection. There is no position embedding. The last stage prepends a class token after its embedding; it bypasses
-the convolutional projections (it joins q, k and v before the linear projections). The classifier sees the
-LayerNorm of the final class token.
+Each stage: a convolutional token embedding (overlapping conv, kernel 7 stride 4 (`patch_size`) padding 2 in
+stage 0, else 3 / 2 / 1, then LayerNorm), then pre-norm transformer blocks whose queries, keys and values come from
+a depthwise 3x3 conv (no bias) + BatchNorm on the token map (stride 1 for queries, 2 for keys and values) followed
+by a linear projection. There is no position embedding. The last stage prepends a class token after its
+embedding; it bypasses the convolutional projections (it joins q, k and v before the linear projections). The
+classifier sees the LayerNorm of the final class token.
 
 As in the reference (and the official code), the attention scale is 1/sqrt(stage width), not 1/sqrt(head width).
 LayerNorm epsilon 1e-5, BatchNorm eps 1e-5 / momentum 0.1 (torch defaults), GELU exact.
@@ -49,8 +49,11 @@ Array = jax.Array
 
 _LN_EPS = 1e-5
 _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
-# (kernel, stride, padding) of each stage's convolutional token embedding.
-_EMBED_CONVS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
+# (kernel, padding) of stage 0's convolutional token embedding (its stride is `patch_size`, 4 in the reference),
+# and (kernel, stride, padding) of the later stages' embeddings.
+_STEM_KERNEL, _STEM_PAD = 7, 2
+_LATER_EMBED_CONV = (3, 2, 1)
+_NUM_STAGES = 3
 _QKV_KERNEL, _Q_STRIDE, _KV_STRIDE = 3, 1, 2
 
 
@@ -209,14 +212,15 @@ class CvtStage(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 class CvT(nn.Module):
-  """CvT on NHWC images (Hugging Face `CvtForImageClassification`); three stages at strides 4, 8, 16, a class
-  token in the last stage and a LayerNorm + linear classifier on it.
+  """CvT on NHWC images (Hugging Face `CvtForImageClassification`); three stages at strides 4, 8, 16 (patch_size,
+  2 x, 4 x patch_size), a class token in the last stage and a LayerNorm + linear classifier on it.
 
   drop_path_rate is the last stage's stochastic-depth rate (ramping from 0 over its blocks; the first two stages
   have none, as the official configs [0, 0, r]); drop_rate is the embedding / attention-output / MLP dropout.
   num_classes=0 returns the pre-logits.
   """
   num_classes: int = 1000
+  patch_size: int = 4  # Stride of stage 0's token embedding (HF patch_stride[0]); kernel 7, padding 2 as the reference.
   embed_dims: Sequence[int] = (64, 192, 384)
   depths: Sequence[int] = (1, 2, 10)
   num_heads: Sequence[int] = (1, 3, 6)
@@ -233,14 +237,21 @@ class CvT(nn.Module):
   def num_features(self) -> int:
     return int(self.embed_dims[-1])
 
+  def embed_convs(self) -> list[tuple[int, int, int]]:
+    """(kernel, stride, padding) of each stage's token embedding."""
+    return [(_STEM_KERNEL, self.patch_size, _STEM_PAD)] + [_LATER_EMBED_CONV] * (len(self.depths) - 1)
+
   def setup(self):
-    n = len(_EMBED_CONVS)
+    n = _NUM_STAGES
+    if self.patch_size < 1:
+      raise ValueError(f'CvT patch_size (the first token embedding\'s stride) must be >= 1, got {self.patch_size}.')
     if not len(self.embed_dims) == len(self.depths) == len(self.num_heads) == n:
       raise ValueError(f'CvT has {n} stages: embed_dims {tuple(self.embed_dims)}, depths {tuple(self.depths)} and '
                        f'num_heads {tuple(self.num_heads)} need {n} entries each.')
     ramp = tuple(float(r) for r in np.linspace(0.0, self.drop_path_rate, self.depths[-1]))
     self.stages = [
-        CvtStage(self.embed_dims[i], self.depths[i], self.num_heads[i], _EMBED_CONVS[i], with_cls_token=i == n - 1,
+        CvtStage(self.embed_dims[i], self.depths[i], self.num_heads[i], self.embed_convs()[i],
+                 with_cls_token=i == n - 1,
                  mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, drop_rate=self.drop_rate,
                  attn_drop_rate=self.attn_drop_rate, drop_path_rates=ramp if i == n - 1 else (),
                  remat=self.remat, dtype=self.dtype, attention_impl=self.attention_impl, name=f'stages_{i}')
@@ -254,7 +265,7 @@ class CvT(nn.Module):
     if images.ndim != 4:
       raise ValueError(f'Expected NHWC images, got shape {images.shape}.')
     sizes = images.shape[1:3]
-    for kernel, stride, pad in _EMBED_CONVS:
+    for kernel, stride, pad in self.embed_convs():
       sizes = tuple(_conv_out(s, kernel, stride, pad) for s in sizes)
       if min(sizes) < 1:
         raise ValueError(f'Input {images.shape[1]}x{images.shape[2]} is too small for CvT (a stage map would be '

@@ -232,7 +232,10 @@ class XCABlock(nn.Module):
 
 
 class ClassAttention(nn.Module):
-  """CaiT's class attention (timm `ClassAttn`): the class token (token 0) queries every token. (B, N, C) -> (B, 1, C)."""
+  """CaiT's class attention (timm `ClassAttn`): the class token (token 0) queries every token.
+
+  (B, N, C) -> (B, 1, C).
+  """
   num_heads: int
   qkv_bias: bool = True
   attn_drop_rate: float = 0.0
@@ -294,8 +297,9 @@ class ClassAttentionBlock(nn.Module):
 class XCiT(nn.Module):
   """XCiT on NHWC images (timm `Xcit`, class-token pooling).
 
-  eta is the layer-scale init (1.0 for the 12-layer models, 1e-5 for the 24-layer ones). drop_rate is timm's
-  proj/MLP dropout and the dropout before the classifier; drop_path_rate is constant over the XCA blocks.
+  eta is the layer-scale init (1.0 for the 12-layer models, 1e-5 for the 24-layer ones). drop_rate is one rate
+  for timm's separate dropouts (after the position encoding, in the attention projections and MLPs, before the
+  classifier; all 0 in the registered models); drop_path_rate is constant over the XCA blocks.
   num_classes=0 returns the pre-logits.
   """
   num_classes: int = 1000
