@@ -65,7 +65,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.train_split = 'train'
   c.dataset.eval_split = 'test'
   c.dataset.image_size = 224
-  c.dataset.train_crop = 'inception'  # 'inception' | 'pad_and_crop' | 'resize'
+  c.dataset.train_crop = 'inception'  # 'inception' | 'pad_and_crop' | 'resize' | 'multicrop' (DINO's views)
+  # train_crop='multicrop' (vit_jax/augment.py dino_multicrop): 2 global views of image_size px and local_crops
+  # local views of local_image_size px, random resized crops of these area ranges, with DINO's colour jitter, grey,
+  # blur and solarisation.
+  c.dataset.local_crops = 8
+  c.dataset.local_image_size = 96
+  c.dataset.global_crop_scale = (0.4, 1.0)
+  c.dataset.local_crop_scale = (0.05, 0.4)
   c.dataset.crop_padding = 4          # Pixels of padding for 'pad_and_crop'.
   c.dataset.flip = True
   c.dataset.eval_crop_fraction = 0.875  # Resize to image_size / fraction, then centre crop; 1.0: plain resize.
@@ -85,6 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 100
   c.optimizer.end_lr_factor = 0.0   # Final lr = lr * end_lr_factor.
   c.optimizer.weight_decay = 0.0    # Decoupled; never applied to biases, norms, position embeddings, cls tokens.
+  # Set: weight decay follows a per-step cosine from weight_decay to this (DINO: 0.04 -> 0.4); None: constant.
+  c.optimizer.weight_decay_end = ml_collections.config_dict.placeholder(float)
   c.optimizer.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
   c.optimizer.b1 = 0.9              # AdamW beta1, or SGD momentum.
   c.optimizer.b2 = 0.999            # AdamW beta2.

@@ -303,13 +303,19 @@ def setup_run(config: ml_collections.ConfigDict, *, devices: Optional[Any] = Non
 
 
 def _init_from(config: ml_collections.ConfigDict, run: RunSetup, state: TrainState) -> TrainState:
-  """`state` with its params (and their EMA) replaced by the weights of config.init_from."""
+  """`state` with its params and BatchNorm statistics (and their EMA) replaced by those of config.init_from."""
   logging.info('Initialising weights from %s.', config.init_from)
-  params = finetune.load_params(config.init_from, sharding.to_host(state.params),
-                                reinit_head=config.init_reinit_head,
-                                posemb_interpolation=config.init_posemb_interpolation, model=run.model)
-  params = jax.device_put(params, run.state_shardings.params)
-  return state.replace(params=params, ema_params=params if config.ema_decay else None)
+  init = {'params': sharding.to_host(state.params)}
+  if state.batch_stats is not None:
+    init['batch_stats'] = sharding.to_host(state.batch_stats)
+  loaded = finetune.load_variables(config.init_from, init, reinit_head=config.init_reinit_head,
+                                   posemb_interpolation=config.init_posemb_interpolation, model=run.model)
+  params = jax.device_put(loaded['params'], run.state_shardings.params)
+  state = state.replace(params=params, ema_params=params if config.ema_decay else None)
+  if state.batch_stats is not None:
+    stats = jax.device_put(loaded['batch_stats'], run.state_shardings.batch_stats)
+    state = state.replace(batch_stats=stats, ema_batch_stats=stats if config.ema_decay else None)
+  return state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
