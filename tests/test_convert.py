@@ -171,7 +171,6 @@ NO_TIMM_EQUIVALENT = {
     'cvt_w24': 'CvT is not in timm (Hugging Face microsoft/cvt-w24-384-22k; layout hf)',
     **{f'dino_vit_{v}': 'timm keeps the DINO backbone only (vit_*_224.dino), not the DINO head'
        for v in ('s16', 'b16', 's8', 'b8')},
->>>>>>> main
 }
 
 
