@@ -4,6 +4,7 @@ layer grouping, analytic FLOPs, BEiT's table resizing, and a few training steps 
 Fixtures under tests/parity/fixtures/{convnext,cait,beit}.* were made by tests/parity/make_fixtures.py (torch +
 timm); these tests need neither.
 """
+import ast
 import functools
 import json
 import os
@@ -11,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,11 +20,17 @@ import numpy as np
 import pytest
 
 from tests import model_utils
+from vit_jax import convert
+from vit_jax import flops
+from vit_jax import optim
+from vit_jax import param_groups
+from vit_jax.config_schema import base_config
 from vit_jax.models import beit
 from vit_jax.models import cait
 from vit_jax.models import convnext
 from vit_jax.models import layers
 from vit_jax.models import registry
+from vit_jax.models import resize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'parity', 'fixtures')
@@ -39,10 +47,10 @@ PUBLISHED = {
 
 # family: (registry name, tiny overrides, image size, per-stage (stride, width))
 TINY = {
-    'convnext': ('convnext_t', dict(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16)), 32,
-                 [(4, 8), (8, 8), (16, 16), (32, 16)]),
-    'cait': ('cait_xxs24', dict(patch_size=4, embed_dim=16, depth=2, num_heads=2), 16, [(4, 16)] * 2),
-    'beit': ('beit_b16', dict(patch_size=4, embed_dim=16, depth=2, num_heads=2), 16, [(4, 16)] * 2),
+    'convnext': ('convnext_t', dict(depths=(1, 1, 1), dims=(8, 8, 16)), 32, [(4, 8), (8, 8), (16, 16)]),
+    'cait': ('cait_xxs24', dict(patch_size=4, embed_dim=16, depth=1, num_heads=2, depth_token_only=1), 16,
+             [(4, 16)]),
+    'beit': ('beit_b16', dict(patch_size=4, embed_dim=16, depth=1, num_heads=2), 16, [(4, 16)]),
 }
 
 
@@ -188,7 +196,7 @@ def test_drop_path_eps_gelu_and_padding(family):
 
 
 @pytest.mark.parametrize('family, size, match', [
-    ('convnext', 16, 'too small'), ('cait', 18, 'multiple of patch_size'), ('beit', 18, 'multiple of patch_size')])
+    ('convnext', 8, 'too small'), ('cait', 18, 'multiple of patch_size'), ('beit', 18, 'multiple of patch_size')])
 def test_bad_input_size_names_the_fix(family, size, match):
   with pytest.raises(ValueError, match=match):
     model_utils.abstract_params(_model(family), size)
@@ -211,14 +219,190 @@ def test_beit_relative_position_index():
   assert (index[0, 1:] == 9).all() and (index[1:, 0] == 10).all() and index[0, 0] == 11
 
 
-def test_cait_talking_heads_mix_after_softmax():
-  """proj_w maps the softmax weights across heads: with a zero kernel and bias 1/N every query weighs all N keys
-  equally, whatever the logits (so proj_w really acts on the post-softmax weights, per head axis)."""
-  attn = cait.TalkingHeadAttention(num_heads=2)
-  x = model_utils.images(1, 4)[:, 0, :, :2].repeat(2, axis=-1)  # (1, 4 tokens, width 4)
-  params = model_utils.randomize(jax.eval_shape(attn.init, jax.random.key(0), x)['params'])
-  params = {**params, 'proj_w': {'kernel': jnp.zeros((2, 2)), 'bias': jnp.full((2,), 0.25)}}
-  out = attn.apply({'params': params}, x)
-  v = (x @ params['qkv']['kernel'] + params['qkv']['bias'])[..., 8:]  # The value third of the fused projection.
-  mean_v = jnp.broadcast_to(v.mean(axis=1, keepdims=True), v.shape)
-  np.testing.assert_allclose(out, mean_v @ params['proj']['kernel'] + params['proj']['bias'], atol=1e-5)
+# -- the main job trains each family at tiny width on digits -----------------------------------------------------
+
+MAIN_OVERRIDES = {  # Tiny widths on the default config's 16 px digits (patch / stem stride 4 from the config).
+    'convnext': ['--config.model.name=convnext_t', '--config.model.depths=(1, 1)', '--config.model.dims=(8, 16)'],
+    'cait': ['--config.model.name=cait_xxs24', '--config.model.embed_dim=16', '--config.model.depth=1',
+             '--config.model.num_heads=2', '--config.model.depth_token_only=1'],
+    'beit': ['--config.model.name=beit_b16', '--config.model.embed_dim=16', '--config.model.depth=1',
+             '--config.model.num_heads=2'],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('family', sorted(MAIN_OVERRIDES))
+def test_main_job_trains_family_on_digits(family, digits_data_dir, tmp_path):
+  """`python -m vit_jax.main --config=configs/default.py --config.model.name=...` runs a few steps end to end."""
+  workdir = tmp_path / 'run'
+  cmd = [sys.executable, '-m', 'vit_jax.main', f'--config={ROOT}/configs/default.py', f'--workdir={workdir}',
+         f'--config.dataset.data_dir={digits_data_dir}', '--config.total_steps=3', '--config.batch_size=16',
+         '--config.log_every=1', '--config.eval_every=3', '--config.checkpoint_every=3',
+         '--config.optimizer.warmup_steps=1', *MAIN_OVERRIDES[family]]
+  env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  final = json.loads((workdir / 'final_metrics.json').read_text())
+  assert final['step'] == 3 and all(np.isfinite(v) for v in final.values())
+  assert 0 < final['train_loss'] < 10 and 0 <= final['eval_accuracy'] <= 1
+  overrides = {a.split('=')[0].rsplit('.', 1)[1]: a.split('=', 1)[1] for a in MAIN_OVERRIDES[family][1:]}
+  overrides = {k: ast.literal_eval(v) for k, v in overrides.items()}
+  model = registry.create_model(MAIN_OVERRIDES[family][0].split('=')[1], num_classes=10, patch_size=4, **overrides)
+  assert final['num_params'] == model_utils.count_params(model, 16)
+
+
+# -- timm parity and conversion ----------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _fixture(family):
+  base = os.path.join(FIXTURES, family)
+  with open(base + '.json') as f:
+    meta = json.load(f)
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in meta['model_overrides'].items()}
+  with np.load(base + '.npz', allow_pickle=False) as data:
+    io = {k: data[k] for k in data.files}
+  return meta, overrides, io, convert.load_safetensors(base + '.safetensors')
+
+
+@pytest.mark.parametrize('family', sorted(TINY))
+def test_logits_match_timm(family):
+  """Converted timm weights (image size read off the checkpoint) reproduce timm's float32 logits within 1e-5."""
+  meta, overrides, io, sd = _fixture(family)
+  params = convert.timm_to_params(meta['model'], sd, model_overrides=overrides)
+  model = registry.create_model(meta['model'], num_classes=meta['num_classes'], **overrides)
+  logits = np.asarray(jax.jit(model.apply)({'params': params}, io['input_nhwc']))
+  diff = float(np.abs(logits - io['logits']).max())
+  print(f'\n[parity] {family}: max |logit diff| vs timm = {diff:.3e} (|logits| max {np.abs(io["logits"]).max():.3f})')
+  assert logits.shape == io['logits'].shape and diff <= 1e-5
+  assert convert.timm_numerics(meta['model']) == {}  # PyTorch-born: exact GELU and timm's epsilons by default.
+
+
+def test_new_class_count_keeps_convnext_head_norm():
+  """A new class count re-initialises only the classifier (timm's head.fc), not ConvNeXt's head.norm."""
+  meta, overrides, _, sd = _fixture('convnext')
+  params = convert.timm_to_params(meta['model'], sd, model_overrides=overrides, num_classes=7)
+  assert params['head']['kernel'].shape == (24, 7) and not params['head']['kernel'].any()
+  np.testing.assert_array_equal(params['head_norm']['scale'], sd['head.norm.weight'])
+
+
+def test_beit_table_resize_keeps_class_rows():
+  """The (2g-1)^2 offsets are resized as Swin's tables (PyTorch bicubic); the 3 class-token rows are kept."""
+  table = np.random.default_rng(0).standard_normal((beit.table_rows((4, 4)), 2)).astype(np.float32)
+  out = beit.resize_table(table, beit.table_rows((6, 6)))
+  assert out.shape == (124, 2) and out.dtype == np.float32
+  np.testing.assert_array_equal(out[-3:], table[-3:])
+  np.testing.assert_allclose(out[:-3], resize.resize_rel_pos_bias_table(table[:-3], 121), atol=1e-6)
+  with pytest.raises(ValueError, match='square'):
+    beit.resize_table(table, 10 * 11 + 3)
+
+
+def test_finetune_at_new_resolution_through_convert():
+  """Converting the 32 px fixtures for 48 px models fits BEiT's bias tables and CaiT's pos_embed (their image size
+  is read off the checkpoint); the result has the 48 px model's shapes and applies to 48 px images."""
+  for family, path in (('beit', 'blocks_1/attn/relative_position_bias_table'), ('cait', 'pos_embed')):
+    meta, overrides, _, sd = _fixture(family)
+    assert convert.family_facts(family).infer_image_size(sd, {**registry.get_model_spec(meta['model']).kwargs,
+                                                             **overrides}) == 32
+    params = convert.timm_to_params(meta['model'], sd, model_overrides=overrides, image_size=48)
+    flat = {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(params).items()}
+    model = registry.create_model(meta['model'], num_classes=meta['num_classes'], **overrides)
+    want = model_utils.abstract_params(model, 48)
+    assert flax.traverse_util.flatten_dict(jax.tree.map(lambda a: a.shape, params)) == \
+        flax.traverse_util.flatten_dict(jax.tree.map(lambda a: a.shape, want))
+    logits = jax.eval_shape(functools.partial(model.apply, {'params': params}), jnp.zeros((1, 48, 48, 3)))
+    assert logits.shape == (1, meta['num_classes'])
+    source = sd[path.replace('blocks_1/', 'blocks.1.').replace('/', '.')]
+    if family == 'beit':
+      np.testing.assert_allclose(flat[path], beit.resize_table(source, beit.table_rows((12, 12))))
+    else:
+      np.testing.assert_allclose(flat[path], resize.resize_posemb(source, 144, num_prefix_tokens=0,
+                                                                  method='bicubic'))
+
+
+# -- layer decay and freezing through the family's grouping ------------------------------------------------------
+
+EXPECTED_LAYERS = {  # Tiny models (TINY): parameter-path prefix -> layer id (0 stem, blocks 1..L, then L + 1).
+    'convnext': ({'stem/': 0, 'stages_0/blocks_0/': 1, 'stages_1/downsample/': 2, 'stages_1/blocks_0/': 2,
+                  'stages_2/downsample/': 3, 'stages_2/blocks_0/': 3, 'head_norm/': 4, 'head/': 4}, 3),
+    'cait': ({'patch_embed/': 0, 'cls_token': 0, 'pos_embed': 0, 'blocks_0/': 1, 'blocks_token_only_0/': 2,
+              'norm/': 2, 'head/': 2}, 1),
+    'beit': ({'patch_embed/': 0, 'cls_token': 0, 'blocks_0/': 1, 'fc_norm/': 2, 'head/': 2}, 1),
+}
+
+
+@pytest.mark.parametrize('family', sorted(TINY))
+def test_layer_ids_follow_the_family_grouping(family):
+  params = model_utils.abstract_params(_model(family), TINY[family][2])
+  names = param_groups.all_names(params)
+  expected, depth = EXPECTED_LAYERS[family]
+  for found in (param_groups.layer_ids(names, family), param_groups.layer_ids(names)):  # Named, and detected.
+    ids, num_blocks = found
+    assert num_blocks == depth
+    for name in names:
+      [want] = {v for k, v in expected.items() if name.startswith(k)}
+      assert ids[name] == want, (name, ids[name], want)
+
+
+def test_layer_decay_and_freezing_in_the_optimizer():
+  """create_optimizer with layer_decay and a freeze regex on ConvNeXt: frozen stem/stage-0 params get zero updates;
+  the rest are scaled by decay ** (L + 1 - layer id)."""
+  model = _model('convnext')
+  params = model_utils.random_params(model, 32)
+  opt_config = base_config().optimizer
+  opt_config.name, opt_config.lr, opt_config.warmup_steps, opt_config.weight_decay = 'sgd', 1.0, 0, 0.0
+  opt_config.grad_clip_norm, opt_config.layer_decay, opt_config.freeze = 0.0, 0.5, r'^(stem|stages_0)/'
+  opt_config.schedule = 'constant'
+  tx, _ = optim.create_optimizer(opt_config, total_steps=10, family='convnext')
+  ones = jax.tree.map(jnp.ones_like, params)
+  updates, _ = jax.jit(tx.update)(ones, tx.init(params), params)
+  flat = {param_groups.path_name(p): np.asarray(u) for p, u in jax.tree_util.tree_leaves_with_path(updates)}
+  ids, num_blocks = param_groups.layer_ids(list(flat), 'convnext')
+  for name, update in flat.items():
+    if re.match(r'(stem|stages_0)/', name):
+      assert not update.any(), name
+    else:
+      np.testing.assert_allclose(np.abs(update), 0.5 ** (num_blocks + 1 - ids[name]), rtol=1e-6, err_msg=name)
+
+
+# -- analytic FLOPs ----------------------------------------------------------------------------------------------
+
+def _traced_macs(model, size):
+  """Multiply-adds of every dot_general and convolution in the traced forward program (no elementwise work)."""
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  variables = model_utils.abstract_variables(model, x)
+  total = 0
+
+  def walk(jaxpr):
+    nonlocal total
+    for eqn in jaxpr.eqns:
+      out = eqn.outvars[0].aval.shape
+      if eqn.primitive.name == 'dot_general':
+        (contract, _), _ = eqn.params['dimension_numbers']
+        total += np.prod(out) * np.prod([eqn.invars[0].aval.shape[d] for d in contract])
+      elif eqn.primitive.name == 'conv_general_dilated':
+        rhs = eqn.invars[1].aval.shape  # Kernel; its spatial dims and input features per group.
+        spec = eqn.params['dimension_numbers'].rhs_spec  # (out, in, *spatial)
+        total += np.prod(out) * rhs[spec[1]] * np.prod([rhs[d] for d in spec[2:]])
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+  walk(jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x).jaxpr)
+  return float(total)
+
+
+@pytest.mark.parametrize('name, published_gmacs', [
+    ('convnext_t', 4.5), ('convnext_s', 8.7), ('convnext_b', 15.4), ('convnext_l', 34.4)])
+def test_convnext_macs(name, published_gmacs):
+  """Analytic MACs: the paper's GFLOPs (rounded to 0.1 G) and, within 0.5%, every matmul / conv of the program."""
+  model = registry.create_model(name, num_classes=1000)
+  fwd, method = flops.model_forward_flops(model, 224)
+  assert method == 'analytic' and fwd / 2e9 == pytest.approx(published_gmacs, abs=0.05)
+  if name == 'convnext_t':
+    assert fwd / 2 == pytest.approx(_traced_macs(model, 224), rel=5e-3)
+    xla = flops.xla_forward_flops(model, 224)  # Also counts LayerNorm / GELU / layer-scale work: ~6% more.
+    assert fwd <= xla <= fwd * 1.08, (fwd, xla)
+
+
+def test_cait_and_beit_flops_use_xla_cost_analysis():
+  for family in ('cait', 'beit'):
+    assert convert.family_facts(family).forward_macs is None
+    assert flops.model_forward_flops(_model(family), 16)[1] == 'xla'

@@ -31,6 +31,9 @@ CASES = [  # timm name, our name, create_model overrides for timm's numerics
     ('pvt_v2_b0', 'pvt_v2_b0', {}),
     ('pvt_v2_b2_li', 'pvt_v2_b2_li', {}),
     ('mvitv2_tiny', 'mvitv2_t', {}),
+    ('convnext_tiny', 'convnext_t', {}),
+    ('cait_xxs24_224', 'cait_xxs24', {}),
+    ('beit_base_patch16_224', 'beit_b16', {}),
 ]
 
 

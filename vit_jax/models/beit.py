@@ -23,7 +23,8 @@ epsilon 1e-6.
 """
 from __future__ import annotations
 
-from typing import Any, Union
+import math
+from typing import Any, Mapping, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -31,8 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models import attention
+from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
+from vit_jax.models import resize
 from vit_jax.models.layers import DropPath, constrain, logical
 
 Array = jax.Array
@@ -66,6 +69,18 @@ def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
   index[:, 0] = offsets + 1
   index[0, 0] = offsets + 2
   return index
+
+
+def resize_table(table: np.ndarray, new_rows: int) -> np.ndarray:
+  """Fits a (R + 3, heads) bias table to new_rows = R' + 3 rows (square grids, R = (2g-1)^2): the offset part is
+  resized per head with PyTorch's bicubic (as Swin's tables, `resize.resize_rel_pos_bias_table`), the three
+  class-token rows are kept."""
+  table = np.asarray(table)
+  if table.ndim != 2 or table.shape[0] <= CLASS_ROWS or new_rows <= CLASS_ROWS:
+    raise ValueError(f'Expected BEiT bias tables of (2g-1)^2 + {CLASS_ROWS} rows, got shape {table.shape} and '
+                     f'{new_rows} target rows.')
+  offsets = resize.resize_rel_pos_bias_table(table[:-CLASS_ROWS], new_rows - CLASS_ROWS)
+  return np.concatenate([offsets, table[-CLASS_ROWS:]], axis=0).astype(table.dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -254,7 +269,7 @@ class Beit(nn.Module):
 
 _TB = r'blocks\.(\d+)\.'
 _OB = r'blocks_\1/'
-TIMM_RULES = (
+TIMM_RULES: tuple[facts.Rule, ...] = (
     (r'patch_embed\.proj', 'patch_embed/proj', 'conv'),
     (r'cls_token', 'cls_token', 'raw'),
     (_TB + r'norm([12])', _OB + r'norm\2', 'norm'),
@@ -269,6 +284,34 @@ TIMM_RULES = (
 )
 # timm buffers our model recomputes: the index into the table, and the zero key bias (non-persistent in timm).
 TIMM_IGNORED = (r'.*\.relative_position_index', r'.*\.attn\.k_bias')
+
+# Layer ids for layer-wise lr decay / freezing (BEiT's own recipe): patch embedding and class token are layer 0,
+# blocks 1..L, fc_norm and head L + 1.
+GROUPING = facts.LayerGrouping(blocks=((r'^blocks_(\d+)/', 'block1'),), stem=r'^(patch_embed|cls_token)(/|$)')
+
+
+def resize_params(path: str, value: np.ndarray, shape: tuple, context: facts.ResizeContext) -> Optional[np.ndarray]:
+  """A bias table of another patch grid, fitted to `shape` by `resize_table`; None for every other parameter."""
+  del context  # Always PyTorch's bicubic, as the official BEiT / Swin fine-tuning.
+  if not path.endswith('/relative_position_bias_table'):
+    return None
+  return resize_table(value, shape[0])
+
+
+def infer_image_size(state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]) -> Optional[int]:
+  """The square image size a timm state dict was made for, read off its first bias table: (2g-1)^2 + 3 rows."""
+  table = state_dict.get('blocks.0.attn.relative_position_bias_table')
+  if table is None:
+    return None
+  side = math.isqrt(table.shape[0] - CLASS_ROWS)
+  if side * side != table.shape[0] - CLASS_ROWS or side % 2 == 0:
+    return None
+  return (side + 1) // 2 * options.get('patch_size', Beit.patch_size)
+
+
+facts.register_family(facts.FamilyFacts(
+    name='beit', layouts={'timm': facts.ConversionTable(TIMM_RULES, ignore=TIMM_IGNORED)}, grouping=GROUPING,
+    resize=resize_params, infer_image_size=infer_image_size))
 
 
 # ----------------------------------------------------------------------------------------------------------------

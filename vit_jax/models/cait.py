@@ -21,15 +21,19 @@ drop-path rate is the same for every self-attention block (CaiT's constant rule)
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+import math
+from typing import Any, Mapping, Optional, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vit_jax.models import attention
+from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
+from vit_jax.models import resize
 from vit_jax.models.layers import DropPath, constrain, logical
 
 Array = jax.Array
@@ -300,7 +304,7 @@ class CaiT(nn.Module):
 
 _SA = r'blocks\.(\d+)\.'
 _CA = r'blocks_token_only\.(\d+)\.'
-TIMM_RULES = (
+TIMM_RULES: tuple[facts.Rule, ...] = (
     (r'patch_embed\.proj', 'patch_embed/proj', 'conv'),
     (r'cls_token', 'cls_token', 'raw'),
     (r'pos_embed', 'pos_embed', 'raw'),
@@ -317,6 +321,33 @@ TIMM_RULES = (
     (r'norm', 'norm', 'norm'),
     (r'head', 'head', 'linear'),
 )
+
+# Layer ids for layer-wise lr decay / freezing: patch embedding, class token and position embedding are layer 0,
+# the self-attention blocks 1..L; the class-attention blocks, the final norm and the head form layer L + 1.
+GROUPING = facts.LayerGrouping(blocks=((r'^blocks_(\d+)/', 'block1'),),
+                               stem=r'^(patch_embed|cls_token|pos_embed)(/|$)')
+
+
+def resize_params(path: str, value: np.ndarray, shape: tuple, context: facts.ResizeContext) -> Optional[np.ndarray]:
+  """pos_embed of another patch grid, resized to `shape` on its square grid (no class row); None otherwise."""
+  if path != 'pos_embed':
+    return None
+  return resize.resize_posemb(value, shape[1], num_prefix_tokens=0, method=context.method)
+
+
+def infer_image_size(state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]) -> Optional[int]:
+  """The square image size a timm state dict was made for: its pos_embed holds one row per patch."""
+  if 'pos_embed' not in state_dict:
+    return None
+  grid = math.isqrt(state_dict['pos_embed'].shape[1])
+  if grid * grid != state_dict['pos_embed'].shape[1]:
+    return None
+  return grid * options.get('patch_size', CaiT.patch_size)
+
+
+facts.register_family(facts.FamilyFacts(
+    name='cait', layouts={'timm': facts.ConversionTable(TIMM_RULES)}, grouping=GROUPING, resize=resize_params,
+    infer_image_size=infer_image_size))
 
 
 # ----------------------------------------------------------------------------------------------------------------

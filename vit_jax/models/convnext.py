@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
 from vit_jax.models.layers import DropPath, constrain, logical
@@ -61,8 +62,10 @@ class ConvNeXtBlock(nn.Module):
     x = constrain(x, _MAP)
     y = _conv(dim, 7, groups=dim, dtype=self.dtype, name='conv_dw')(x)
     y = layers.layer_norm('norm', epsilon=LN_EPS, dtype=self.dtype)(y)
+    b, h, w, _ = y.shape  # The pointwise MLP runs on the (B, H*W, C) tokens of the map.
     y = layers.MlpBlock(mlp_dim=int(self.mlp_ratio * dim), gelu_approximate=False, dtype=self.dtype,
-                        kernel_init=_trunc_normal, bias_init=_zeros, name='mlp')(y)
+                        kernel_init=_trunc_normal, bias_init=_zeros, name='mlp')(y.reshape(b, h * w, dim))
+    y = y.reshape(b, h, w, dim)
     gamma = self.param('gamma', logical(nn.initializers.constant(self.layer_scale_init), ('embed',)), (dim,))
     y = y * gamma.astype(y.dtype)
     return constrain(x + DropPath(self.drop_path_rate)(y, deterministic=not train), _MAP)
@@ -197,9 +200,10 @@ class ConvNeXt(layers.HierarchicalBackbone):
 # Family facts: timm key table, layer grouping, analytic MACs.
 # ----------------------------------------------------------------------------------------------------------------
 
+# timm key -> our path (vit_jax/models/facts.py kinds). Only head.fc is the classifier: head.norm stays.
 _TB = r'stages\.(\d+)\.blocks\.(\d+)\.'
 _OB = r'stages_\1/blocks_\2/'
-TIMM_RULES = (
+TIMM_RULES: tuple[facts.Rule, ...] = (
     (r'stem\.0', 'stem/conv', 'conv'),
     (r'stem\.1', 'stem/norm', 'norm'),
     (r'stages\.(\d+)\.downsample\.0', r'stages_\1/downsample/norm', 'norm'),
@@ -212,6 +216,14 @@ TIMM_RULES = (
     (r'head\.norm', 'head_norm', 'norm'),
     (r'head\.fc', 'head', 'linear'),
 )
+
+
+# Layer ids for layer-wise lr decay / freezing: the stem is layer 0, blocks 1..L in order, a stage's downsampling
+# goes with its first block, head_norm and head come last (timm's group_matcher).
+GROUPING = facts.LayerGrouping(
+    blocks=((r'^stages_(\d+)/blocks_(\d+)/', 'block2'),
+            (r'^stages_(\d+)/downsample/', 'before')),
+    stem=r'^stem(/|$)')
 
 
 def forward_macs(model: ConvNeXt, image_size: int) -> float:
@@ -229,6 +241,11 @@ def forward_macs(model: ConvNeXt, image_size: int) -> float:
       macs += area * 4 * dims[i - 1] * dim
     macs += depth * area * (49 * dim + 2 * dim * dim * model.mlp_ratio)
   return float(macs + dims[-1] * model.num_classes)
+
+
+facts.register_family(facts.FamilyFacts(
+    name='convnext', layouts={'timm': facts.ConversionTable(TIMM_RULES, source_heads=('head.fc',))},
+    grouping=GROUPING, forward_macs=forward_macs, heads=('head',)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
