@@ -80,7 +80,7 @@ def load_params(source: str, init_params: Mapping[str, Any], *, reinit_head: boo
                             '`python -m vit_jax.convert`, or a vit_jax workdir.')
   loaded = checkpoint.load_pretrained(arrays, init_params, reinit_head=reinit_head and not require_head,
                                       posemb_interpolation=posemb_interpolation,
-                                      keep_pre_logits=True if require_head else None)
+                                      keep_pre_logits=True if require_head else None, model=model)
   if require_head:
     for head in ('head', 'head_dist'):
       if head in init_params and loaded[head]['kernel'] is init_params[head]['kernel']:
