@@ -366,40 +366,14 @@ def test_layer_decay_and_freezing_in_the_optimizer():
 
 # -- analytic FLOPs ----------------------------------------------------------------------------------------------
 
-def _traced_macs(model, size):
-  """Multiply-adds of every dot_general and convolution in the traced forward program (no elementwise work)."""
-  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  variables = model_utils.abstract_variables(model, x)
-  total = 0
-
-  def walk(jaxpr):
-    nonlocal total
-    for eqn in jaxpr.eqns:
-      out = eqn.outvars[0].aval.shape
-      if eqn.primitive.name == 'dot_general':
-        (contract, _), _ = eqn.params['dimension_numbers']
-        total += np.prod(out) * np.prod([eqn.invars[0].aval.shape[d] for d in contract])
-      elif eqn.primitive.name == 'conv_general_dilated':
-        rhs = eqn.invars[1].aval.shape  # Kernel; its spatial dims and input features per group.
-        spec = eqn.params['dimension_numbers'].rhs_spec  # (out, in, *spatial)
-        total += np.prod(out) * rhs[spec[1]] * np.prod([rhs[d] for d in spec[2:]])
-      for sub in jax.core.jaxprs_in_params(eqn.params):
-        walk(sub)
-  walk(jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x).jaxpr)
-  return float(total)
-
-
 @pytest.mark.parametrize('name, published_gmacs', [
     ('convnext_t', 4.5), ('convnext_s', 8.7), ('convnext_b', 15.4), ('convnext_l', 34.4)])
 def test_convnext_macs(name, published_gmacs):
-  """Analytic MACs: the paper's GFLOPs (rounded to 0.1 G) and, within 0.5%, every matmul / conv of the program."""
+  """Analytic MACs match the paper's GFLOPs (rounded to 0.1 G). That they equal XLA's count of the program's
+  matmuls and convolutions is test_family_facts' registry-wide check."""
   model = registry.create_model(name, num_classes=1000)
   fwd, method = flops.model_forward_flops(model, 224)
   assert method == 'analytic' and fwd / 2e9 == pytest.approx(published_gmacs, abs=0.05)
-  if name == 'convnext_t':
-    assert fwd / 2 == pytest.approx(_traced_macs(model, 224), rel=5e-3)
-    xla = flops.xla_forward_flops(model, 224)  # Also counts LayerNorm / GELU / layer-scale work: ~6% more.
-    assert fwd <= xla <= fwd * 1.08, (fwd, xla)
 
 
 def test_cait_and_beit_flops_use_xla_cost_analysis():
