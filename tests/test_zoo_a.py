@@ -28,6 +28,7 @@ from vit_jax.config_schema import base_config
 from vit_jax.models import beit
 from vit_jax.models import cait
 from vit_jax.models import convnext
+from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
 from vit_jax.models import resize
@@ -301,7 +302,7 @@ def test_finetune_at_new_resolution_through_convert():
   is read off the checkpoint); the result has the 48 px model's shapes and applies to 48 px images."""
   for family, path in (('beit', 'blocks_1/attn/relative_position_bias_table'), ('cait', 'pos_embed')):
     meta, overrides, _, sd = _fixture(family)
-    assert convert.family_facts(family).infer_image_size(sd, {**registry.get_model_spec(meta['model']).kwargs,
+    assert facts.get_family(family).infer_image_size(sd, {**registry.get_model_spec(meta['model']).kwargs,
                                                              **overrides}) == 32
     params = convert.timm_to_params(meta['model'], sd, model_overrides=overrides, image_size=48)
     flat = {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(params).items()}
@@ -378,5 +379,5 @@ def test_convnext_macs(name, published_gmacs):
 
 def test_cait_and_beit_flops_use_xla_cost_analysis():
   for family in ('cait', 'beit'):
-    assert convert.family_facts(family).forward_macs is None
+    assert facts.get_family(family).forward_macs is None
     assert flops.model_forward_flops(_model(family), 16)[1] == 'xla'
