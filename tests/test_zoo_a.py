@@ -24,6 +24,7 @@ from vit_jax import convert
 from vit_jax import flops
 from vit_jax import optim
 from vit_jax import param_groups
+from vit_jax import pretrained
 from vit_jax.config_schema import base_config
 from vit_jax.models import beit
 from vit_jax.models import cait
@@ -299,7 +300,8 @@ def test_beit_table_resize_keeps_class_rows():
 
 def test_finetune_at_new_resolution_through_convert():
   """Converting the 32 px fixtures for 48 px models fits BEiT's bias tables and CaiT's pos_embed (their image size
-  is read off the checkpoint); the result has the 48 px model's shapes and applies to 48 px images."""
+  is read off the checkpoint); the result has the 48 px model's shapes and applies to 48 px images, and loading the
+  32 px params into the 48 px model (init_from) fits them alike."""
   for family, path in (('beit', 'blocks_1/attn/relative_position_bias_table'), ('cait', 'pos_embed')):
     meta, overrides, _, sd = _fixture(family)
     assert facts.get_family(family).infer_image_size(sd, {**registry.get_model_spec(meta['model']).kwargs,
@@ -312,6 +314,11 @@ def test_finetune_at_new_resolution_through_convert():
         flax.traverse_util.flatten_dict(jax.tree.map(lambda a: a.shape, want))
     logits = jax.eval_shape(functools.partial(model.apply, {'params': params}), jnp.zeros((1, 48, 48, 3)))
     assert logits.shape == (1, meta['num_classes'])
+    # init_from's path (pretrained.load_pretrained with the model): the same fit from the 32 px params.
+    at_32 = convert.timm_to_params(meta['model'], sd, model_overrides=overrides)
+    loaded = pretrained.load_pretrained(at_32, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), want),
+                                        model=model, image_size=48, posemb_interpolation='bicubic')
+    assert jax.tree.all(jax.tree.map(np.array_equal, loaded, params))
     source = sd[path.replace('blocks_1/', 'blocks.1.').replace('/', '.')]
     if family == 'beit':
       np.testing.assert_allclose(flat[path], beit.resize_table(source, beit.table_rows((12, 12))))
