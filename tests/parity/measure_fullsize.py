@@ -35,6 +35,9 @@ CASES = [  # timm name, our name, create_model overrides for timm's numerics
     ('xcit_tiny_12_p16_224', 'xcit_t12_p16', {}),
     ('xcit_small_12_p8_224', 'xcit_s12_p8', {}),
     ('xcit_medium_24_p16_224', 'xcit_m24_p16', {}),
+    ('convnext_tiny', 'convnext_t', {}),
+    ('cait_xxs24_224', 'cait_xxs24', {}),
+    ('beit_base_patch16_224', 'beit_b16', {}),
 ]
 # Families whose reference is not timm: (reference, our name, the builder of the randomised reference model, layout).
 OTHER_CASES = [

@@ -2,6 +2,9 @@
 
 Importing this package registers every family.
 """
+from vit_jax.models import beit  # noqa: F401  (registers beit_*)
+from vit_jax.models import cait  # noqa: F401  (registers cait_*)
+from vit_jax.models import convnext  # noqa: F401  (registers convnext_*)
 from vit_jax.models import cvt  # noqa: F401  (registers cvt_*)
 from vit_jax.models import deit  # noqa: F401  (registers deit_*)
 from vit_jax.models import dino  # noqa: F401  (registers dino_vit_*)
