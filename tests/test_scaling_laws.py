@@ -12,9 +12,10 @@ import pytest
 from ml_collections.config_flags import config_flags as cf_impl
 
 from experiments.scaling_laws import fewshot, fit, laws, ledger, runner, study as study_lib
-from vit_jax import checkpoint, flops, optim, train
+from vit_jax import checkpoint, optim, train
 from vit_jax.evaluators import fewshot as fewshot_probe
 from vit_jax.config_schema import base_config
+from vit_jax.models import vit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -387,7 +388,7 @@ def test_flops_count_map_heads_and_pre_logits():
   config = study_lib.expand(_tiny_study(None))[0].config
   plain = ledger.vit_shape(config, 10)
   assert plain['flops_method'] == 'analytic'
-  assert plain['macs_per_image'] == flops.vit_forward_macs(
+  assert plain['macs_per_image'] == vit.vit_forward_macs(
       image_size=16, patch_size=plain['patch_size'], hidden_size=16, num_layers=1, mlp_dim=32, num_classes=10)
   config.model.classifier = 'map'
   map_head = ledger.vit_shape(config, 10)

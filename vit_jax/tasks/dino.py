@@ -203,9 +203,11 @@ class Dino(base.Task):
   # ------------------------------------------------------------------------------------------------ state
   @classmethod
   def init_variables(cls, model: Any, rng: jax.Array, image_size: int) -> dict[str, Any]:
-    """Backbone + DINO head only (through `project`): no classifier is created whatever num_classes is."""
+    """Backbone + DINO head only (through `project`): no classifier is created whatever num_classes is. (A model
+    without a DINO head is initialised as usual, so that `check_config` can name the problem.)"""
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    return dict(model.init({'params': rng}, dummy, train=False, method='project'))
+    method = 'project' if hasattr(model, 'project') else None
+    return dict(model.init({'params': rng}, dummy, train=False, method=method))
 
   def init_extra(self, variables: Any, rng: jax.Array) -> dict[str, Any]:
     """The teacher (a copy of the student's params, boxed alike) and the centre (1, out_dim) of zeros."""
