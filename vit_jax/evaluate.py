@@ -9,8 +9,8 @@
 `--evals` lists entries of config.evals by name, or evaluator types (knn, linear_probe, fewshot) run with their
 defaults; without it every entry of config.evals runs, or, if there is none, the kinds the task names as
 suiting it (`Task.evaluators`, e.g. DINO's k-NN and linear probe). `--config.evals.knn.k=10`-style overrides work
-with --config. Features are the model's pre-logits (vit_jax.evaluators.pre_logits_fn; DINO's: the backbone's class
-token). The last line printed is one JSON object:
+with --config. Features are the task's (`Task.feature_fn`: the model's pooled pre-logits; DINO's: the backbone's
+class token). The last line printed is one JSON object:
 {"source": ..., "step": ..., "NAME/METRIC": value, ...}.
 """
 from __future__ import annotations
@@ -138,7 +138,7 @@ def evaluate(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None
     run, variables = _load_converted(config)
     result = {'source': config.init_from, 'step': None}
   result.update(evaluators.run_evaluators(
-      chosen, feature_fn=evaluators.pre_logits_fn(run.model), variables=variables, dataset_config=config.dataset,
+      chosen, feature_fn=run.task.feature_fn(run.model), variables=variables, dataset_config=config.dataset,
       batch_size=batch_size or config.batch_size, mesh=run.mesh, num_classes=run.dataset_info.num_classes))
   return result
 
