@@ -198,24 +198,22 @@ def benchmark_end_to_end(config_path: str, *, steps: int = 20, warmup: int = 3) 
   """
   import functools  # pylint: disable=g-import-not-at-top
 
-  from vit_jax import config_schema, input_pipeline, optim, sharding, train  # pylint: disable=g-import-not-at-top
+  from vit_jax import config_schema, sharding, train  # pylint: disable=g-import-not-at-top
 
   config = _load_config(config_path)
   config_schema.validate_config(config)
-  mesh = sharding.create_mesh(config.mesh)
-  sharding.check_global_batch(config.batch_size, mesh)
-  info = input_pipeline.get_dataset_info(config.dataset)
-  model = train.build_model(config, info.num_classes)
-  tx, schedule = optim.create_optimizer(config.optimizer, config.total_steps)
-  state, state_shardings = train.create_train_state(model, tx, image_size=config.dataset.image_size,
-                                                    seed=config.seed, mesh=mesh)
-  step_fn = jax.jit(functools.partial(train.train_step, dropout_key=jax.random.key(0), schedule=schedule),
-                    in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
-  batches = sharding.prefetch_to_device(input_pipeline.create_train_iterator(
-      config.dataset, global_batch_size=config.batch_size, seed=config.seed), mesh)
+  run = train.setup_run(config)
+  state, model = run.state, run.model
+  constants = run.task.load_constants(config, run.mesh, run.rules)  # E.g. a distillation teacher.
+  step_fn = jax.jit(functools.partial(train.train_step, dropout_key=jax.random.key(0), schedule=run.schedule,
+                                      accum_steps=config.accum_steps, task=run.task),
+                    in_shardings=(run.state_shardings, sharding.batch_sharding(run.mesh),
+                                  jax.tree.map(lambda x: x.sharding, constants)),
+                    out_shardings=(run.state_shardings, sharding.replicated(run.mesh)), donate_argnums=0)
+  batches = sharding.prefetch_to_device(
+      run.task.train_iterator(config, global_batch_size=config.batch_size, seed=config.seed), run.mesh)
   for _ in range(warmup):
-    state, step_metrics = step_fn(state, next(batches))
+    state, step_metrics = step_fn(state, next(batches), constants)
   jax.block_until_ready((state, step_metrics))
   wait = 0.0
   start = time.perf_counter()
@@ -223,7 +221,7 @@ def benchmark_end_to_end(config_path: str, *, steps: int = 20, warmup: int = 3) 
     t = time.perf_counter()
     batch = next(batches)
     wait += time.perf_counter() - t
-    state, step_metrics = step_fn(state, batch)
+    state, step_metrics = step_fn(state, batch, constants)
   jax.block_until_ready((state, step_metrics))
   wall = time.perf_counter() - start
   size = config.dataset.image_size
