@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.image_size = 224
   c.dataset.train_crop = 'inception'  # 'inception' | 'pad_and_crop' | 'resize'
   c.dataset.crop_padding = 4          # Pixels of padding for 'pad_and_crop'.
+  c.dataset.crop_min_area = 0.05      # 'inception': smallest crop, as a fraction of the image area (MAE: 0.2).
   c.dataset.flip = True
   c.dataset.eval_crop_fraction = 0.875  # Resize to image_size / fraction, then centre crop; 1.0: plain resize.
   c.dataset.shuffle_buffer = 10_000
@@ -76,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.random_erasing = 0.0      # Probability of timm/DeiT random erasing (one box, 2%..1/3 of the area).
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = 'adamw'        # 'adamw' | 'sgd'
+  c.optimizer.name = 'adamw'        # 'adamw' | 'sgd' | 'lars' (MAE linear probe)
   c.optimizer.lr = 1e-3             # Peak learning rate.
   c.optimizer.schedule = 'cosine'   # 'cosine' | 'linear' | 'constant' | 'rsqrt' (after warmup).
   # 'constant' and 'rsqrt' only: linear cooldown to 0 over the last cooldown_steps (Zhai et al. 2021); 0: none.
@@ -86,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.end_lr_factor = 0.0   # Final lr = lr * end_lr_factor.
   c.optimizer.weight_decay = 0.0    # Decoupled; never applied to biases, norms, position embeddings, cls tokens.
   c.optimizer.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
-  c.optimizer.b1 = 0.9              # AdamW beta1, or SGD momentum.
+  c.optimizer.b1 = 0.9              # AdamW beta1, or SGD / LARS momentum.
   c.optimizer.b2 = 0.999            # AdamW beta2.
   c.optimizer.mu_dtype = ml_collections.config_dict.placeholder(str)  # First-moment (momentum) dtype, e.g.
                                     # 'bfloat16' to halve its memory; None: the parameters' float32.

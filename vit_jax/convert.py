@@ -76,6 +76,7 @@ _VIT: Sequence[Rule] = (
     (_B + r'mlp\.fc1', _VB + 'MlpBlock_0/Dense_0', 'linear'),
     (_B + r'mlp\.fc2', _VB + 'MlpBlock_0/Dense_1', 'linear'),
     (r'norm', 'Transformer/encoder_norm', 'norm'),
+    (r'fc_norm', 'fc_norm', 'norm'),  # timm global_pool='avg', fc_norm=True: our classifier='gap_fc_norm'.
     (r'head', 'head', 'linear'),
     # Hybrids (timm HybridEmbed over a ResNetV2 stem): our BiT stem names sit at the top level, 1-based.
     (r'patch_embed\.backbone\.(?:stem\.)?conv', 'conv_root', 'conv'),
