@@ -188,8 +188,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   task = _task_class(config)
   if num_devices is not None:
     check_devices(config, num_devices)
+  task.check_config(config)  # Before the model is built: a task's error names the task's keys (e.g. mask_ratio).
   check_model_fits_images(config)
-  task.check_config(config)
 
 
 def _task_class(config: ml_collections.ConfigDict) -> type:
