@@ -2,10 +2,12 @@
 an uninterrupted run (params and optimizer state), with the same final_metrics.json (all fields except the
 wall-clock ones, train_seconds and resumed_from_step).
 
-  python experiments/reliability/kill9_resume.py [--task classification|mae] [--kills 10] [--seed 0] [--out DIR]
+  python experiments/reliability/kill9_resume.py [--task classification|dino|mae] [--kills 10] [--seed 0]
+      [--out /tmp/vit_jax_kill9]
 
-Runs the real CLI (`python -m vit_jax.main --config=CONFIG`, CONFIG = the task's digits job in TASK_CONFIGS,
-e.g. configs/default.py for classification and configs/mae_digits.py for MAE) on one CPU device with a shortened
+Runs the real CLI (`python -m vit_jax.main`, configs/default.py or, with --task dino, configs/dino_digits.py whose
+state adds the teacher and the centre, or with --task mae, configs/mae_digits.py whose masks come from seed and
+step) on one CPU device with a shortened
 schedule (--steps, a checkpoint every 20 steps so kills also land mid-save). Each attempt is killed at a random
 moment after it has trained past its resume point. Prints one JSON summary as its last line; exit status 1 if
 anything differs.
@@ -26,8 +28,9 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TIME_FIELDS = ('train_seconds', 'resumed_from_step')
-# The digits job each task is checked on.
-TASK_CONFIGS = {'classification': 'configs/default.py', 'mae': 'configs/mae_digits.py'}
+# The digits config of each task (every task resumes exactly: its own state is part of the checkpoint).
+TASK_CONFIGS = {'classification': 'configs/default.py', 'dino': 'configs/dino_digits.py',
+                'mae': 'configs/mae_digits.py'}
 
 
 def main() -> int:
@@ -52,7 +55,8 @@ def main() -> int:
                  env=env, cwd=ROOT, check=True, capture_output=True)
 
   def cmd(workdir: pathlib.Path) -> list[str]:
-    return [sys.executable, '-m', 'vit_jax.main', f'--config={ROOT}/{TASK_CONFIGS[args.task]}', f'--workdir={workdir}',
+    return [sys.executable, '-m', 'vit_jax.main', f'--config={ROOT}/{TASK_CONFIGS[args.task]}',
+            f'--workdir={workdir}',
             f'--config.dataset.data_dir={data_dir}', f'--config.total_steps={args.steps}',
             '--config.checkpoint_every=20', '--config.eval_every=200', '--config.log_every=50']
 

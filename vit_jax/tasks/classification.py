@@ -68,7 +68,7 @@ class Classification(base.Task):
     if not self.uses_teacher:
       return None
     from vit_jax import distill, sharding  # pylint: disable=g-import-not-at-top
-    variables = {'params': distill.load_teacher_params(config, self.teacher)}
+    variables = distill.load_teacher_variables(config, self.teacher)
     return jax.device_put(variables, sharding.state_sharding(mesh, variables, rules))
 
   # --------------------------------------------------------------------------------------------------- step
