@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import json
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import flax.linen as nn
 import jax
@@ -318,6 +318,23 @@ def _init_from(config: ml_collections.ConfigDict, run: RunSetup, state: TrainSta
   return state
 
 
+def periodic_evaluators(config: ml_collections.ConfigDict,
+                        run: RunSetup) -> Optional[Callable[[int, TrainState], dict[str, float]]]:
+  """(step, state) -> {'<name>/<metric>': value} of the config.evals evaluators due after `step` (None when
+  config.evals is empty). They score the task's features (`Task.feature_fn`) of its eval variables."""
+  if not config.evals:
+    return None
+  from vit_jax import evaluators  # pylint: disable=g-import-not-at-top
+  feature_fn = run.task.feature_fn(run.model)
+
+  def run_due(step: int, state: TrainState) -> dict[str, float]:
+    return evaluators.run_periodic(config.evals, step=step, total_steps=config.total_steps, feature_fn=feature_fn,
+                                   variables=run.task.eval_variables(state), dataset_config=config.dataset,
+                                   batch_size=config.batch_size, mesh=run.mesh,
+                                   num_classes=run.dataset_info.num_classes)
+  return run_due
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds this run) and returns the final metrics.
 
@@ -378,9 +395,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   has_eval = task.eval_metrics is not None
   run_eval = functools.partial(evaluate, p_eval_step, mesh=mesh, num_classes=info.num_classes)
   new_eval_iter = functools.partial(task.eval_iterator, config, global_batch_size=config.batch_size)
+  run_evaluators = periodic_evaluators(config, run)
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
   monitor = guards.NonFiniteMonitor(config.on_nonfinite, workdir)
   last_saved = start_step if restored is not None else None
+
+  def record(step: int, scalars: dict[str, float]) -> None:
+    """Writes scalars to TensorBoard and keeps them for final_metrics.json."""
+    writer.write_scalars(step, scalars)
+    loop.final.update(scalars)
 
   start_time = time.time()
   try:
@@ -395,15 +418,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if step % config.log_every == 0 or is_last:
           monitor.check(last_saved)
           scalars = metrics.to_scalars(loop.train_metrics, 'train', num_classes=info.num_classes)
-          writer.write_scalars(step, scalars)
-          loop.final.update(scalars)
+          record(step, scalars)
           loop.nonfinite_updates += int(scalars['train_nonfinite_updates'])
           loop.train_metrics = None
         if has_eval and ((config.eval_every and step % config.eval_every == 0) or is_last):
           monitor.check(last_saved)
-          scalars = run_eval(state, new_eval_iter())
-          writer.write_scalars(step, scalars)
-          loop.final.update(scalars)
+          record(step, run_eval(state, new_eval_iter()))
+        scalars = run_evaluators(step, state) if run_evaluators is not None else {}  # Only those due now.
+        if scalars:
+          monitor.check(last_saved)
+          record(step, scalars)
         stop = preempted(step) and not is_last
         if step % config.checkpoint_every == 0 or is_last or stop:
           monitor.check(last_saved)  # Never save a non-finite state (stop mode).

@@ -24,7 +24,8 @@ A task declares only what is specific to its objective:
               nonfinite_updates=...)`.
   eval        `eval_step(state, batch)` scores one eval batch (`eval_metrics`; None: no eval pass, e.g. for a task
               judged only by evaluators); `eval_variables(state)` are the weights to evaluate (default: the EMA
-              when kept, else the raw variables; DINO: its teacher); `evaluators` names the kinds in
+              when kept, else the raw variables; DINO: its teacher); `feature_fn(model)` is what the periodic
+              evaluators (config.evals) score (default: pooled pre-logits); `evaluators` names the kinds in
               vit_jax/evaluators/ that suit the task's features.
   input       `train_iterator` / `eval_iterator` (default: the input pipeline's image/label batches), e.g. DINO's
               multi-crop views. Every array of a batch has the global batch as its leading axis.
@@ -167,6 +168,12 @@ class Task(abc.ABC):
   def eval_variables(self, state: Any) -> dict[str, Any]:
     """The model variables to evaluate and to hand to evaluators."""
     return ema.eval_variables(state)
+
+  def feature_fn(self, model: Any) -> Callable[[Mapping[str, Any], jax.Array], jax.Array]:
+    """(variables, images) -> (B, D) features the evaluators (config.evals) score: default, the model's pooled
+    pre-logits in inference mode. Called once per run; its result is compiled once."""
+    from vit_jax import evaluators  # pylint: disable=g-import-not-at-top
+    return evaluators.pre_logits_fn(model)
 
   # ------------------------------------------------------------------------------------------------ input
   def train_iterator(self, config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int) -> Any:
