@@ -69,12 +69,15 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.) -
 class AddPositionEmbs(nn.Module):
   """Adds position embeddings to a (B, [cls +] h*w, D) sequence.
 
-  'learn': param `pos_embedding` (1, tokens, D), normal(0.02) init, including a slot for the class token.
+  'learn': param `pos_embedding` (1, tokens, D), normal(0.02) init, including a slot for the class token. With
+  `resize` (table, has_cls, grid) -> table, a table built for another grid is fitted to the input's grid on the
+  fly (e.g. DINO's multi-crop: one table for 224 and 96 px crops); without it the grids must match.
   'sincos2d': a fixed table (no parameter); the class token gets a zero row, which matches big_vision
   (posemb added before the class token is concatenated).
   """
   posemb: str = 'learn'
   has_cls: bool = True
+  resize: Optional[Callable[[Array, bool, tuple[int, int]], Array]] = None
 
   @nn.compact
   def __call__(self, x: Array, *, grid: tuple[int, int]) -> Array:
@@ -83,6 +86,10 @@ class AddPositionEmbs(nn.Module):
       shape = (1, length, width)
       if self.has_variable('params', 'pos_embedding'):
         have = self.get_variable('params', 'pos_embedding').shape
+        if tuple(have) != shape and self.resize is not None:
+          pe = self.param('pos_embedding', layers.logical(nn.initializers.normal(stddev=0.02),
+                                                          (None, None, 'embed')), tuple(have), jnp.float32)
+          return x + self.resize(pe, self.has_cls, grid).astype(x.dtype)
         if tuple(have) != shape:
           raise ValueError(
               f'Input image gives a {grid[0]}x{grid[1]} patch grid, i.e. position embedding shape {shape}, but '
@@ -156,6 +163,7 @@ class Encoder(nn.Module):
   drop_path_rate: float = 0.0
   posemb: str = 'learn'
   has_cls: bool = True
+  posemb_resize: Optional[Callable[[Array, bool, tuple[int, int]], Array]] = None  # AddPositionEmbs.resize
   gelu_approximate: bool = True
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
@@ -166,7 +174,8 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, grid: tuple[int, int], train: bool = False, intermediates: bool = False):
     """The final-normed sequence; with `intermediates`, also the list of every block's (un-normed) output."""
-    x = AddPositionEmbs(posemb=self.posemb, has_cls=self.has_cls, name='posembed_input')(x, grid=grid)
+    x = AddPositionEmbs(posemb=self.posemb, has_cls=self.has_cls, resize=self.posemb_resize,
+                        name='posembed_input')(x, grid=grid)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
     dpr = np.linspace(0.0, self.drop_path_rate, self.num_layers)  # Stochastic depth grows with depth.
     block = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
@@ -221,6 +230,8 @@ class VisionTransformer(nn.Module):
   resnet_norm_style: str = 'official'  # 'timm': timm's ResNetV2 eps (resnet_stem.NORM_STYLES), for timm parity.
   attention_impl: str = 'einsum'  # Attention kernel: 'einsum' | 'xla' | 'cudnn' (vit_jax.models.attention).
   num_distill_tokens: ClassVar[int] = 0  # Tokens between the class token and the patches (DeiT: 1).
+  # Fits the learned posemb to another patch grid (AddPositionEmbs.resize); None: the grid must match.
+  posemb_resize: Optional[Callable[[Array, bool, tuple[int, int]], Array]] = None
 
   def setup(self):
     if self.classifier not in ('token', 'gap', 'map'):
@@ -241,7 +252,7 @@ class VisionTransformer(nn.Module):
         num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         drop_path_rate=self.drop_path_rate, posemb=self.posemb, has_cls=self.classifier == 'token',
-        gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+        posemb_resize=self.posemb_resize, gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
         remat=self.remat, scan_layers=self.scan_layers, attention_impl=self.attention_impl, name='Transformer')
     if self.classifier == 'map':
       self.map_head = layers.MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
