@@ -3,6 +3,7 @@
 Importing this package registers every family.
 """
 from vit_jax.models import deit  # noqa: F401  (registers deit_*)
+from vit_jax.models import maxvit  # noqa: F401  (registers maxvit_*)
 from vit_jax.models import mixer  # noqa: F401  (registers mixer_*)
 from vit_jax.models import mvitv2  # noqa: F401  (registers mvitv2_*)
 from vit_jax.models import pvt_v2  # noqa: F401  (registers pvt_v2_*)
