@@ -2,14 +2,14 @@
 
     python tests/parity/make_maxvit_fixtures.py [maxvit maxvit_tf]
 
-Two tiny configurations of timm's `MaxxVit` (block type 'M' in every stage, NormMlpClassifierHead) at 64 px with
-2x2 partitions (img_size 64 // 32), stage maps 16, 8, 4, 2:
+Two tiny configurations of timm's `MaxxVit` (block type 'M', NormMlpClassifierHead): two stages at 32 px with 2x2
+partitions (window_size 2), stem map 16, stage maps 8 and 4 (grid strides 4 and 2):
   maxvit     timm's MaxxVitCfg defaults = our maxvit_t numerics (symmetric padding, BatchNorm eps 1e-5, LayerNorm
              eps 1e-6, exact GELU, per-head qkv, Swin-style bias table);
   maxvit_tf  timm's `_tf_cfg()` = our maxvit_*_tf_224 numerics (TF SAME padding, BN eps 1e-3, LN eps 1e-5, tanh
              GELU, [q | k | v] qkv, (heads, 2P-1, 2P-1) bias table).
-Stage 0 keeps the stem width (its strided MBConv shortcut is a pool without the 1x1 conv); the other stages widen
-(pool + 1x1 conv). head_hidden_size differs from the last width. Every parameter is randomised, and so are the
+Stage 0 keeps the stem width (its strided MBConv shortcut is a pool without the 1x1 conv); stage 1 widens (pool +
+1x1 conv) and has a second, unstrided block (identity shortcut). head_hidden_size differs from the last width. Every parameter is randomised, and so are the
 BatchNorm running statistics (mean N(0, 0.2), var U(0.5, 1.5)), so eval-mode BatchNorm is checked with non-trivial
 statistics. Files, as make_fixtures.py: {name}.safetensors (timm state dict), {name}.npz (input_nhwc, logits),
 {name}.json (timm config, our model name and overrides).
@@ -28,10 +28,11 @@ import make_fixtures  # noqa: E402  pylint: disable=g-import-not-at-top
 
 OUT_DIR = make_fixtures.OUT_DIR
 NUM_CLASSES = 5
-SIZE = 64
-_ARCH = dict(embed_dim=(16, 24, 32, 32), depths=(1, 2, 1, 1), stem_width=16, head_hidden_size=24)
-_OURS = dict(embed_dim=(16, 24, 32, 32), depths=(1, 2, 1, 1), stem_width=16, head_hidden_size=24, dim_head=8,
-             img_size=SIZE, drop_path_rate=0.0)
+SIZE = 32
+WINDOW = 2
+_ARCH = dict(embed_dim=(16, 24), depths=(1, 2), stem_width=16, head_hidden_size=20)
+_OURS = dict(embed_dim=(16, 24), depths=(1, 2), stem_width=16, head_hidden_size=20, dim_head=8, window_size=WINDOW,
+             drop_path_rate=0.0)
 # name: (timm MaxxVitCfg extras: True for timm's _tf_cfg(), our registry name, our overrides)
 CONFIGS = {
     'maxvit': (False, 'maxvit_t', _OURS),
@@ -43,8 +44,8 @@ def timm_maxvit(tf: bool, **kwargs):
   """timm's MaxxVit for the tiny architecture: MaxxVitCfg defaults, or with timm's _tf_cfg() numerics."""
   from timm.models import maxxvit  # pylint: disable=g-import-not-at-top
   extra = maxxvit._tf_cfg() if tf else {}  # pylint: disable=protected-access
-  cfg = maxxvit.MaxxVitCfg(block_type=('M',) * 4, stem_bias=True, **_ARCH, **extra)
-  return maxxvit.MaxxVit(cfg, transformer_dim_head=8, **kwargs), cfg
+  cfg = maxxvit.MaxxVitCfg(block_type=('M',) * len(_ARCH['depths']), stem_bias=True, **_ARCH, **extra)
+  return maxxvit.MaxxVit(cfg, transformer_dim_head=8, transformer_window_size=WINDOW, **kwargs), cfg
 
 
 def randomize(model, seed: int) -> None:
@@ -83,7 +84,8 @@ def make(name: str, seed: int = 0) -> None:
   save_file(sd, base + '.safetensors')
   np.savez(base + '.npz', input_nhwc=x.transpose(0, 2, 3, 1), logits=logits)
   meta = dict(timm_class='timm.models.maxxvit.MaxxVit', timm_cfg=dataclasses.asdict(cfg),
-              timm_kwargs=dict(img_size=SIZE, num_classes=NUM_CLASSES, transformer_dim_head=8),
+              timm_kwargs=dict(img_size=SIZE, num_classes=NUM_CLASSES, transformer_dim_head=8,
+                               transformer_window_size=WINDOW),
               timm_version=__import__('timm').__version__, torch_version=torch.__version__, seed=seed, model=model,
               model_overrides=overrides, image_size=SIZE, num_classes=NUM_CLASSES)
   with open(base + '.json', 'w') as f:

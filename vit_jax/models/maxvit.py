@@ -535,6 +535,56 @@ GROUPING_BLOCKS = ((r'^stages_(\d+)/blocks_(\d+)/', 'block2'),)
 GROUPING_STEM = r'^stem/'
 
 
+def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) weights of PyTorch's F.interpolate(mode='bicubic', align_corners=False) along one axis:
+  Keys' cubic with a = -0.75 at source x = (i + 0.5) * in / out - 0.5, taps clamped to the border."""
+  a = -0.75
+  def weight(d):  # d = |distance| in source pixels, < 2.
+    return ((a + 2) * d - (a + 3)) * d * d + 1 if d <= 1 else ((d - 5) * d + 8) * d * a - 4 * a
+  m = np.zeros((out_size, in_size), np.float64)
+  for i in range(out_size):
+    x = (i + 0.5) * in_size / out_size - 0.5
+    x0 = math.floor(x)
+    for tap in range(x0 - 1, x0 + 3):
+      m[i, min(max(tap, 0), in_size - 1)] += weight(abs(x - tap))
+  return m
+
+
+def resize_rel_table(table: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """A relative-position bias table fitted to another partition size: each head's (2P-1, 2P'-1) offset grid
+  resized with PyTorch's bicubic (as the official Swin / timm fine-tuning at a new window).
+
+  Both layouts: 'bias' ((2ph-1)(2pw-1), heads) with square partitions, 'bias_tf' (heads, 2ph-1, 2pw-1).
+  """
+  table = np.asarray(table)
+  if table.ndim == 3 and len(shape) == 3 and table.shape[0] == shape[0]:
+    mh, mw = torch_bicubic_matrix(table.shape[1], shape[1]), torch_bicubic_matrix(table.shape[2], shape[2])
+    return np.einsum('ph,nhw,qw->npq', mh, table.astype(np.float64), mw).astype(table.dtype)
+  if table.ndim == 2 and len(shape) == 2 and table.shape[1] == shape[1]:
+    old, new = math.isqrt(table.shape[0]), math.isqrt(shape[0])
+    if old * old == table.shape[0] and new * new == shape[0]:
+      grid = table.T.reshape(table.shape[1], old, old)
+      return resize_rel_table(grid, (shape[1], new, new)).reshape(shape[1], -1).T
+  raise ValueError(f'Cannot fit a relative-position table of shape {table.shape} to {tuple(shape)}: the head counts '
+                   'or layouts differ (check the model variant and rel_pos_type).')
+
+
+def _resize(path: str, value: np.ndarray, shape: tuple, context: Any) -> Optional[np.ndarray]:
+  """FamilyFacts.resize: only the relative-position tables depend on the resolution (partition = img_size // 32)."""
+  del context  # Always PyTorch bicubic, as timm / the official Swin and MaxViT fine-tuning.
+  if not path.endswith('/relative_position_bias_table'):
+    return None
+  return resize_rel_table(value, shape)
+
+
+def _infer_image_size(state_dict: Any, options: Any) -> Optional[int]:
+  """The input size whose partitions match the model's options (its tables are sized by img_size / window_size,
+  not by the input); a checkpoint of another partition size is then resized to them."""
+  del state_dict
+  window = options.get('window_size')
+  return PARTITION_RATIO * (window if window is not None else options.get('img_size', 224) // PARTITION_RATIO)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Registry. Counts at 224 px / 1000 classes measured with timm 1.0.31 (sum of parameter numel; BatchNorm statistics are
 # buffers, not counted). drop_path_rate: the MaxViT paper's ImageNet-1k values (T 0.2, S 0.3, B 0.4); timm's
