@@ -93,15 +93,14 @@ def test_shape_mismatch_names_param_and_shapes():
     _convert('vit', sd)
 
 
-def test_known_buffers_are_ignored_and_unsupported_family_raises(monkeypatch):
+def test_known_buffers_are_ignored_and_unsupported_layout_raises():
   sd = _state_dict('swin')
   sd['layers.0.blocks.0.attn.relative_position_index'] = np.zeros((16, 16), np.int64)
   sd['layers.0.blocks.1.attn_mask'] = np.zeros((4, 16, 16), np.float32)
   params = _convert('swin', sd)
   assert params['layers_2']['blocks_0']['attn']['relative_position_bias_table'].shape == (49, 4)
-  monkeypatch.delitem(convert._TABLES, 'vit')  # pylint: disable=protected-access
-  with pytest.raises(ValueError, match="No timm conversion table for model family 'vit'"):
-    convert.timm_to_params('vit_ti16', {})
+  with pytest.raises(ValueError, match="family 'vit' has no conversion table for layout 'nope'"):
+    convert.timm_to_params('vit_ti16', {}, layout='nope')
 
 
 def test_num_classes_drop_or_new_head():

@@ -44,13 +44,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import pretrained
+from vit_jax.models import facts
 from vit_jax.models import registry
 
 # Importing the model modules registers their families.
 import vit_jax.models  # noqa: F401  pylint: disable=unused-import
 
-# (timm key regex, our path: a template with \1.. groups or a function of the match, kind)
-Rule = tuple[str, Union[str, Callable[['re.Match[str]'], str]], str]
+Rule = facts.Rule
+# Flat paths of BatchNorm running statistics carry this prefix (the rest are params).
+_BATCH_STATS = 'batch_stats/'
 
 
 def _one_based(fmt: str, count: int = 2) -> Callable[['re.Match[str]'], str]:
@@ -170,8 +172,53 @@ _TIMM_HEADS = ('head', 'head.fc', 'head_dist')
 _OUR_HEADS = ('head', 'head_dist')
 
 
-def supported_families() -> list[str]:
-  return sorted(_TABLES)
+def supported_families(layout: str = 'timm') -> list[str]:
+  """Families with a conversion table for source `layout`."""
+  names = set(facts.known_families()) | set(_TABLES)
+  return sorted(n for n in names if layout in family_facts(n).layouts)
+
+
+def _legacy_infer_image_size(sd: Mapping[str, np.ndarray], options: Mapping[str, Any],
+                             family: str) -> Optional[int]:
+  """ViT/DeiT/hybrid (pos_embed) and Mixer (token MLP) shapes depend on the image size: read it off the checkpoint.
+
+  MViTv2's tables depend on its `img_size` option instead, and only that input size is sure to fit them.
+  """
+  tokens = None
+  if 'pos_embed' in sd:
+    tokens = sd['pos_embed'].shape[1] - sum(k in sd for k in ('cls_token', 'dist_token'))
+  elif 'blocks.0.mlp_tokens.fc1.weight' in sd:
+    tokens = sd['blocks.0.mlp_tokens.fc1.weight'].shape[1]
+  if tokens:
+    stride = options.get('patch_size', 16)
+    resnet = options.get('resnet', None)
+    if resnet is not None:  # Hybrids: the patches are cut from the stem's feature map.
+      stride *= 4 * 2 ** max(len(resnet) - 1, 0)
+    grid = int(round(math.sqrt(tokens)))
+    if grid * grid == tokens:
+      return grid * stride
+  if family == 'mvitv2':  # Its relative-position tables are sized for img_size: use that input size.
+    return options.get('img_size', None)
+  return None
+
+
+def _legacy_numerics(family: str, options: Mapping[str, Any]) -> dict[str, Any]:
+  """timm's ViT and Mixer use exact GELU; its ResNetV2 stem standardises weights its own way."""
+  out: dict[str, Any] = {}
+  if family in ('vit', 'mixer'):
+    out['gelu_approximate'] = False
+  if options.get('resnet') is not None:
+    out['resnet_norm_style'] = 'timm'
+  return out
+
+
+def _legacy_facts(family: str) -> facts.FamilyFacts:
+  """Facts of a family whose knowledge still lives in this module's tables."""
+  rules, ignored = _TABLES[family]
+  return facts.FamilyFacts(
+      name=family, layouts={'timm': facts.ConversionTable(rules, ignored, source_heads=_TIMM_HEADS)},
+      infer_image_size=lambda sd, options: _legacy_infer_image_size(sd, options, family),
+      timm_numerics=lambda options: _legacy_numerics(family, options), heads=_OUR_HEADS)
 
 
 def load_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -242,13 +289,37 @@ def _fit_tables(flat: dict[str, np.ndarray], shapes: Mapping[str, Any], source: 
       flat[path] = pretrained.resize_rel_pos_bias_table(value, want[0])
 
 
-def _convert_leaf(kind: str, leaf: Optional[str], value: np.ndarray, path: str, key: str,
-                  shapes: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Our arrays for one timm tensor. `leaf` is 'weight'/'bias' for module kinds, None for 'raw'/'rel_table'."""
-  if kind == 'raw':
-    return {path: value}
-  if kind == 'rel_table':
-    return {path: value}  # Resized or centred by `_fit_tables` once every key is converted.
+_LEAVES = {  # Leaf names each module kind reads, and where they go ('' = dropped).
+    'batchnorm': {'weight': 'scale', 'bias': 'bias', 'running_mean': _BATCH_STATS + 'mean',
+                  'running_var': _BATCH_STATS + 'var', 'num_batches_tracked': ''},
+}
+
+
+def _leaf_regex(kind: Any) -> str:
+  """The key suffix a rule of `kind` matches after its module regex ('' for whole-key kinds and functions)."""
+  if callable(kind) or kind in facts.WHOLE_KEY_KINDS:
+    return ''
+  return r'\.(' + '|'.join(_LEAVES.get(kind, {'weight': '', 'bias': ''})) + ')'
+
+
+def _convert_leaf(kind: Any, leaf: Optional[str], value: np.ndarray, path: str, key: str,
+                  shapes: Mapping[str, Any]) -> Optional[dict[str, np.ndarray]]:
+  """Our arrays for one source tensor (None: the model has no place for it, so the key is unused).
+
+  `leaf` is 'weight'/'bias' (or a BatchNorm buffer name) for module kinds, None for whole-key kinds. BatchNorm
+  running statistics go to `_BATCH_STATS`-prefixed paths.
+  """
+  if callable(kind):
+    return dict(kind(key, value, path, shapes))
+  if kind in ('raw', 'rel_table'):
+    return {path: value}  # 'rel_table': fitted to the model's geometry once every key is converted.
+  if kind == 'batchnorm':
+    target = _LEAVES['batchnorm'][leaf]
+    if not target:
+      return {}  # num_batches_tracked: torch bookkeeping, not a statistic.
+    if target.startswith(_BATCH_STATS):
+      return {_BATCH_STATS + path + '/' + target[len(_BATCH_STATS):]: value}
+    return {f'{path}/{target}': value}
   if kind == 'norm':
     return {f'{path}/{"scale" if leaf == "weight" else "bias"}': value}
   if kind == 'linear':
@@ -258,7 +329,7 @@ def _convert_leaf(kind: str, leaf: Optional[str], value: np.ndarray, path: str, 
   if kind in ('qkv', 'mha_out'):
     ref = shapes.get(f'{path}/query/kernel' if kind == 'qkv' else f'{path}/kernel')
     if ref is None:
-      return {}  # Reported as an unused key by the caller.
+      return None
     heads, head_dim = (ref.shape[1], ref.shape[2]) if kind == 'qkv' else (ref.shape[0], ref.shape[1])
     if kind == 'mha_out':  # (D_out, H*Dh) -> (H, Dh, D_out)
       if leaf == 'bias':
@@ -281,133 +352,168 @@ def _convert_leaf(kind: str, leaf: Optional[str], value: np.ndarray, path: str, 
   raise AssertionError(kind)
 
 
-def model_param_shapes(name: str, *, num_classes: int, image_size: Optional[int] = None,
-                       model_overrides: Optional[Mapping[str, Any]] = None) -> dict[str, jax.ShapeDtypeStruct]:
-  """Flat '/'-joined {path: ShapeDtypeStruct} of registry model `name`'s params (via jax.eval_shape)."""
+def _init_shapes(name: str, *, num_classes: int, image_size: Optional[int],
+                 model_overrides: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+  """`jax.eval_shape` of registry model `name`'s init: {collection: nested ShapeDtypeStructs}."""
   spec = registry.get_model_spec(name)
   model = registry.create_model(name, num_classes=num_classes, **dict(model_overrides or {}))
   size = image_size or spec.image_size
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype)))
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype)))
+
+
+def model_param_shapes(name: str, *, num_classes: int, image_size: Optional[int] = None,
+                       model_overrides: Optional[Mapping[str, Any]] = None) -> dict[str, jax.ShapeDtypeStruct]:
+  """Flat '/'-joined {path: ShapeDtypeStruct} of registry model `name`'s params (via jax.eval_shape)."""
+  variables = _init_shapes(name, num_classes=num_classes, image_size=image_size, model_overrides=model_overrides)
   return traverse_util.flatten_dict(variables['params'], sep='/')
 
 
-def _infer_image_size(sd: Mapping[str, np.ndarray], overrides: Mapping[str, Any],
-                      spec: registry.ModelSpec) -> Optional[int]:
-  """ViT/DeiT/hybrid (pos_embed) and Mixer (token MLP) shapes depend on the image size: read it off the checkpoint.
-
-  MViTv2's tables depend on its `img_size` option instead, and only that input size is sure to fit them.
-  """
-  tokens = None
-  if 'pos_embed' in sd:
-    tokens = sd['pos_embed'].shape[1] - sum(k in sd for k in ('cls_token', 'dist_token'))
-  elif 'blocks.0.mlp_tokens.fc1.weight' in sd:
-    tokens = sd['blocks.0.mlp_tokens.fc1.weight'].shape[1]
-  option = lambda k, default: overrides.get(k, spec.kwargs.get(k, default))
-  if tokens:
-    stride = option('patch_size', 16)
-    resnet = option('resnet', None)
-    if resnet is not None:  # Hybrids: the patches are cut from the stem's feature map.
-      stride *= 4 * 2 ** max(len(resnet) - 1, 0)
-    grid = int(round(math.sqrt(tokens)))
-    if grid * grid == tokens:
-      return grid * stride
-  if spec.family == 'mvitv2':  # Its relative-position tables are sized for img_size: use that input size.
-    return option('img_size', None)
-  return None
+def model_variable_shapes(name: str, *, num_classes: int, image_size: Optional[int] = None,
+                          model_overrides: Optional[Mapping[str, Any]] = None) -> dict[str, jax.ShapeDtypeStruct]:
+  """As `model_param_shapes`, plus BatchNorm running statistics under 'batch_stats/'-prefixed paths."""
+  variables = _init_shapes(name, num_classes=num_classes, image_size=image_size, model_overrides=model_overrides)
+  flat = traverse_util.flatten_dict(variables['params'], sep='/')
+  if 'batch_stats' in variables:
+    stats = traverse_util.flatten_dict(variables['batch_stats'], sep='/')
+    flat.update({_BATCH_STATS + k: v for k, v in stats.items()})
+  return flat
 
 
-def timm_to_params(name: str, state_dict: Mapping[str, np.ndarray], *, num_classes: Optional[int] = None,
-                   model_overrides: Optional[Mapping[str, Any]] = None, image_size: Optional[int] = None) -> dict:
-  """Our params pytree (nested dicts of float32 numpy arrays) for registry model `name` from a timm state dict.
+def family_facts(family: str) -> facts.FamilyFacts:
+  """The registered facts of `family` (a ValueError naming the known families if there are none)."""
+  if facts.has_family(family):
+    return facts.get_family(family)
+  if family in _TABLES:  # Not yet moved into its model file.
+    return _legacy_facts(family)
+  return facts.get_family(family)
 
-  num_classes: None keeps the checkpoint's head (0 if it has none); 0 drops the head; another count than the
-    checkpoint's gives a zero-initialised head of that size (as the official ViT fine-tuning does), with a warning.
-  model_overrides: create_model overrides (must describe the architecture the checkpoint was trained with).
-  image_size: the square input size used to derive parameter shapes (ViT/DeiT/Mixer: inferred from the
-    checkpoint; else the registry's image_size). Swin parameters do not depend on it, but it must be a valid
-    size for the Swin geometry.
-  Raises ValueError listing unused checkpoint keys, missing parameters, or mismatched shapes.
-  """
-  spec = registry.get_model_spec(name)
-  if spec.family not in _TABLES:
-    raise ValueError(f'No timm conversion table for model family {spec.family!r} (model {name!r}). Supported '
-                     f'families: {supported_families()}; add a table to vit_jax.convert._TABLES.')
-  overrides = dict(model_overrides or {})
-  if spec.family in ('vit', 'deit'):
-    classifier = overrides.get('classifier', spec.kwargs.get('classifier', 'token'))
-    if classifier != 'token' or overrides.get('representation_size', spec.kwargs.get('representation_size')):
-      raise ValueError("timm ViT conversion supports classifier='token' without representation_size only "
-                       f'(got classifier={classifier!r}).')
-  rules, ignored = _TABLES[spec.family]
-  sd = {k: np.asarray(v) for k, v in state_dict.items()}
 
-  ckpt_classes = None
-  for head in _TIMM_HEADS:
-    if f'{head}.weight' in sd and sd[f'{head}.weight'].ndim == 2:
-      ckpt_classes = int(sd[f'{head}.weight'].shape[0])
-  if num_classes is None:
-    num_classes = ckpt_classes or 0
-  drop_head = ckpt_classes is not None and num_classes != ckpt_classes
-  if drop_head:
-    for head in _TIMM_HEADS:
-      sd.pop(f'{head}.weight', None)
-      sd.pop(f'{head}.bias', None)
-    if num_classes:
-      logging.warning('timm_to_params: checkpoint head has %d classes, model %d; the head is zero-initialised.',
-                      ckpt_classes, num_classes)
+def conversion_table(family: str, layout: str = 'timm') -> facts.ConversionTable:
+  """The family's ConversionTable for source `layout`; a ValueError names the layouts it has."""
+  table = family_facts(family).layouts.get(layout)
+  if table is None:
+    have = sorted(family_facts(family).layouts)
+    raise ValueError(f'Model family {family!r} has no conversion table for layout {layout!r} (it has {have}). '
+                     'Pick one of those layouts, or add the table to the family\'s FamilyFacts.layouts.')
+  return table
 
-  image_size = image_size or _infer_image_size(sd, overrides, spec)
-  shapes = model_param_shapes(name, num_classes=num_classes, image_size=image_size, model_overrides=overrides)
 
+def _convert_keys(sd: Mapping[str, np.ndarray], table: facts.ConversionTable, shapes: Mapping[str, Any]
+                  ) -> tuple[dict[str, np.ndarray], dict[str, str], list[str]]:
+  """Applies `table` to every key: (our flat arrays, our path -> source key, unused source keys)."""
   flat: dict[str, np.ndarray] = {}
-  source: dict[str, str] = {}  # our path -> timm key, for error messages.
+  source: dict[str, str] = {}
   unused: list[str] = []
-  compiled = [(re.compile(rx), re.compile(rx + r'\.(weight|bias)'), tmpl, kind) for rx, tmpl, kind in rules]
+  compiled = [(re.compile(rx + _leaf_regex(kind)), tmpl, kind) for rx, tmpl, kind in table.rules]
   for key in sorted(sd):
-    if any(re.fullmatch(rx, key) for rx in ignored):
+    if any(re.fullmatch(rx, key) for rx in table.ignore):
       continue
     produced = None
-    for plain, with_leaf, tmpl, kind in compiled:
-      if kind in ('raw', 'rel_table'):
-        m, leaf = plain.fullmatch(key), None
-      else:
-        m = with_leaf.fullmatch(key)
-        leaf = m.groups()[-1] if m else None
+    for regex, tmpl, kind in compiled:
+      m = regex.fullmatch(key)
       if m:
+        leaf = None if callable(kind) or kind in facts.WHOLE_KEY_KINDS else m.groups()[-1]
         path = m.expand(tmpl) if isinstance(tmpl, str) else tmpl(m)
         produced = _convert_leaf(kind, leaf, sd[key], path, key, shapes)
         break
-    if not produced:
+    if produced is None:
       unused.append(key)
       continue
     for path, value in produced.items():
       if path in flat:
         raise ValueError(f'Checkpoint key {key!r} maps onto {path!r}, which another key already set.')
       flat[path], source[path] = value, key
+  return flat, source, unused
 
-  _fit_tables(flat, shapes, source, spec.family, name, image_size or spec.image_size, overrides, num_classes)
+
+def _fit_to_model(flat: dict[str, np.ndarray], shapes: Mapping[str, Any], family: facts.FamilyFacts, name: str,
+                  num_classes: int, image_size: int, overrides: Mapping[str, Any]) -> None:
+  """Fits tables of another geometry (position embeddings, bias tables) to the model, in place, by the family's
+  `resize` (bicubic, as timm's fine-tuning). Paths it does not resize are left for the shape check."""
+  differ = [p for p in flat if p in shapes and tuple(flat[p].shape) != tuple(shapes[p].shape)]
+  if not differ or family.resize is None:
+    return
+  model = registry.create_model(name, num_classes=num_classes, **dict(overrides))
+  context = facts.ResizeContext(model=model, image_size=image_size, method='bicubic')
+  for path in differ:
+    fitted = family.resize(path, flat[path], tuple(shapes[path].shape), context)
+    if fitted is not None:
+      flat[path] = np.asarray(fitted)
+
+
+def timm_to_params(name: str, state_dict: Mapping[str, np.ndarray], *, layout: str = 'timm',
+                   num_classes: Optional[int] = None, model_overrides: Optional[Mapping[str, Any]] = None,
+                   image_size: Optional[int] = None) -> dict:
+  """Our params pytree (nested dicts of numpy arrays) for registry model `name` from a reference state dict.
+
+  layout: the source key layout ('timm' by default; others as the family's FamilyFacts.layouts, e.g. 'hf').
+  num_classes: None keeps the checkpoint's head (0 if it has none); 0 drops the head; another count than the
+    checkpoint's gives a zero-initialised head of that size (as the official ViT fine-tuning does), with a warning.
+  model_overrides: create_model overrides (must describe the architecture the checkpoint was trained with).
+  image_size: the square input size used to derive parameter shapes (default: what the family reads off the
+    checkpoint, else the registry's image_size).
+  Returns params, or {'params': ..., 'batch_stats': ...} (what `model.apply` takes) when the model has BatchNorm
+  running statistics.
+  Raises ValueError listing unused checkpoint keys, missing parameters, or mismatched shapes.
+  """
+  spec = registry.get_model_spec(name)
+  family = family_facts(spec.family)
+  table = conversion_table(spec.family, layout)
+  overrides = dict(model_overrides or {})
+  options = {**spec.kwargs, **overrides}
+  sd = {k: np.asarray(v) for k, v in state_dict.items()}
+
+  ckpt_classes = None
+  for head in table.source_heads:
+    if f'{head}.weight' in sd and sd[f'{head}.weight'].ndim == 2:
+      ckpt_classes = int(sd[f'{head}.weight'].shape[0])
+  if num_classes is None:
+    num_classes = ckpt_classes or 0
+  drop_head = ckpt_classes is not None and num_classes != ckpt_classes
+  if drop_head:
+    for head in table.source_heads:
+      sd.pop(f'{head}.weight', None)
+      sd.pop(f'{head}.bias', None)
+    if num_classes:
+      logging.warning('timm_to_params: checkpoint head has %d classes, model %d; the head is zero-initialised.',
+                      ckpt_classes, num_classes)
+
+  if not image_size and family.infer_image_size is not None:
+    image_size = family.infer_image_size(sd, options)
+  image_size = image_size or spec.image_size
+  shapes = model_variable_shapes(name, num_classes=num_classes, image_size=image_size, model_overrides=overrides)
+  flat, source, unused = _convert_keys(sd, table, shapes)
+  if spec.family in _TABLES and not facts.has_family(spec.family):
+    _fit_tables(flat, shapes, source, spec.family, name, image_size, overrides, num_classes)
+  else:
+    _fit_to_model(flat, shapes, family, name, num_classes, image_size, overrides)
 
   if drop_head and num_classes:
     for path in shapes:
-      if path.split('/')[0] in _OUR_HEADS:
+      if path.split('/')[0] in family.heads:
         flat[path] = np.zeros(shapes[path].shape, np.float32)
 
   missing = sorted(set(shapes) - set(flat))
   # Keys whose converted name the model lacks (e.g. a deeper checkpoint) are unused too.
   unused = sorted(set(unused) | {source[p] for p in set(flat) - set(shapes)})
   if unused or missing:
-    raise ValueError(f'timm checkpoint does not match model {name!r} (family {spec.family!r}, overrides '
+    raise ValueError(f'{layout} checkpoint does not match model {name!r} (family {spec.family!r}, overrides '
                      f'{overrides}). Unused checkpoint keys ({len(unused)}): {unused}. Model parameters not in the '
                      f'checkpoint ({len(missing)}): {missing}. Check the model name/options against the checkpoint.')
   bad = [f'{p} (from {source.get(p, "a new head")}): checkpoint gives {tuple(flat[p].shape)}, '
          f'model expects {tuple(shapes[p].shape)}'
          for p in sorted(flat) if tuple(flat[p].shape) != tuple(shapes[p].shape)]
   if bad:
-    raise ValueError(f'timm checkpoint has parameters of the wrong shape for model {name!r}: ' + '; '.join(bad) +
+    raise ValueError(f'{layout} checkpoint has parameters of the wrong shape for model {name!r}: ' + '; '.join(bad) +
                      '. Check the model variant (width, depth, heads, window, patch size) and num_classes.')
   flat = {p: np.asarray(v, dtype=shapes[p].dtype) for p, v in flat.items()}
-  return traverse_util.unflatten_dict(flat, sep='/')
+  params = {p: v for p, v in flat.items() if not p.startswith(_BATCH_STATS)}
+  stats = {p[len(_BATCH_STATS):]: v for p, v in flat.items() if p.startswith(_BATCH_STATS)}
+  params = traverse_util.unflatten_dict(params, sep='/')
+  if any(p.startswith(_BATCH_STATS) for p in shapes):
+    return {'params': params, 'batch_stats': traverse_util.unflatten_dict(stats, sep='/')}
+  return params
 
 
 def save_params_npz(params: Mapping[str, Any], path: str) -> None:
@@ -419,18 +525,14 @@ def save_params_npz(params: Mapping[str, Any], path: str) -> None:
 
 def timm_numerics(model: str, model_overrides: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
   """create_model options under which converted timm weights reproduce timm's logits (numerics only: no parameter
-  changes). timm's ViT and Mixer use exact GELU; its ResNetV2 stem standardises weights its own way."""
+  changes), as the model's family states them (e.g. exact GELU)."""
   spec = registry.get_model_spec(model)
-  options: dict[str, Any] = {}
-  if spec.family in ('vit', 'mixer'):
-    options['gelu_approximate'] = False
-  if {**spec.kwargs, **dict(model_overrides or {})}.get('resnet') is not None:
-    options['resnet_norm_style'] = 'timm'
-  return options
+  return dict(family_facts(spec.family).timm_numerics({**spec.kwargs, **dict(model_overrides or {})}))
 
 
 def convert_file(model: str, src: str, out_dir: str, *, num_classes: Optional[int] = None,
-                 image_size: Optional[int] = None, model_overrides: Optional[Mapping[str, Any]] = None) -> str:
+                 image_size: Optional[int] = None, model_overrides: Optional[Mapping[str, Any]] = None,
+                 layout: str = 'timm') -> str:
   """Converts `src` (.safetensors) into `out_dir`/params.npz (+ convert.json); returns the .npz path.
 
   Refuses a non-empty `out_dir`.
@@ -438,16 +540,18 @@ def convert_file(model: str, src: str, out_dir: str, *, num_classes: Optional[in
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
     raise ValueError(f'--out {out_dir} exists and is not an empty directory; refusing to overwrite. '
                      'Pick a new directory.')
-  params = timm_to_params(model, load_safetensors(src), num_classes=num_classes, image_size=image_size,
-                          model_overrides=model_overrides)
+  variables = timm_to_params(model, load_safetensors(src), layout=layout, num_classes=num_classes,
+                             image_size=image_size, model_overrides=model_overrides)
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, 'params.npz')
-  save_params_npz(params, path)
+  save_params_npz(variables, path)  # With BatchNorm: 'params/...' and 'batch_stats/...' keys.
+  params = variables['params'] if 'batch_stats' in variables else variables
   head = params.get('head', {}).get('kernel')
   meta = dict(model=model, timm_name=registry.get_model_spec(model).timm_name, source=os.path.abspath(src),
-              num_classes=int(head.shape[-1]) if head is not None else 0, model_overrides=dict(model_overrides or {}),
-              timm_numerics=timm_numerics(model, model_overrides),
-              format='flat "/"-joined flax param paths (np.savez)')
+              layout=layout, num_classes=int(head.shape[-1]) if head is not None else 0,
+              model_overrides=dict(model_overrides or {}), timm_numerics=timm_numerics(model, model_overrides),
+              format=('flat "/"-joined flax variable paths (np.savez), "params/" and "batch_stats/" collections'
+                      if 'batch_stats' in variables else 'flat "/"-joined flax param paths (np.savez)'))
   if meta['timm_numerics']:
     logging.info('To reproduce timm\'s logits with %s, build the model with %s (config.model.*).', path,
                  meta['timm_numerics'])
@@ -460,7 +564,9 @@ def _define_flags() -> flags.FlagValues:
   """The CLI's flags, on a private FlagValues so that importing this module defines no global flags."""
   fv = flags.FlagValues()
   flags.DEFINE_string('model', None, 'Registry model name, e.g. swin_t.', flag_values=fv)
-  flags.DEFINE_string('src', None, 'timm weights (.safetensors).', flag_values=fv)
+  flags.DEFINE_string('src', None, 'Reference weights (.safetensors).', flag_values=fv)
+  flags.DEFINE_string('layout', 'timm', "Source key layout: 'timm', or another the family has (e.g. 'hf').",
+                      flag_values=fv)
   flags.DEFINE_string('out', None, 'New (or empty) output directory; receives params.npz and convert.json.',
                       flag_values=fv)
   flags.DEFINE_integer('num_classes', None, 'Head size (default: the checkpoint head; 0 drops it).',
@@ -485,7 +591,7 @@ def main(argv: Sequence[str]) -> str:
   if fv.model_overrides:
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(fv.model_overrides).items()}
   path = convert_file(fv.model, fv.src, fv.out, num_classes=fv.num_classes, image_size=fv.image_size,
-                      model_overrides=overrides)
+                      model_overrides=overrides, layout=fv.layout)
   print(f'Wrote {path}; use it as config.init_from={path!r} with config.model.name={fv.model!r}.')
   return path
 

@@ -1,12 +1,12 @@
 """FLOP accounting (REFERENCE.md section 4): multiply-adds per image, FLOPs = 2 x MACs, training = 3 x forward.
 
-Analytic counts (matmuls and convolutions only, as the published "GFLOPs") for ViT/DeiT and Swin v1; every other
-model falls back to XLA's cost analysis of its lowered forward pass (`xla_forward_flops`), which also counts
+Analytic counts (matmuls and convolutions only, as the published "GFLOPs") come from each family's facts
+(`FamilyFacts.forward_macs`, vit_jax/models/facts.py); every other model falls back to XLA's cost analysis of its lowered forward pass (`xla_forward_flops`), which also counts
 elementwise work (a few % more). The analytic helpers need no jax; jax and the models are imported lazily.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 TRAIN_TO_FORWARD = 3  # Backward costs about twice the forward pass.
 
@@ -86,23 +86,44 @@ def xla_forward_flops(model: Any, image_size: int) -> float:
   return float(cost['flops'])
 
 
-def model_forward_flops(model: Any, image_size: int) -> tuple[float, str]:
-  """(forward FLOPs per image, method) for a registry model: 'analytic' for plain ViT/DeiT and Swin v1,
-  'xla' (cost analysis) for everything else (hybrids, MAP heads, Swin v2, PVTv2, MViTv2, Mixer)."""
+def _legacy_macs(model: Any, image_size: int) -> Optional[float]:
+  """Analytic MACs of plain ViT/DeiT and Swin v1 models (families that have not registered `forward_macs`)."""
   from vit_jax.models import deit, swin, vit  # pylint: disable=g-import-not-at-top
 
   cls = type(model)
   if cls in (vit.VisionTransformer, deit.DistilledVisionTransformer) and model.resnet is None and (
       model.classifier in ('token', 'gap') and not model.representation_size):
     distilled = int(cls is deit.DistilledVisionTransformer)
-    macs = _vit_macs(image_size=image_size, patch_size=model.patch_size, hidden_size=model.hidden_size,
+    return _vit_macs(image_size=image_size, patch_size=model.patch_size, hidden_size=model.hidden_size,
                      num_layers=model.num_layers, mlp_dim=model.mlp_dim,
                      extra_tokens=int(model.classifier == 'token') + distilled, heads=1 + distilled,
                      num_classes=model.num_classes)
-    return forward_flops(macs), 'analytic'
   if cls is swin.SwinTransformer:
-    macs = swin_forward_macs(image_size=image_size, patch_size=model.patch_size, embed_dim=model.embed_dim,
+    return swin_forward_macs(image_size=image_size, patch_size=model.patch_size, embed_dim=model.embed_dim,
                              depths=tuple(model.depths), window_size=model.window_size, mlp_ratio=model.mlp_ratio,
                              num_classes=model.num_classes)
-    return forward_flops(macs), 'analytic'
+  return None
+
+
+def model_families(model: Any) -> list[str]:
+  """Registry families whose models are built by `model`'s class (usually one; e.g. ViT and DeiT share one)."""
+  from vit_jax.models import registry  # pylint: disable=g-import-not-at-top
+
+  specs = (registry.get_model_spec(n) for n in registry.list_models())
+  return sorted({s.family for s in specs if s.builder is type(model)})
+
+
+def model_forward_flops(model: Any, image_size: int, family: Optional[str] = None) -> tuple[float, str]:
+  """(forward FLOPs per image, method) for a registry model: 'analytic' where the model's family gives a
+  `forward_macs` count that applies to this configuration, 'xla' (cost analysis) otherwise.
+
+  `family`: the model's registry family; None looks it up by the model's class.
+  """
+  from vit_jax.models import facts  # pylint: disable=g-import-not-at-top
+
+  for name in [family] if family else model_families(model):
+    count = facts.get_family(name).forward_macs if facts.has_family(name) else _legacy_macs
+    macs = count(model, image_size) if count else None
+    if macs is not None:
+      return forward_flops(macs), 'analytic'
   return xla_forward_flops(model, image_size), 'xla'

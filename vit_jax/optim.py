@@ -1,7 +1,7 @@
 """Optimizers built from the `optimizer` config: optax chains, schedules and weight-decay masks."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -79,12 +79,14 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
-def create_optimizer(opt_config: ml_collections.ConfigDict,
-                     total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def create_optimizer(opt_config: ml_collections.ConfigDict, total_steps: int, *, family: Optional[str] = None
+                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optax chain and its lr schedule: clip -> optimizer with decoupled weight decay -> lr multipliers.
 
   Weight decay applies to kernels (times `wd_multipliers` rules); `lr_multipliers` rules and `layer_decay` scale
   each parameter's update; parameters matching the `freeze` regex get zero updates and no optimizer state.
+  `family` (the model's registry family) chooses the layer grouping for `layer_decay`; None finds it from the
+  parameter names.
   """
   schedule = create_learning_rate_schedule(opt_config, total_steps)
   lr_rules, wd_rules = tuple(opt_config.lr_multipliers), tuple(opt_config.wd_multipliers)
@@ -107,7 +109,7 @@ def create_optimizer(opt_config: ml_collections.ConfigDict,
   parts = [core]
   if lr_rules or opt_config.layer_decay != 1.0:
     parts.append(param_groups.scale_by_multipliers(
-        lambda t: param_groups.lr_multipliers(t, lr_rules, opt_config.layer_decay)))
+        lambda t: param_groups.lr_multipliers(t, lr_rules, opt_config.layer_decay, family)))
   clip = opt_config.grad_clip_norm
   if clip:
     parts.insert(0, optax.clip_by_global_norm(clip))

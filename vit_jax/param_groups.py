@@ -5,7 +5,9 @@ Paths look like 'Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel' (ViT) or 
 convention), unmatched parameters get the default. Layer-wise lr decay numbers the parameters from the input up:
 the stem (patch embedding, class/distillation tokens, position embedding, ResNet stem) is layer 0, the transformer
 blocks are 1..L in forward order (Swin/PVT/MViT stages flattened), everything after them (final norm, head) is L + 1;
-layer i gets multiplier decay ** (L + 1 - i) (BEiT / timm convention).
+layer i gets multiplier decay ** (L + 1 - i) (BEiT / timm convention). Which parameters form the stem and the
+blocks is each family's `LayerGrouping` (vit_jax/models/facts.py), found by the family name or, when none is
+given, as the registered grouping that recognises the parameter names.
 """
 from __future__ import annotations
 
@@ -18,19 +20,19 @@ from flax.core import meta
 import jax
 import optax
 
+from vit_jax.models import facts
+
 Rules = Sequence[tuple[str, float]]
 
-# (regex, kind): block regexes give (stage, block) keys; 'before'/'after' pin a stage's extra modules to its
-# first/last block.
-_BLOCKS = (
-    (re.compile(r'(?:^|/)encoderblock_(\d+)/'), 'block1'),
-    (re.compile(r'(?:^|/)MixerBlock_(\d+)/'), 'block1'),
-    (re.compile(r'^(?:layers|stages)_(\d+)/blocks_(\d+)/'), 'block2'),
-    (re.compile(r'^stages_(\d+)/downsample/'), 'before'),  # PVTv2: the stage's patch embedding comes first.
-    (re.compile(r'^(?:layers|stages)_(\d+)/'), 'after'),   # Swin downsample (official layout), stage norms.
-)
-_STEM = re.compile(r'^(embedding|cls|dist|Transformer/posembed_input|patch_embed|stem|conv_root|gn_root|'
-                   r'block\d+/unit\d+)(/|$)')
+# Layer grouping of the families whose facts still live here (used until they register their own).
+_LEGACY_GROUPING = facts.LayerGrouping(
+    blocks=((r'(?:^|/)encoderblock_(\d+)/', 'block1'),
+            (r'(?:^|/)MixerBlock_(\d+)/', 'block1'),
+            (r'^(?:layers|stages)_(\d+)/blocks_(\d+)/', 'block2'),
+            (r'^stages_(\d+)/downsample/', 'before'),  # PVTv2: the stage's patch embedding comes first.
+            (r'^(?:layers|stages)_(\d+)/', 'after')),  # Swin downsample (official layout), stage norms.
+    stem=(r'^(embedding|cls|dist|Transformer/posembed_input|patch_embed|stem|conv_root|gn_root|'
+          r'block\d+/unit\d+)(/|$)'))
 
 
 def path_name(path: Sequence[Any]) -> str:
@@ -92,9 +94,10 @@ def rule_value(name: str, rules: Sequence[tuple[re.Pattern, float]], default: fl
   return default
 
 
-def _block_key(name: str) -> Optional[tuple[str, int, float]]:
-  for regex, kind in _BLOCKS:
-    m = regex.search(name)
+def _block_key(name: str, grouping: facts.LayerGrouping) -> Optional[tuple[str, int, float]]:
+  """('block', stage, block) for a block's parameter, (before|after, stage, -+inf) for a stage's extra modules."""
+  for pattern, kind in grouping.blocks:
+    m = re.search(pattern, name)
     if m:
       if kind == 'block1':
         return ('block', 0, int(m.group(1)))
@@ -104,15 +107,14 @@ def _block_key(name: str) -> Optional[tuple[str, int, float]]:
   return None
 
 
-def layer_ids(names: Sequence[str]) -> tuple[dict[str, int], int]:
-  """{name: layer id} (0 stem, 1..L blocks, L + 1 after) and L, the number of transformer blocks."""
-  keys = {n: _block_key(n) for n in names}
+def _ids(names: Sequence[str], grouping: facts.LayerGrouping) -> tuple[dict[str, int], int]:
+  keys = {n: _block_key(n, grouping) for n in names}
   blocks = sorted({(k[1], k[2]) for k in keys.values() if k and k[0] == 'block'})
   num_blocks = len(blocks)
   ids = {}
   for n, k in keys.items():
     if k is None:
-      ids[n] = 0 if _STEM.search(n) else num_blocks + 1
+      ids[n] = 0 if re.search(grouping.stem, n) else num_blocks + 1
     elif k[0] == 'block':
       ids[n] = blocks.index((k[1], k[2])) + 1
     elif k[0] == 'before':  # First block of the stage (or, if the stage has none, the next one).
@@ -122,14 +124,56 @@ def layer_ids(names: Sequence[str]) -> tuple[dict[str, int], int]:
   return ids, num_blocks
 
 
-def lr_multipliers(tree: Any, rules: Rules = (), layer_decay: float = 1.0) -> Any:
-  """Tree of floats: the regex multiplier times decay ** (L + 1 - layer id)."""
+def _candidate_groupings() -> dict[str, facts.LayerGrouping]:
+  out = {n: facts.get_family(n).grouping for n in facts.known_families() if facts.get_family(n).grouping}
+  out['(built-in)'] = _LEGACY_GROUPING
+  return out
+
+
+def _detect_grouping(names: Sequence[str]) -> facts.LayerGrouping:
+  """The registered grouping that recognises the most of `names` (as block, stage or stem parameters).
+
+  Groupings that tie must agree on every id; otherwise the caller has to name the family.
+  """
+  def score(grouping):
+    return sum(bool(_block_key(n, grouping) or re.search(grouping.stem, n)) for n in names)
+  scored = [(score(g), fam, g) for fam, g in _candidate_groupings().items()]
+  best = max(s for s, _, _ in scored)
+  top = [(fam, g) for s, fam, g in scored if s == best]
+  results = {fam: _ids(names, g) for fam, g in top}
+  if len({repr(sorted(r[0].items())) + str(r[1]) for r in results.values()}) > 1:
+    raise ValueError(f'The parameter names fit the layer groupings of families {sorted(results)} equally but '
+                     'they number the layers differently; pass family= (the model\'s registry family).')
+  return top[0][1]
+
+
+def grouping_for(names: Sequence[str], family: Optional[str] = None) -> facts.LayerGrouping:
+  """The LayerGrouping of `family` (from its registered facts), or the one that recognises `names` if None."""
+  if family is None:
+    return _detect_grouping(names)
+  grouping = facts.get_family(family).grouping
+  if grouping is None:
+    raise ValueError(f'Model family {family!r} registers no LayerGrouping, so layer-wise lr decay cannot number '
+                     'its layers; add one to its FamilyFacts (or set config.optimizer.layer_decay=1).')
+  return grouping
+
+
+def layer_ids(names: Sequence[str], family: Optional[str] = None) -> tuple[dict[str, int], int]:
+  """{name: layer id} (0 stem, 1..L blocks, L + 1 after) and L, the number of blocks.
+
+  The numbering follows `family`'s LayerGrouping (by default, the registered grouping that fits the names).
+  """
+  return _ids(names, grouping_for(names, family))
+
+
+def lr_multipliers(tree: Any, rules: Rules = (), layer_decay: float = 1.0, family: Optional[str] = None) -> Any:
+  """Tree of floats: the regex multiplier times decay ** (L + 1 - layer id) (layers as `layer_ids`)."""
   compiled = check_rules(rules, 'config.optimizer.lr_multipliers')
   names = all_names(tree)
   if layer_decay != 1.0 and any('/encoderblock/' in f'/{n}' for n in names):
     raise ValueError('config.optimizer.layer_decay needs one parameter set per block; with config.scan_layers=True '
                      'the blocks are stacked. Set scan_layers=False (or layer_decay=1).')
-  ids, num_blocks = layer_ids(names) if layer_decay != 1.0 else ({}, 0)
+  ids, num_blocks = layer_ids(names, family) if layer_decay != 1.0 else ({}, 0)
   def mult(name, _):
     m = rule_value(name, compiled, 1.0)
     if layer_decay != 1.0:
