@@ -13,6 +13,8 @@ import pytest
 from flax import traverse_util
 
 from tests import model_utils
+from vit_jax import convert
+from vit_jax import param_groups
 from vit_jax.models import maxvit
 from vit_jax.models import registry
 
@@ -147,31 +149,59 @@ def test_input_size_errors():
 
 # -- BatchNorm, forwards ----------------------------------------------------------------------------------------------
 
+def _fixture(name):
+  """(timm state dict, input, timm logits, our model name, our overrides) of a committed parity fixture."""
+  with open(os.path.join(FIXTURES, name + '.json')) as f:
+    meta = json.load(f)
+  io = np.load(os.path.join(FIXTURES, name + '.npz'))
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in meta['model_overrides'].items()}
+  sd = convert.load_safetensors(os.path.join(FIXTURES, name + '.safetensors'))
+  return sd, io['input_nhwc'], io['logits'], meta['model'], overrides
+
+
 @pytest.fixture(scope='module')
 def tiny():
-  model = maxvit.MaxViT(**TINY)
-  x = model_utils.images(2, TINY_SIZE)
-  variables = model_utils.random_variables(model, x)
-  variables['batch_stats'] = jax.tree.map(jnp.abs, variables['batch_stats'])  # Variances must be positive.
+  """The PyTorch-numerics fixture converted through timm_to_params; one jitted program gives its eval logits, a
+  train-mode forward with the updated BatchNorm statistics, and the gradients of that forward."""
+  sd, x, logits, name, overrides = _fixture('maxvit')
+  model = registry.create_model(name, num_classes=5, **overrides)
+  variables = convert.timm_to_params(name, sd, model_overrides=overrides)
 
   @jax.jit
   def run(variables, x):
     def loss(params):  # Train mode: BatchNorm normalises by the batch and returns its updated statistics.
-      logits, updated = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'],
-                                    rngs={'dropout': jax.random.key(1)})
-      return jnp.sum(logits ** 2), (logits, updated['batch_stats'])
-    (_, (logits, stats)), grads = jax.value_and_grad(loss, has_aux=True)(variables['params'])
-    return dict(eval=model.apply(variables, x), train=logits, stats=stats, grads=grads)
-  return model, variables, run(variables, x)
+      out, updated = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'],
+                                 rngs={'dropout': jax.random.key(1)})
+      return jnp.sum(out ** 2), (out, updated['batch_stats'])
+    (_, (out, stats)), grads = jax.value_and_grad(loss, has_aux=True)(variables['params'])
+    return dict(eval=model.apply(variables, x), train=out, stats=stats, grads=grads)
+  return model, variables, x, logits, run(variables, jnp.asarray(x))
+
+
+def test_timm_parity_pytorch_numerics(tiny):
+  """maxvit_t numerics (symmetric pads, BN eps 1e-5, exact GELU, per-head qkv, Swin-style table) in eval mode with
+  the checkpoint's BatchNorm running statistics."""
+  _, _, _, logits, out = tiny
+  assert np.abs(np.asarray(out['eval']) - logits).max() <= 1e-5
+
+
+def test_timm_parity_tf_numerics():
+  """maxvit_*_tf_224 numerics (TF SAME pads, BN eps 1e-3, LN eps 1e-5, tanh GELU, [q|k|v], TF table)."""
+  sd, x, logits, name, overrides = _fixture('maxvit_tf')
+  variables = convert.timm_to_params(name, sd, model_overrides=overrides)
+  assert set(variables) == {'params', 'batch_stats'}
+  model = registry.create_model(name, num_classes=5, **overrides)
+  got = jax.jit(model.apply)(variables, x)
+  assert np.abs(np.asarray(got) - logits).max() <= 1e-5
 
 
 def test_batch_norm_statistics(tiny):
   """Eval uses the running statistics; train mode normalises by the batch and moves the statistics by 0.1."""
-  model, variables, out = tiny
+  model, variables, _, _, out = tiny
   assert not np.allclose(out['train'], out['eval'], atol=1e-3)
   old = variables['batch_stats']['stem']['norm1']
   new = out['stats']['stem']['norm1']
-  conv1 = _stem_conv1(variables['params']['stem']['conv1'], model_utils.images(2, TINY_SIZE), model.padding)
+  conv1 = _stem_conv1(variables['params']['stem']['conv1'], tiny[2], model.padding)
   batch_mean = np.asarray(conv1).mean(axis=(0, 1, 2))
   np.testing.assert_allclose(new['mean'], 0.9 * np.asarray(old['mean']) + 0.1 * batch_mean, rtol=1e-5, atol=1e-6)
   assert jax.tree.structure(out['stats']) == jax.tree.structure(variables['batch_stats'])
@@ -185,7 +215,7 @@ def _stem_conv1(conv, x, padding):
 
 
 def test_every_param_gets_gradient(tiny):
-  _, _, out = tiny
+  out = tiny[-1]
   flat = traverse_util.flatten_dict(out['grads'], sep='/')
   dead = [k for k, g in flat.items() if not np.any(np.asarray(g))]
   assert not dead, dead
@@ -198,3 +228,64 @@ def test_fixture_architecture_is_the_tiny_config():
       meta = json.load(f)
     ours = {k: tuple(v) if isinstance(v, list) else v for k, v in meta['model_overrides'].items()}
     assert {**ours, 'num_classes': meta['num_classes']} == TINY
+
+
+# -- facts: heads, resizing, layer grouping --------------------------------------------------------------------------
+
+def test_new_class_count_reinitialises_only_the_classifier():
+  sd, _, _, name, overrides = _fixture('maxvit_tf')
+  variables = convert.timm_to_params(name, sd, num_classes=3, model_overrides=overrides)
+  params = variables['params']
+  assert params['head']['kernel'].shape == (20, 3) and not np.any(params['head']['kernel'])
+  np.testing.assert_array_equal(params['pre_logits']['kernel'], sd['head.pre_logits.fc.weight'].T)
+  np.testing.assert_array_equal(params['norm']['scale'], sd['head.norm.weight'])
+
+
+def test_resolution_change_resizes_the_bias_tables():
+  """A checkpoint of 2x2 partitions loaded into a model of 4x4 partitions (the 64 px build of the same
+  architecture): every table is resized per head with PyTorch's bicubic; everything else is copied."""
+  sd, _, _, name, overrides = _fixture('maxvit_tf')
+  big = {**overrides, 'window_size': 4}
+  assert maxvit.FACTS.infer_image_size(sd, big) == 128  # The input size that fits the target's partitions.
+  params = convert.timm_to_params(name, sd, model_overrides=big)['params']
+  key = 'stages.1.blocks.1.attn_grid.attn.rel_pos.relative_position_bias_table'
+  table = params['stages_1']['blocks_1']['attn_grid']['attn']['rel_pos']['relative_position_bias_table']
+  assert sd[key].shape == (3, 3, 3) and table.shape == (3, 7, 7)
+  np.testing.assert_allclose(table, maxvit.resize_rel_table(sd[key], (3, 7, 7)), rtol=1e-6)
+  np.testing.assert_array_equal(params['stages_1']['blocks_1']['attn_grid']['attn']['qkv']['bias'],
+                                sd['stages.1.blocks.1.attn_grid.attn.qkv.bias'])
+  with pytest.raises(ValueError, match='head counts'):
+    maxvit.resize_rel_table(sd[key], (4, 7, 7))
+
+
+def test_table_resize_matches_torch_bicubic():
+  """resize.npz (make_fixtures.py): torch F.interpolate bicubic of (2P-1)^2 x heads tables, up and down; the
+  TF layout (heads, 2P-1, 2P-1) is the same resize per head."""
+  ref = np.load(os.path.join(FIXTURES, 'resize.npz'))
+  for name in ('table_3_to_5', 'table_5_to_3'):
+    table, want = ref[name + '_in'], ref[name + '_out']
+    np.testing.assert_allclose(maxvit.resize_rel_table(table, want.shape), want, atol=1e-5)
+    side_in, side_out = int(np.sqrt(table.shape[0])), int(np.sqrt(want.shape[0]))
+    tf = maxvit.resize_rel_table(table.T.reshape(-1, side_in, side_in), (table.shape[1], side_out, side_out))
+    np.testing.assert_allclose(tf.reshape(table.shape[1], -1).T, want, atol=1e-5)
+  assert maxvit.FACTS.resize('stages_0/blocks_0/conv/conv1_1x1/kernel', np.zeros(2), (3,), None) is None
+
+
+def test_layer_grouping_decay_and_freezing():
+  """Stem = layer 0, blocks 1..3 in forward order (MBConv + both attentions of a block together), head = 4."""
+  params = model_utils.abstract_params(maxvit.MaxViT(**TINY), TINY_SIZE)
+  names = param_groups.all_names(params)
+  ids, num_blocks = param_groups.layer_ids(names, family='maxvit')
+  assert num_blocks == 3
+  assert ids['stem/conv1/kernel'] == 0 and ids['stem/norm1/scale'] == 0
+  assert ids['stages_0/blocks_0/conv/conv1_1x1/kernel'] == 1
+  assert ids['stages_1/blocks_0/conv/shortcut_expand/kernel'] == 2
+  assert ids['stages_1/blocks_1/attn_grid/attn/rel_pos/relative_position_bias_table'] == 3
+  assert {ids[n] for n in names if n.split('/')[0] in ('norm', 'pre_logits', 'head')} == {4}
+  assert param_groups.layer_ids(names) == (ids, num_blocks)  # Detected from the names alone, too.
+  mults = traverse_util.flatten_dict(param_groups.lr_multipliers(params, layer_decay=0.5, family='maxvit'),
+                                     sep='/')
+  assert mults['stem/conv1/kernel'] == 0.5 ** 4 and mults['stages_1/blocks_0/attn_block/mlp/fc1/kernel'] == 0.25
+  assert mults['head/kernel'] == 1.0
+  frozen = traverse_util.flatten_dict(param_groups.frozen_labels(params, '^(stem|stages_0)/'), sep='/')
+  assert {n for n, v in frozen.items() if v == 'frozen'} == {n for n in names if ids[n] <= 1}

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models import attention
+from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
 from vit_jax.models.layers import DropPath
@@ -512,7 +513,7 @@ class MaxViT(nn.Module):
 _TS = r'stages\.(\d+)\.blocks\.(\d+)\.'
 _OS = r'stages_\1/blocks_\2/'
 _ATTN = r'(attn_block|attn_grid)'
-TIMM_RULES = (  # (timm key regex, our path, kind); see vit_jax.models.facts.Rule.
+_TIMM_RULES = (  # (timm key regex, our path, kind); see vit_jax.models.facts.Rule.
     (r'stem\.conv([12])', r'stem/conv\1', 'conv'),
     (r'stem\.norm1', 'stem/norm1', 'batchnorm'),
     (_TS + r'conv\.(pre_norm|norm1|norm2)', _OS + r'conv/\3', 'batchnorm'),
@@ -529,10 +530,7 @@ TIMM_RULES = (  # (timm key regex, our path, kind); see vit_jax.models.facts.Rul
     (r'head\.fc', 'head', 'linear'),
 )
 # BatchNorm step counters and (older files) the index / one-hot lookup buffers our model recomputes.
-TIMM_IGNORE = (r'.*\.num_batches_tracked', r'.*\.rel_pos\.(relative_position_index|height_lookup|width_lookup)')
-TIMM_HEADS = ('head.fc',)  # timm's classifier (head.norm and head.pre_logits are kept for a new class count).
-GROUPING_BLOCKS = ((r'^stages_(\d+)/blocks_(\d+)/', 'block2'),)
-GROUPING_STEM = r'^stem/'
+_TIMM_IGNORE = (r'.*\.num_batches_tracked', r'.*\.rel_pos\.(relative_position_index|height_lookup|width_lookup)')
 
 
 def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -583,6 +581,18 @@ def _infer_image_size(state_dict: Any, options: Any) -> Optional[int]:
   del state_dict
   window = options.get('window_size')
   return PARTITION_RATIO * (window if window is not None else options.get('img_size', 224) // PARTITION_RATIO)
+
+
+FACTS = facts.register_family(facts.FamilyFacts(
+    name='maxvit',
+    # head.norm and head.pre_logits are kept for a new class count; only timm's head.fc is the classifier.
+    layouts={'timm': facts.ConversionTable(_TIMM_RULES, _TIMM_IGNORE, source_heads=('head.fc',))},
+    grouping=facts.LayerGrouping(blocks=((r'^stages_(\d+)/blocks_(\d+)/', 'block2'),), stem=r'^stem/'),
+    forward_macs=None,  # XLA's cost analysis (convs, SE, attention over partitions: no published formula here).
+    resize=_resize,
+    infer_image_size=_infer_image_size,
+    heads=('head',),
+))
 
 
 # ----------------------------------------------------------------------------------------------------------------
