@@ -161,20 +161,19 @@ def _fixture(name):
 
 @pytest.fixture(scope='module')
 def tiny():
-  """The PyTorch-numerics fixture converted through timm_to_params; one jitted program gives its eval logits, a
-  train-mode forward with the updated BatchNorm statistics, and the gradients of that forward."""
+  """The PyTorch-numerics fixture converted through timm_to_params; one jitted program gives its eval logits,
+  features and pre-logits, and a train-mode forward with the updated BatchNorm statistics."""
   sd, x, logits, name, overrides = _fixture('maxvit')
   model = registry.create_model(name, num_classes=5, **overrides)
   variables = convert.timm_to_params(name, sd, model_overrides=overrides)
 
   @jax.jit
   def run(variables, x):
-    def loss(params):  # Train mode: BatchNorm normalises by the batch and returns its updated statistics.
-      out, updated = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'],
+    train, updated = model.apply(variables, x, train=True, mutable=['batch_stats'],
                                  rngs={'dropout': jax.random.key(1)})
-      return jnp.sum(out ** 2), (out, updated['batch_stats'])
-    (_, (out, stats)), grads = jax.value_and_grad(loss, has_aux=True)(variables['params'])
-    return dict(eval=model.apply(variables, x), train=out, stats=stats, grads=grads)
+    feats = model.apply(variables, x, method='forward_features')
+    return dict(eval=model.apply(variables, x), train=train, stats=updated['batch_stats'], features=feats,
+                pre_logits=model.apply(variables, feats, pre_logits=True, method='forward_head'))
   return model, variables, x, logits, run(variables, jnp.asarray(x))
 
 
@@ -193,6 +192,20 @@ def test_timm_parity_tf_numerics():
   model = registry.create_model(name, num_classes=5, **overrides)
   got = jax.jit(model.apply)(variables, x)
   assert np.abs(np.asarray(got) - logits).max() <= 1e-5
+
+
+def test_head_is_timm_norm_mlp_head(tiny):
+  """pre-logits = tanh(Linear(LayerNorm(mean over H, W))) of the unnormed last map (timm NormMlpClassifierHead)."""
+  _, variables, _, _, out = tiny
+  p = variables['params']
+  pooled = np.asarray(out['features'], np.float64).mean(axis=(1, 2))
+  normed = (pooled - pooled.mean(-1, keepdims=True)) / np.sqrt(pooled.var(-1, keepdims=True) + 1e-6)
+  normed = normed * p['norm']['scale'] + p['norm']['bias']
+  want = np.tanh(normed @ p['pre_logits']['kernel'] + p['pre_logits']['bias'])
+  assert out['features'].shape == (2, 4, 4, 24) and out['pre_logits'].shape == (2, 20)
+  np.testing.assert_allclose(out['pre_logits'], want, atol=1e-5)
+  np.testing.assert_allclose(out['eval'], np.asarray(out['pre_logits']) @ p['head']['kernel'] + p['head']['bias'],
+                             atol=1e-5)
 
 
 def test_batch_norm_statistics(tiny):
@@ -214,10 +227,17 @@ def _stem_conv1(conv, x, padding):
   return y + conv['bias']
 
 
+@pytest.mark.slow  # Compiling the backward pass takes ~20 s or more on a 2-core CPU.
 def test_every_param_gets_gradient(tiny):
-  out = tiny[-1]
-  flat = traverse_util.flatten_dict(out['grads'], sep='/')
-  dead = [k for k, g in flat.items() if not np.any(np.asarray(g))]
+  """Train mode (BatchNorm on batch statistics): every parameter receives a non-zero gradient."""
+  model, variables, x, _, _ = tiny
+
+  def loss(params):
+    out, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'],
+                         rngs={'dropout': jax.random.key(1)})
+    return jnp.sum(out ** 2)
+  grads = jax.jit(jax.grad(loss))(variables['params'])
+  dead = [k for k, g in traverse_util.flatten_dict(grads, sep='/').items() if not np.any(np.asarray(g))]
   assert not dead, dead
 
 

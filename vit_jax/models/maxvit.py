@@ -609,7 +609,7 @@ _SIZES = {  # our name: (timm size, embed_dim, depths, drop_path_rate, num_param
     'b': ('base', (96, 192, 384, 768), (2, 6, 14, 2), 0.4, 119_467_708),
 }
 for _short, (_timm, _dims, _depths, _dpr, _count) in _SIZES.items():
-  _arch = dict(embed_dim=_dims, depths=_depths, stem_width=64, head_hidden_size=_dims[-1], drop_path_rate=_dpr)
+  _arch = dict(embed_dim=_dims, depths=_depths, stem_width=64, drop_path_rate=_dpr)  # Pre-logits = last width.
   # PyTorch numerics: timm builds this architecture from MaxxVitCfg's defaults, but registers no such model.
   registry.register_model(f'maxvit_{_short}', MaxViT, family='maxvit', image_size=224, num_params=_count,
                           timm_name=None, **_arch)
