@@ -1,39 +1,33 @@
-"""Converts timm (PyTorch) checkpoints into this project's flax parameters.
+"""Converts reference (timm, and other layouts a family supports) checkpoints into this project's flax variables.
 
     params = timm_to_params('swin_t', load_safetensors('swin_tiny_patch4_window7_224.safetensors'))
     logits = create_model('swin_t', num_classes=1000).apply({'params': params}, images_nhwc)
 
-Each model family has ONE rule table (`_TABLES`) from timm state-dict keys to our '/'-joined parameter paths; the
-family comes from the registry (`get_model_spec(name).family`), so supporting a new family is adding a table.
-A rule is (timm regex, our path template, kind). For module kinds ('linear', 'conv', 'norm', 'qkv', 'mha_out') the
-regex names the module and the '.weight' / '.bias' leaf is handled by the kind; 'raw' copies one tensor as is and
-'rel_table' is a Swin v1 relative-position table. Keys matching a family's ignore list (timm buffers recomputed by
-our model) are dropped; any other unused key, or any model parameter not produced, raises a ValueError, and every
-array is checked against `jax.eval_shape` of the model.
-
-Layout facts (REFERENCE.md section 3): PyTorch Linear weight is (out, in) -> flax kernel (in, out); conv weight
-OIHW -> HWIO; LayerNorm weight -> scale. timm ViT and Mixer use exact GELU: build our vit_* / mixer_* models
-with gelu_approximate=False (their registry default is the tanh approximation; deit_* and Swin are exact already)
-for exact parity. Families with tables: vit (incl. the R+ViT hybrids, whose timm ResNetV2 stem maps onto our
-BiT stem names), deit (incl. distilled), mixer, swin, swinv2, pvt_v2, mvitv2.
-Hybrids: timm's ResNetV2 standardises conv weights as (w - mean) / sqrt(var + 1e-8) and uses GroupNorm eps 1e-5,
-where the official JAX code uses (w - mean) / (std + 1e-5) and eps 1e-6; build hybrids with
-resnet_norm_style='timm' (and gelu_approximate=False) to reproduce timm's logits.
+This module names no model family. The family comes from the registry (`get_model_spec(name).family`) and its
+facts (`vit_jax.models.facts.get_family`) hold one `ConversionTable` per source layout ('timm' by default, e.g.
+'hf'), its classifier names, how its position tables resize, which image size a checkpoint was built for and the
+options that reproduce the reference numerics. A rule is (source regex, our path template, kind); the kinds are
+documented at `facts.Rule` (PyTorch Linear weight (out, in) -> kernel (in, out), conv OIHW -> HWIO, norm weight ->
+scale, BatchNorm running statistics -> the `batch_stats` collection, fused qkv -> flax attention, raw, tables, or a
+function). Keys matching a table's ignore list (buffers our model recomputes) are dropped; any other unused key,
+or any model variable not produced, raises a ValueError, and every array is checked against `jax.eval_shape` of
+the model. `timm_numerics(model)` gives the create_model options that reproduce the reference logits (e.g. exact
+GELU); `convert_file` records them in convert.json.
 
 Only safetensors files are read (`load_safetensors`); pickled .pth/.pt/.bin files are refused, never unpickled.
 
 CLI (writes DIR/params.npz with flat '/'-joined keys, readable by `vit_jax.checkpoint.load_pretrained`, i.e. usable
-as `config.init_from=DIR/params.npz` for a config whose model is --model):
+as `config.init_from=DIR/params.npz` for a config whose model is --model; models with BatchNorm write 'params/...'
+and 'batch_stats/...' keys):
 
-    python -m vit_jax.convert --model swin_t --src swin_tiny.safetensors --out DIR [--num_classes N]
+    python -m vit_jax.convert --model swin_t --src swin_tiny.safetensors --out DIR [--num_classes N] [--layout hf]
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -43,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import pretrained
 from vit_jax.models import facts
 from vit_jax.models import registry
 
@@ -55,170 +48,9 @@ Rule = facts.Rule
 _BATCH_STATS = 'batch_stats/'
 
 
-def _one_based(fmt: str, count: int = 2) -> Callable[['re.Match[str]'], str]:
-  """Path builder for timm's 0-based indices that our names count from 1: the first `count` groups get + 1."""
-  def expand(m):
-    return fmt.format(*[int(g) + 1 if i < count else g for i, g in enumerate(m.groups())])
-  return expand
-
-
-_B = r'blocks\.(\d+)\.'
-_RB = r'patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.'
-_VB = r'Transformer/encoderblock_\1/'
-_VIT: Sequence[Rule] = (
-    (r'cls_token', 'cls', 'raw'),
-    (r'pos_embed', 'Transformer/posembed_input/pos_embedding', 'raw'),
-    (r'patch_embed\.proj', 'embedding', 'conv'),
-    (_B + r'norm1', _VB + 'LayerNorm_0', 'norm'),
-    (_B + r'attn\.qkv', _VB + 'MultiHeadDotProductAttention_0', 'qkv'),
-    (_B + r'attn\.proj', _VB + 'MultiHeadDotProductAttention_0/out', 'mha_out'),
-    (_B + r'norm2', _VB + 'LayerNorm_1', 'norm'),
-    (_B + r'mlp\.fc1', _VB + 'MlpBlock_0/Dense_0', 'linear'),
-    (_B + r'mlp\.fc2', _VB + 'MlpBlock_0/Dense_1', 'linear'),
-    (r'norm', 'Transformer/encoder_norm', 'norm'),
-    (r'head', 'head', 'linear'),
-    # Hybrids (timm HybridEmbed over a ResNetV2 stem): our BiT stem names sit at the top level, 1-based.
-    (r'patch_embed\.backbone\.(?:stem\.)?conv', 'conv_root', 'conv'),
-    (r'patch_embed\.backbone\.(?:stem\.)?norm', 'gn_root', 'norm'),
-    (_RB + r'conv([123])', _one_based('block{}/unit{}/conv{}'), 'conv'),
-    (_RB + r'norm([123])', _one_based('block{}/unit{}/gn{}'), 'norm'),
-    (_RB + r'downsample\.conv', _one_based('block{}/unit{}/conv_proj'), 'conv'),
-    (_RB + r'downsample\.norm', _one_based('block{}/unit{}/gn_proj'), 'norm'),
-)
-
-_SB = r'layers\.(\d+)\.blocks\.(\d+)\.'
-_OB = r'layers_\1/blocks_\2/'
-_SWIN: Sequence[Rule] = (
-    (r'patch_embed\.proj', 'patch_embed/proj', 'conv'),
-    (r'patch_embed\.norm', 'patch_embed/norm', 'norm'),
-    (r'layers\.(\d+)\.downsample\.norm', r'layers_\1/downsample/norm', 'norm'),
-    (r'layers\.(\d+)\.downsample\.reduction', r'layers_\1/downsample/reduction', 'linear'),
-    (_SB + r'norm([12])', _OB + r'norm\3', 'norm'),
-    (_SB + r'attn\.(qkv|proj)', _OB + r'attn/\3', 'linear'),
-    (_SB + r'attn\.relative_position_bias_table', _OB + 'attn/relative_position_bias_table', 'rel_table'),
-    (_SB + r'attn\.(q_bias|v_bias|logit_scale)', _OB + r'attn/\3', 'raw'),
-    (_SB + r'attn\.cpb_mlp\.0', _OB + 'attn/cpb_mlp/fc1', 'linear'),
-    (_SB + r'attn\.cpb_mlp\.2', _OB + 'attn/cpb_mlp/fc2', 'linear'),
-    (_SB + r'mlp\.fc([12])', _OB + r'mlp/fc\3', 'linear'),
-    (r'norm', 'norm', 'norm'),
-    (r'head\.fc', 'head', 'linear'),
-    (r'head', 'head', 'linear'),  # Older timm Swin checkpoints.
-)
-# timm buffers that our modules recompute from the geometry (present in older checkpoints).
-_SWIN_IGNORED = (r'.*\.relative_position_index', r'.*\.attn_mask', r'.*\.relative_coords_table')
-
-# DeiT: plain ViT names plus the distillation token and head (timm VisionTransformerDistilled).
-_DEIT: Sequence[Rule] = _VIT + (
-    (r'dist_token', 'dist', 'raw'),
-    (r'head_dist', 'head_dist', 'linear'),
-)
-
-_MB = r'blocks\.(\d+)\.'
-_OMB = r'MixerBlock_\1/'
-_MIXER: Sequence[Rule] = (
-    (r'stem\.proj', 'stem', 'conv'),
-    (_MB + r'norm1', _OMB + 'LayerNorm_0', 'norm'),
-    (_MB + r'mlp_tokens\.fc1', _OMB + 'token_mixing/Dense_0', 'linear'),
-    (_MB + r'mlp_tokens\.fc2', _OMB + 'token_mixing/Dense_1', 'linear'),
-    (_MB + r'norm2', _OMB + 'LayerNorm_1', 'norm'),
-    (_MB + r'mlp_channels\.fc1', _OMB + 'channel_mixing/Dense_0', 'linear'),
-    (_MB + r'mlp_channels\.fc2', _OMB + 'channel_mixing/Dense_1', 'linear'),
-    (r'norm', 'pre_head_layer_norm', 'norm'),
-    (r'head', 'head', 'linear'),
-)
-
-_PB = r'stages\.(\d+)\.blocks\.(\d+)\.'
-_OPB = r'stages_\1/blocks_\2/'
-_PVT_V2: Sequence[Rule] = (
-    (r'patch_embed\.proj', 'patch_embed/proj', 'conv'),
-    (r'patch_embed\.norm', 'patch_embed/norm', 'norm'),
-    (r'stages\.(\d+)\.downsample\.proj', r'stages_\1/downsample/proj', 'conv'),
-    (r'stages\.(\d+)\.downsample\.norm', r'stages_\1/downsample/norm', 'norm'),
-    (_PB + r'norm([12])', _OPB + r'norm\3', 'norm'),
-    (_PB + r'attn\.(q|kv|proj)', _OPB + r'attn/\3', 'linear'),
-    (_PB + r'attn\.sr', _OPB + 'attn/sr', 'conv'),
-    (_PB + r'attn\.norm', _OPB + 'attn/norm', 'norm'),
-    (_PB + r'mlp\.fc([12])', _OPB + r'mlp/fc\3', 'linear'),
-    (_PB + r'mlp\.dwconv', _OPB + 'mlp/dwconv', 'conv'),  # Depthwise: (C, 1, 3, 3) -> (3, 3, 1, C).
-    (r'stages\.(\d+)\.norm', r'stages_\1/norm', 'norm'),
-    (r'head', 'head', 'linear'),
-)
-
-_MVITV2: Sequence[Rule] = (
-    (r'patch_embed\.proj', 'patch_embed/proj', 'conv'),
-    (_PB + r'norm([12])', _OPB + r'norm\3', 'norm'),
-    (_PB + r'shortcut_proj_attn', _OPB + 'shortcut_proj_attn', 'linear'),
-    (_PB + r'attn\.(qkv|proj)', _OPB + r'attn/\3', 'linear'),
-    (_PB + r'attn\.pool_([qkv])', _OPB + r'attn/pool_\3', 'conv'),
-    (_PB + r'attn\.norm_([qkv])', _OPB + r'attn/norm_\3', 'norm'),
-    (_PB + r'attn\.(rel_pos_[hw])', _OPB + r'attn/\3', 'raw'),
-    (_PB + r'mlp\.fc([12])', _OPB + r'mlp/fc\3', 'linear'),
-    (r'norm', 'norm', 'norm'),
-    (r'head\.fc', 'head', 'linear'),
-)
-
-# family -> (rules, ignored-key regexes). Add a family by adding its table here.
-_TABLES: dict[str, tuple[Sequence[Rule], Sequence[str]]] = {
-    'vit': (_VIT, ()),
-    'deit': (_DEIT, ()),
-    'mixer': (_MIXER, ()),
-    'swin': (_SWIN, _SWIN_IGNORED),
-    'swinv2': (_SWIN, _SWIN_IGNORED + (r'.*\.attn\.k_bias',)),
-    'pvt_v2': (_PVT_V2, ()),
-    'mvitv2': (_MVITV2, ()),
-}
-# Classifier heads: timm module prefixes and our top-level modules (dropped / re-initialised for a new class count).
-_TIMM_HEADS = ('head', 'head.fc', 'head_dist')
-_OUR_HEADS = ('head', 'head_dist')
-
-
 def supported_families(layout: str = 'timm') -> list[str]:
   """Families with a conversion table for source `layout`."""
-  names = set(facts.known_families()) | set(_TABLES)
-  return sorted(n for n in names if layout in family_facts(n).layouts)
-
-
-def _legacy_infer_image_size(sd: Mapping[str, np.ndarray], options: Mapping[str, Any],
-                             family: str) -> Optional[int]:
-  """ViT/DeiT/hybrid (pos_embed) and Mixer (token MLP) shapes depend on the image size: read it off the checkpoint.
-
-  MViTv2's tables depend on its `img_size` option instead, and only that input size is sure to fit them.
-  """
-  tokens = None
-  if 'pos_embed' in sd:
-    tokens = sd['pos_embed'].shape[1] - sum(k in sd for k in ('cls_token', 'dist_token'))
-  elif 'blocks.0.mlp_tokens.fc1.weight' in sd:
-    tokens = sd['blocks.0.mlp_tokens.fc1.weight'].shape[1]
-  if tokens:
-    stride = options.get('patch_size', 16)
-    resnet = options.get('resnet', None)
-    if resnet is not None:  # Hybrids: the patches are cut from the stem's feature map.
-      stride *= 4 * 2 ** max(len(resnet) - 1, 0)
-    grid = int(round(math.sqrt(tokens)))
-    if grid * grid == tokens:
-      return grid * stride
-  if family == 'mvitv2':  # Its relative-position tables are sized for img_size: use that input size.
-    return options.get('img_size', None)
-  return None
-
-
-def _legacy_numerics(family: str, options: Mapping[str, Any]) -> dict[str, Any]:
-  """timm's ViT and Mixer use exact GELU; its ResNetV2 stem standardises weights its own way."""
-  out: dict[str, Any] = {}
-  if family in ('vit', 'mixer'):
-    out['gelu_approximate'] = False
-  if options.get('resnet') is not None:
-    out['resnet_norm_style'] = 'timm'
-  return out
-
-
-def _legacy_facts(family: str) -> facts.FamilyFacts:
-  """Facts of a family whose knowledge still lives in this module's tables."""
-  rules, ignored = _TABLES[family]
-  return facts.FamilyFacts(
-      name=family, layouts={'timm': facts.ConversionTable(rules, ignored, source_heads=_TIMM_HEADS)},
-      infer_image_size=lambda sd, options: _legacy_infer_image_size(sd, options, family),
-      timm_numerics=lambda options: _legacy_numerics(family, options), heads=_OUR_HEADS)
+  return [n for n in facts.known_families() if layout in facts.get_family(n).layouts]
 
 
 def load_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -236,57 +68,6 @@ def load_safetensors(path: str) -> dict[str, np.ndarray]:
         'model.safetensors directly.')
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   return dict(load_file(str(path)))
-
-
-def _centre_table(table: np.ndarray, target_rows: int, key: str) -> np.ndarray:
-  """Places a v1 bias table built for a clamped (smaller) window at the centre of our full-window table."""
-  rows, heads = table.shape
-  big = int(round(math.sqrt(target_rows)))
-  if big * big != target_rows or big % 2 == 0:
-    raise ValueError(f'{key}: unexpected target table with {target_rows} rows.')
-  full = (big + 1) // 2  # Our (square) configured window.
-  cands = [(h, w) for h in range(1, full + 1) for w in range(1, full + 1) if (2 * h - 1) * (2 * w - 1) == rows]
-  square = [c for c in cands if c[0] == c[1]]
-  if len(cands) > 1 and square:
-    cands = square
-  if len(cands) != 1:
-    raise ValueError(f'{key}: cannot tell which clamped window a ({rows}, {heads}) bias table belongs to '
-                     f'(configured window {full}); candidates {cands}.')
-  (h, w), = cands
-  out = np.zeros((2 * full - 1, 2 * full - 1, heads), table.dtype)
-  out[full - h:full + h - 1, full - w:full + w - 1] = table.reshape(2 * h - 1, 2 * w - 1, heads)
-  return out.reshape(-1, heads)
-
-
-def _fit_tables(flat: dict[str, np.ndarray], shapes: Mapping[str, Any], source: Mapping[str, str], family: str,
-                name: str, image_size: int, overrides: Mapping[str, Any], num_classes: int) -> None:
-  """Fits size-dependent tables of another geometry to the model, in place (fine-tuning at a new resolution).
-
-  ViT/DeiT pos_embed: resized to the model's grid bicubically as timm's resample_abs_pos_embed, keeping the
-  class (and distillation) token rows. Swin v1 bias tables: a table for the stage's clamped window (a timm model
-  built at a size where the window covers the whole map) is placed at the centre of ours; any other size is
-  resized bicubically (official Swin / timm fine-tuning). SwinV2 has no such tables (set pretrained_window_size).
-  """
-  pe = 'Transformer/posembed_input/pos_embedding'
-  if pe in flat and pe in shapes and flat[pe].ndim == 3 and flat[pe].shape[1:] != tuple(shapes[pe].shape[1:]):
-    if flat[pe].shape[2] == shapes[pe].shape[2]:
-      prefix = int('cls' in shapes) + int('dist' in shapes)
-      flat[pe] = pretrained.resize_posemb(flat[pe], shapes[pe].shape[1], num_prefix_tokens=prefix,
-                                          method='bicubic')
-  tables = [p for p in flat if p.endswith('/relative_position_bias_table') and p in shapes]
-  if family != 'swin' or not tables:
-    return
-  model = registry.create_model(name, num_classes=num_classes, **dict(overrides))
-  geometry = model.stage_geometry(image_size, image_size)
-  for path in tables:
-    value, want = flat[path], tuple(shapes[path].shape)
-    if value.shape == want or value.ndim != 2 or value.shape[1] != want[1]:
-      continue  # Equal, or reported as a shape mismatch by the caller.
-    wh, ww = geometry[int(re.match(r'layers_(\d+)/', path).group(1))]['window']
-    if value.shape[0] == (2 * wh - 1) * (2 * ww - 1) and value.shape[0] < want[0]:
-      flat[path] = _centre_table(value, want[0], source[path])
-    else:
-      flat[path] = pretrained.resize_rel_pos_bias_table(value, want[0])
 
 
 _LEAVES = {  # Leaf names each module kind reads, and where they go ('' = dropped).
@@ -380,20 +161,11 @@ def model_variable_shapes(name: str, *, num_classes: int, image_size: Optional[i
   return flat
 
 
-def family_facts(family: str) -> facts.FamilyFacts:
-  """The registered facts of `family` (a ValueError naming the known families if there are none)."""
-  if facts.has_family(family):
-    return facts.get_family(family)
-  if family in _TABLES:  # Not yet moved into its model file.
-    return _legacy_facts(family)
-  return facts.get_family(family)
-
-
 def conversion_table(family: str, layout: str = 'timm') -> facts.ConversionTable:
   """The family's ConversionTable for source `layout`; a ValueError names the layouts it has."""
-  table = family_facts(family).layouts.get(layout)
+  table = facts.get_family(family).layouts.get(layout)
   if table is None:
-    have = sorted(family_facts(family).layouts)
+    have = sorted(facts.get_family(family).layouts)
     raise ValueError(f'Model family {family!r} has no conversion table for layout {layout!r} (it has {have}). '
                      'Pick one of those layouts, or add the table to the family\'s FamilyFacts.layouts.')
   return table
@@ -458,7 +230,7 @@ def timm_to_params(name: str, state_dict: Mapping[str, np.ndarray], *, layout: s
   Raises ValueError listing unused checkpoint keys, missing parameters, or mismatched shapes.
   """
   spec = registry.get_model_spec(name)
-  family = family_facts(spec.family)
+  family = facts.get_family(spec.family)
   table = conversion_table(spec.family, layout)
   overrides = dict(model_overrides or {})
   options = {**spec.kwargs, **overrides}
@@ -484,10 +256,7 @@ def timm_to_params(name: str, state_dict: Mapping[str, np.ndarray], *, layout: s
   image_size = image_size or spec.image_size
   shapes = model_variable_shapes(name, num_classes=num_classes, image_size=image_size, model_overrides=overrides)
   flat, source, unused = _convert_keys(sd, table, shapes)
-  if spec.family in _TABLES and not facts.has_family(spec.family):
-    _fit_tables(flat, shapes, source, spec.family, name, image_size, overrides, num_classes)
-  else:
-    _fit_to_model(flat, shapes, family, name, num_classes, image_size, overrides)
+  _fit_to_model(flat, shapes, family, name, num_classes, image_size, overrides)
 
   if drop_head and num_classes:
     for path in shapes:
@@ -527,7 +296,7 @@ def timm_numerics(model: str, model_overrides: Optional[Mapping[str, Any]] = Non
   """create_model options under which converted timm weights reproduce timm's logits (numerics only: no parameter
   changes), as the model's family states them (e.g. exact GELU)."""
   spec = registry.get_model_spec(model)
-  return dict(family_facts(spec.family).timm_numerics({**spec.kwargs, **dict(model_overrides or {})}))
+  return dict(facts.get_family(spec.family).timm_numerics({**spec.kwargs, **dict(model_overrides or {})}))
 
 
 def convert_file(model: str, src: str, out_dir: str, *, num_classes: Optional[int] = None,

@@ -43,6 +43,37 @@ def warmup_rsqrt_cooldown_schedule(lr: float, *, total_steps: int, warmup_steps:
   return schedule
 
 
+def cosine_schedule(step: Any, *, base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> jax.Array:
+  """DINO's `utils.cosine_scheduler(base, final, ...)[step]`, as a function of a (traced) step.
+
+  Warm-up: np.linspace(warmup_start, base, warmup_steps) (reaches `base` at step warmup_steps - 1); then
+  final + (base - final) / 2 * (1 + cos(pi * i / n)) for i = step - warmup_steps of n = total_steps -
+  warmup_steps (so `final` itself is never reached). Steps past the end keep the last value.
+  """
+  if not 0 <= warmup_steps < total_steps:
+    raise ValueError(f'warmup_steps={warmup_steps} must lie in [0, total_steps={total_steps}).')
+  step = jnp.minimum(jnp.asarray(step, jnp.float32), total_steps - 1)
+  n = total_steps - warmup_steps
+  cosine = final + 0.5 * (base - final) * (1 + jnp.cos(jnp.pi * (step - warmup_steps) / n))
+  if warmup_steps == 0:
+    return cosine
+  ramp = warmup_start + (base - warmup_start) * step / max(warmup_steps - 1, 1)
+  return jnp.where(step < warmup_steps, ramp, cosine)
+
+
+def create_weight_decay(opt_config: ml_collections.ConfigDict, total_steps: int) -> Any:
+  """`weight_decay`, or with `weight_decay_end` set a per-step cosine from one to the other (DINO 0.04 -> 0.4)."""
+  end = opt_config.weight_decay_end
+  if end is None:
+    return opt_config.weight_decay
+  if end < 0 or opt_config.weight_decay < 0:
+    raise ValueError(f'config.optimizer.weight_decay={opt_config.weight_decay} and weight_decay_end={end} must be '
+                     '>= 0.')
+  base = opt_config.weight_decay
+  return lambda count: cosine_schedule(count, base=base, final=end, total_steps=total_steps)
+
+
 def create_learning_rate_schedule(opt_config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to `lr`, then cosine or linear to `lr * end_lr_factor` at `total_steps`, or constant /
   rsqrt with an optional linear cooldown to 0 over the last `cooldown_steps` (`warmup_rsqrt_cooldown_schedule`)."""
@@ -95,8 +126,8 @@ def create_optimizer(opt_config: ml_collections.ConfigDict, total_steps: int, *,
   if not 0.0 < opt_config.layer_decay <= 1.0:
     raise ValueError(f'config.optimizer.layer_decay={opt_config.layer_decay} must be in (0, 1] (1 disables).')
   decay = []
-  if opt_config.weight_decay:
-    decay = [param_groups.add_decayed_weights(opt_config.weight_decay,
+  if opt_config.weight_decay or opt_config.weight_decay_end:
+    decay = [param_groups.add_decayed_weights(create_weight_decay(opt_config, total_steps),
                                               lambda t: param_groups.wd_multipliers(t, wd_rules))]
   if opt_config.name == 'adamw':  # optax.adamw, with per-parameter decay multipliers.
     core = optax.chain(optax.scale_by_adam(b1=opt_config.b1, b2=opt_config.b2, mu_dtype=opt_config.mu_dtype),

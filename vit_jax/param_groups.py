@@ -14,26 +14,16 @@ from __future__ import annotations
 import bisect
 import math
 import re
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 from flax.core import meta
 import jax
+import jax.numpy as jnp
 import optax
 
 from vit_jax.models import facts
 
 Rules = Sequence[tuple[str, float]]
-
-# Layer grouping of the families whose facts still live here (used until they register their own).
-_LEGACY_GROUPING = facts.LayerGrouping(
-    blocks=((r'(?:^|/)encoderblock_(\d+)/', 'block1'),
-            (r'(?:^|/)MixerBlock_(\d+)/', 'block1'),
-            (r'^(?:layers|stages)_(\d+)/blocks_(\d+)/', 'block2'),
-            (r'^stages_(\d+)/downsample/', 'before'),  # PVTv2: the stage's patch embedding comes first.
-            (r'^(?:layers|stages)_(\d+)/', 'after')),  # Swin downsample (official layout), stage norms.
-    stem=(r'^(embedding|cls|dist|Transformer/posembed_input|patch_embed|stem|conv_root|gn_root|'
-          r'block\d+/unit\d+)(/|$)'))
-
 
 def path_name(path: Sequence[Any]) -> str:
   """'/'-joined dict keys of a jax key path; attribute steps (e.g. the `value` of an nn.Partitioned box carrying
@@ -125,19 +115,20 @@ def _ids(names: Sequence[str], grouping: facts.LayerGrouping) -> tuple[dict[str,
 
 
 def _candidate_groupings() -> dict[str, facts.LayerGrouping]:
-  out = {n: facts.get_family(n).grouping for n in facts.known_families() if facts.get_family(n).grouping}
-  out['(built-in)'] = _LEGACY_GROUPING
-  return out
+  return {n: facts.get_family(n).grouping for n in facts.known_families() if facts.get_family(n).grouping}
 
 
 def _detect_grouping(names: Sequence[str]) -> facts.LayerGrouping:
-  """The registered grouping that recognises the most of `names` (as block, stage or stem parameters).
-
-  Groupings that tie must agree on every id; otherwise the caller has to name the family.
-  """
+  """The registered grouping that recognises the most of `names` (as block, stage or stem parameters), the more
+  specific one (more of its rules used) on a tie. Groupings that still tie must agree on every id; otherwise the
+  caller has to name the family."""
   def score(grouping):
-    return sum(bool(_block_key(n, grouping) or re.search(grouping.stem, n)) for n in names)
+    fired = [next((i for i, (rx, _) in enumerate(grouping.blocks) if re.search(rx, n)), None) for n in names]
+    known = sum(f is not None or bool(re.search(grouping.stem, n)) for f, n in zip(fired, names))
+    return known, len({f for f in fired if f is not None})
   scored = [(score(g), fam, g) for fam, g in _candidate_groupings().items()]
+  if not scored:
+    raise ValueError('No model family registers a LayerGrouping; layer-wise lr decay cannot number the layers.')
   best = max(s for s, _, _ in scored)
   top = [(fam, g) for s, fam, g in scored if s == best]
   results = {fam: _ids(names, g) for fam, g in top}
@@ -213,17 +204,27 @@ def scale_by_multipliers(multipliers_fn: Callable[[Any], Any]) -> optax.Gradient
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def add_decayed_weights(weight_decay: float, multipliers_fn: Callable[[Any], Any]) -> optax.GradientTransformation:
-  """updates + weight_decay * multiplier * params, per parameter (optax.add_decayed_weights with real multipliers)."""
+def add_decayed_weights(weight_decay: Union[float, optax.Schedule],
+                        multipliers_fn: Callable[[Any], Any]) -> optax.GradientTransformation:
+  """updates + weight_decay * multiplier * params, per parameter (optax.add_decayed_weights with real multipliers).
+
+  `weight_decay` may be a schedule of the update count (e.g. DINO's cosine 0.04 -> 0.4); its state then counts
+  updates (a float keeps the empty state, so existing checkpoints restore unchanged).
+  """
+  scheduled = callable(weight_decay)
+
   def init_fn(params):
     del params
-    return optax.EmptyState()
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)) if scheduled else optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError('add_decayed_weights needs the params.')
     mults = multipliers_fn(updates)
-    out = jax.tree.map(lambda u, p, m: u if _is_masked(u) or m == 0.0 else u + (weight_decay * m) * p.astype(u.dtype),
+    wd = weight_decay(state.count) if scheduled else weight_decay
+    out = jax.tree.map(lambda u, p, m: u if _is_masked(u) or m == 0.0 else u + (wd * m) * p.astype(u.dtype),
                        updates, params, mults, is_leaf=_is_masked)
+    if scheduled:
+      state = optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count))
     return out, state
   return optax.GradientTransformation(init_fn, update_fn)

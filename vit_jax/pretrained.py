@@ -5,7 +5,8 @@ Handles the original google-research/vision_transformer files (old block numberi
 Hybrid (R+ViT) files add the BiT ResNet stem at the top level (`conv_root`, `gn_root`, `block{i}/unit{j}/...`);
 their GroupNorm scale/bias are stored as (1, 1, 1, C) and load as (C,).
 Flat '/'-joined .npz files of any registry model (e.g. written by `vit_jax.convert`) load the same way.
-Fine-tuning at another resolution: position embeddings (ViT, DeiT) and Swin v1 bias tables are resized on load.
+Fine-tuning at another resolution: tables whose shape depends on the geometry (position embeddings, relative-position
+bias tables) are resized on load by the model family's `resize` fact (vit_jax/models/facts.py).
 Every load is all-or-nothing: unknown, missing or mis-shaped parameters raise a ValueError.
 """
 from __future__ import annotations
@@ -20,7 +21,11 @@ import flax
 from flax import traverse_util
 import jax
 import numpy as np
-import scipy.ndimage
+
+from vit_jax.models import facts
+from vit_jax.models import registry
+# The resize helpers live with the models; importable from here for existing callers.
+from vit_jax.models.resize import resize_posemb, resize_rel_pos_bias_table, torch_bicubic_matrix  # noqa: F401
 
 _POSEMB = 'Transformer/posembed_input/pos_embedding'
 # Block submodule names in the original .npz files -> names used by the model (and by big_vision).
@@ -104,87 +109,6 @@ def _normalise_keys(ckpt: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
   return out, has_cls_slot
 
 
-def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """(out_size, in_size) matrix of PyTorch's bicubic resize along one axis (F.interpolate(mode='bicubic'),
-  align_corners=False, no antialias): Keys cubic with a = -0.75, source x = (i + 0.5) * in / out - 0.5, taps
-  clamped to the border: the official Swin loader's bias-table resize. jax.image.resize's 'bicubic' is a different
-  kernel (a = -0.5, PIL-style, as torch's antialias=True bicubic that timm uses for position embeddings)."""
-  a = -0.75
-  def near(t):  # |t| <= 1
-    return ((a + 2) * t - (a + 3)) * t * t + 1
-  def far(t):  # 1 < |t| < 2
-    return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
-  m = np.zeros((out_size, in_size), np.float64)
-  for i in range(out_size):
-    x = (i + 0.5) * in_size / out_size - 0.5
-    x0 = int(np.floor(x))
-    t = x - x0
-    for k, w in ((-1, far(t + 1)), (0, near(t)), (1, near(1 - t)), (2, far(2 - t))):
-      m[i, min(max(x0 + k, 0), in_size - 1)] += w
-  return m
-
-
-def _resize_grid(grid: np.ndarray, new_hw: tuple[int, int], method: str) -> np.ndarray:
-  """Resizes an (h, w, C) grid to new_hw with 'linear' (scipy zoom order 1, as the official ViT loader),
-  'bilinear' / 'bicubic' (jax.image.resize) or 'bicubic_torch' (torch bicubic, as timm and official Swin)."""
-  h, w, c = grid.shape
-  if method == 'linear':
-    return scipy.ndimage.zoom(grid, (new_hw[0] / h, new_hw[1] / w, 1), order=1)
-  if method in ('bilinear', 'bicubic'):
-    return np.asarray(jax.image.resize(grid, (new_hw[0], new_hw[1], c), method=method))
-  if method == 'bicubic_torch':
-    mh, mw = torch_bicubic_matrix(h, new_hw[0]), torch_bicubic_matrix(w, new_hw[1])
-    return np.einsum('ph,hwc,qw->pqc', mh, grid.astype(np.float64), mw)
-  raise ValueError(f"Unknown interpolation {method!r}; expected 'linear', 'bilinear', 'bicubic' or 'bicubic_torch'.")
-
-
-def resize_posemb(posemb: np.ndarray, new_num_tokens: int, *, has_cls: bool = True,
-                  num_prefix_tokens: Optional[int] = None, method: str = 'linear') -> np.ndarray:
-  """Resizes a (1, [prefix +] g*g, D) position embedding to (1, new_num_tokens, D) on its square grid.
-
-  The prefix rows (class token; class + distillation tokens for DeiT: `num_prefix_tokens=2`, which overrides
-  `has_cls`) are kept as they are. Methods: 'linear' (scipy.ndimage.zoom(order=1), as the official ViT loader),
-  'bilinear' / 'bicubic' (jax.image.resize; 'bicubic' equals timm's resample_abs_pos_embed, torch bicubic with
-  antialias=True, to 1e-6 when upsampling), 'bicubic_torch' (torch bicubic without antialias, a = -0.75).
-  """
-  posemb = np.asarray(posemb)
-  if posemb.ndim != 3 or posemb.shape[0] != 1:
-    raise ValueError(f'Expected a position embedding of shape (1, tokens, D), got {posemb.shape}.')
-  if posemb.shape[1] == new_num_tokens:
-    return posemb
-  extra = (1 if has_cls else 0) if num_prefix_tokens is None else num_prefix_tokens
-  tok, grid = posemb[:, :extra], posemb[0, extra:]
-  gs_old, gs_new = int(round(np.sqrt(len(grid)))), int(round(np.sqrt(max(new_num_tokens - extra, 0))))
-  if gs_old ** 2 != len(grid) or gs_new ** 2 != new_num_tokens - extra or not gs_new:
-    raise ValueError(f'Cannot resize position embedding {posemb.shape} to {new_num_tokens} tokens '
-                     f'({extra} prefix tokens): both patch grids must be square.')
-  logging.info('Resizing position embedding grid %dx%d -> %dx%d (%s).', gs_old, gs_old, gs_new, gs_new, method)
-  grid = _resize_grid(grid.reshape(gs_old, gs_old, -1), (gs_new, gs_new), method)
-  grid = grid.reshape(1, gs_new * gs_new, -1).astype(posemb.dtype)
-  return np.concatenate([tok, grid], axis=1)
-
-
-def resize_rel_pos_bias_table(table: np.ndarray, new_rows: int) -> np.ndarray:
-  """Resizes a Swin v1 relative-position bias table ((2W-1)**2, heads) to (new_rows, heads), new_rows = (2W'-1)**2.
-
-  As the official Swin and timm (square windows) when fine-tuning at another window: each head's (2W-1, 2W-1)
-  table is resized with PyTorch's bicubic F.interpolate (align_corners=False), here `torch_bicubic_matrix`.
-  """
-  table = np.asarray(table)
-  if table.ndim != 2:
-    raise ValueError(f'Expected a (positions, heads) bias table, got shape {table.shape}.')
-  rows, _ = table.shape
-  side_old, side_new = int(round(np.sqrt(rows))), int(round(np.sqrt(new_rows)))
-  if side_old ** 2 != rows or side_new ** 2 != new_rows or side_old % 2 == 0 or side_new % 2 == 0:
-    raise ValueError(f'Cannot resize a relative-position bias table of {rows} rows to {new_rows}: both must be '
-                     '(2 * window - 1)**2 for a square window.')
-  if rows == new_rows:
-    return table
-  logging.info('Resizing relative-position bias table %dx%d -> %dx%d (bicubic).', side_old, side_old, side_new,
-               side_new)
-  grid = _resize_grid(table.reshape(side_old, side_old, -1), (side_new, side_new), 'bicubic_torch')
-  return grid.reshape(new_rows, -1).astype(table.dtype)
-
 _SCANNED = 'Transformer/encoderblock/'
 
 
@@ -215,9 +139,38 @@ def _group(keys, name: str) -> set[str]:
   return {k for k in keys if k == name or k.startswith(name + '/')}
 
 
+def _families(family: Optional[str], model: Any) -> list[facts.FamilyFacts]:
+  """`family`'s facts, else those of the families built by `model`'s class, else every registered family's."""
+  if family is not None:
+    names = [family]
+  elif model is not None and registry.families_of(model):
+    names = registry.families_of(model)
+  else:
+    names = facts.known_families()
+  return [facts.get_family(n) for n in names]
+
+
+def fit_tables(ckpt: dict[str, np.ndarray], init: Mapping[str, Any], *, method: str, family: Optional[str] = None,
+               model: Any = None, image_size: Optional[int] = None) -> None:
+  """Fits, in place, every checkpoint array whose shape differs from the model's by its family's `resize` (position
+  embeddings, relative-position tables at another resolution or window). The first family that accepts a path
+  resizes it; the rest are left for the shape check."""
+  context = facts.ResizeContext(model=model, image_size=image_size, method=method)
+  for key in sorted(ckpt):
+    want = tuple(init[key].shape) if key in init else None
+    if want is None or ckpt[key].shape == want:
+      continue
+    for fam in [f for f in _families(family, model) if f.resize is not None]:
+      fitted = fam.resize(key, ckpt[key], want, context)
+      if fitted is not None:
+        ckpt[key] = np.asarray(fitted)
+        break
+
+
 def load_pretrained(path: str | Mapping[str, Any], init_params: Mapping[str, Any], *,
                     keep_pre_logits: Optional[bool] = None, posemb_interpolation: str = 'linear',
-                    reinit_head: bool = False) -> Any:
+                    reinit_head: bool = False, family: Optional[str] = None, model: Any = None,
+                    image_size: Optional[int] = None) -> Any:
   """Loads a published ViT .npz (or a params tree / flat '/'-keyed dict of arrays) into `init_params`' structure.
 
   The head (and DeiT's `head_dist`) is taken from the file when its shape matches and not `reinit_head`, else
@@ -228,8 +181,10 @@ def load_pretrained(path: str | Mapping[str, Any], init_params: Mapping[str, Any
   class / distillation token rows) are resized to the model's grid with `posemb_interpolation` ('linear',
   'bilinear', 'bicubic', 'bicubic_torch'); Swin v1 relative-position bias tables of another window size are
   resized bicubically per head (`resize_rel_pos_bias_table`). SwinV2 needs no resizing: its continuous bias works
-  at any window (set the model's `pretrained_window_size` to the checkpoint's window). Any other missing, unexpected
-  or mis-shaped parameter raises a ValueError. Loaded leaves are numpy arrays in init_params' dtypes; kept
+  at any window (set the model's `pretrained_window_size` to the checkpoint's window). These fits are the model
+  family's `resize` facts: `family` (registry family name) or `model` (the flax module, also passed to `resize`
+  with `image_size`) chooses the family; without either, the first family whose `resize` accepts a path fits it.
+  Any other missing, unexpected or mis-shaped parameter raises a ValueError. Loaded leaves are numpy arrays in init_params' dtypes; kept
   leaves are init_params' own. `init_params` may be wrapped as {'params': ...}; the result is wrapped alike.
   A model with scanned layers (`scan_layers=True`, stacked `Transformer/encoderblock/*`) gets the blocks stacked.
   """
@@ -240,7 +195,7 @@ def load_pretrained(path: str | Mapping[str, Any], init_params: Mapping[str, Any
   ckpt, has_cls_slot = _normalise_keys({k: np.asarray(v) for k, v in arrays.items()})
   keep_init: set[str] = set()
 
-  for head in ('head', 'head_dist'):
+  for head in sorted({h for f in _families(family, model) for h in f.heads}):
     head_file, head_init = _group(ckpt, head), _group(init, head)
     if head_init:
       if (reinit_head or head_file != head_init
@@ -274,19 +229,10 @@ def load_pretrained(path: str | Mapping[str, Any], init_params: Mapping[str, Any
                      f'Not in the model: {unexpected}. Check the model name/options (classifier, '
                      'representation_size, posemb) against the checkpoint.')
 
-  if _POSEMB in ckpt:
-    pe, want = ckpt[_POSEMB], tuple(init[_POSEMB].shape)
-    model_has_cls = 'cls' in init
-    if model_has_cls and not has_cls_slot:  # big_vision: zero slot == "no posemb on the class token".
-      pe = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
-    if pe.ndim == 3 and pe.shape[2] == want[2] and pe.shape[1] != want[1]:
-      prefix = int(model_has_cls) + int('dist' in init)  # DeiT: class and distillation tokens.
-      pe = resize_posemb(pe, want[1], num_prefix_tokens=prefix, method=posemb_interpolation)
-    ckpt[_POSEMB] = pe
-  for key in ckpt:  # Swin v1 fine-tuned at another window: resize the bias tables (bicubic, as the reference).
-    if (key.endswith('/relative_position_bias_table') and ckpt[key].ndim == 2 and len(init[key].shape) == 2
-        and ckpt[key].shape[1] == init[key].shape[1] and ckpt[key].shape[0] != init[key].shape[0]):
-      ckpt[key] = resize_rel_pos_bias_table(ckpt[key], init[key].shape[0])
+  if _POSEMB in ckpt and 'cls' in init and not has_cls_slot:
+    # big_vision files add the posemb before the class token: a zero slot == "no posemb on the class token".
+    ckpt[_POSEMB] = np.concatenate([np.zeros_like(ckpt[_POSEMB][:, :1]), ckpt[_POSEMB]], axis=1)
+  fit_tables(ckpt, init, method=posemb_interpolation, family=family, model=model, image_size=image_size)
 
   mismatched = [f'{k}: checkpoint {ckpt[k].shape} vs model {tuple(init[k].shape)}'
                 for k in sorted(ckpt) if ckpt[k].shape != tuple(init[k].shape)]

@@ -6,10 +6,13 @@ parameter names follow the official flax ViT, plus `dist` (1, 1, D) next to `cls
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models import facts
 from vit_jax.models import registry
 from vit_jax.models import vit
 
@@ -25,6 +28,7 @@ class DistilledVisionTransformer(vit.VisionTransformer):
   Only `classifier='token'`, `posemb='learn'` and no representation layer are supported.
   """
   distilled_training: bool = True
+  num_distill_tokens: ClassVar[int] = 1
 
   def setup(self):
     if self.classifier != 'token':
@@ -102,3 +106,14 @@ _VARIANTS = [
 for _name, _builder, _variant, _size, _count, _timm in _VARIANTS:
   registry.register_model(_name, _builder, family='deit', image_size=_size, num_params=_count, timm_name=_timm,
                           **_DEIT, **vit.parse_variant(_variant))
+
+
+# --- Family facts: timm's VisionTransformerDistilled is ViT plus the distillation token and head. ------------------
+
+FACTS = facts.register_family(facts.FamilyFacts(
+    name='deit',
+    layouts={'timm': facts.ConversionTable(vit.TIMM_RULES + ((r'dist_token', 'dist', 'raw'),
+                                                             (r'head_dist', 'head_dist', 'linear')),
+                                           source_heads=('head', 'head_dist'))},
+    grouping=vit.GROUPING, forward_macs=vit.forward_macs, resize=vit.resize_pos_embedding,
+    infer_image_size=vit.infer_image_size, heads=('head', 'head_dist')))  # Exact GELU already (registry default).

@@ -7,12 +7,15 @@ exact one (`gelu_approximate=False`).
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
 
@@ -142,3 +145,37 @@ for _name, _width, _patch, _count, _timm in _OFFICIAL:
   _d, _n, _t, _c = _WIDTHS[_width]
   registry.register_model(_name, MlpMixer, family='mixer', image_size=224, num_params=_count, timm_name=_timm,
                           patch_size=_patch, hidden_dim=_d, num_blocks=_n, tokens_mlp_dim=_t, channels_mlp_dim=_c)
+
+
+# --- Family facts (vit_jax/models/facts.py). FLOPs: XLA's cost analysis. --------------------------------------------
+
+_MB = r'blocks\.(\d+)\.'
+_OMB = r'MixerBlock_\1/'
+TIMM_RULES: tuple[facts.Rule, ...] = (
+    (r'stem\.proj', 'stem', 'conv'),
+    (_MB + r'norm1', _OMB + 'LayerNorm_0', 'norm'),
+    (_MB + r'mlp_tokens\.fc1', _OMB + 'token_mixing/Dense_0', 'linear'),
+    (_MB + r'mlp_tokens\.fc2', _OMB + 'token_mixing/Dense_1', 'linear'),
+    (_MB + r'norm2', _OMB + 'LayerNorm_1', 'norm'),
+    (_MB + r'mlp_channels\.fc1', _OMB + 'channel_mixing/Dense_0', 'linear'),
+    (_MB + r'mlp_channels\.fc2', _OMB + 'channel_mixing/Dense_1', 'linear'),
+    (r'norm', 'pre_head_layer_norm', 'norm'),
+    (r'head', 'head', 'linear'),
+)
+
+
+def infer_image_size(state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]) -> Optional[int]:
+  """The input size a timm Mixer checkpoint was built for: its token-mixing MLP reads one row per patch."""
+  weight = state_dict.get('blocks.0.mlp_tokens.fc1.weight')
+  if weight is None:
+    return None
+  tokens = weight.shape[1]
+  grid = int(round(math.sqrt(tokens)))
+  return grid * options.get('patch_size', 16) if grid * grid == tokens else None
+
+
+FACTS = facts.register_family(facts.FamilyFacts(
+    name='mixer', layouts={'timm': facts.ConversionTable(TIMM_RULES)},
+    grouping=facts.LayerGrouping(blocks=((r'(?:^|/)MixerBlock_(\d+)/', 'block1'),), stem=r'^stem(/|$)'),
+    infer_image_size=infer_image_size,
+    timm_numerics=lambda options: {'gelu_approximate': False}))  # timm's Mixer uses exact GELU.

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models import attention
+from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
 from vit_jax.models.layers import DropPath
@@ -377,3 +378,28 @@ registry.register_model('mvitv2_s', MultiScaleVisionTransformerV2, family='mvitv
 registry.register_model('mvitv2_b', MultiScaleVisionTransformerV2, family='mvitv2', image_size=224,
                         num_params=51_472_744, timm_name='mvitv2_base.fb_in1k', drop_path_rate=0.3,
                         depths=(2, 3, 16, 3))
+
+
+# --- Family facts (vit_jax/models/facts.py). FLOPs: XLA's cost analysis. --------------------------------------------
+
+_PB = r'stages\.(\d+)\.blocks\.(\d+)\.'
+_OPB = r'stages_\1/blocks_\2/'
+TIMM_RULES: tuple[facts.Rule, ...] = (
+    (r'patch_embed\.proj', 'patch_embed/proj', 'conv'),
+    (_PB + r'norm([12])', _OPB + r'norm\3', 'norm'),
+    (_PB + r'shortcut_proj_attn', _OPB + 'shortcut_proj_attn', 'linear'),
+    (_PB + r'attn\.(qkv|proj)', _OPB + r'attn/\3', 'linear'),
+    (_PB + r'attn\.pool_([qkv])', _OPB + r'attn/pool_\3', 'conv'),
+    (_PB + r'attn\.norm_([qkv])', _OPB + r'attn/norm_\3', 'norm'),
+    (_PB + r'attn\.(rel_pos_[hw])', _OPB + r'attn/\3', 'raw'),
+    (_PB + r'mlp\.fc([12])', _OPB + r'mlp/fc\3', 'linear'),
+    (r'norm', 'norm', 'norm'),
+    (r'head\.fc', 'head', 'linear'),
+)
+
+FACTS = facts.register_family(facts.FamilyFacts(
+    name='mvitv2', layouts={'timm': facts.ConversionTable(TIMM_RULES, source_heads=('head.fc',))},
+    grouping=facts.LayerGrouping(blocks=((r'^stages_(\d+)/blocks_(\d+)/', 'block2'), (r'^stages_(\d+)/', 'after')),
+                                 stem=r'^patch_embed(/|$)'),
+    # The relative-position tables are sized for the img_size option: only that input size is sure to fit them.
+    infer_image_size=lambda state_dict, options: options.get('img_size')))

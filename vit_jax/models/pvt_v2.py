@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models import attention
+from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
 from vit_jax.models.layers import DropPath
@@ -353,3 +354,31 @@ registry.register_model('pvt_v2_b2', PyramidVisionTransformerV2, family='pvt_v2'
                         num_params=25_362_856, timm_name='pvt_v2_b2', drop_path_rate=0.1, **_B2)
 registry.register_model('pvt_v2_b2_li', PyramidVisionTransformerV2, family='pvt_v2', image_size=224,
                         num_params=22_553_512, timm_name='pvt_v2_b2_li', drop_path_rate=0.1, linear=True, **_B2)
+
+
+# --- Family facts (vit_jax/models/facts.py). FLOPs: XLA's cost analysis. --------------------------------------------
+
+_PB = r'stages\.(\d+)\.blocks\.(\d+)\.'
+_OPB = r'stages_\1/blocks_\2/'
+TIMM_RULES: tuple[facts.Rule, ...] = (
+    (r'patch_embed\.proj', 'patch_embed/proj', 'conv'),
+    (r'patch_embed\.norm', 'patch_embed/norm', 'norm'),
+    (r'stages\.(\d+)\.downsample\.proj', r'stages_\1/downsample/proj', 'conv'),
+    (r'stages\.(\d+)\.downsample\.norm', r'stages_\1/downsample/norm', 'norm'),
+    (_PB + r'norm([12])', _OPB + r'norm\3', 'norm'),
+    (_PB + r'attn\.(q|kv|proj)', _OPB + r'attn/\3', 'linear'),
+    (_PB + r'attn\.sr', _OPB + 'attn/sr', 'conv'),
+    (_PB + r'attn\.norm', _OPB + 'attn/norm', 'norm'),
+    (_PB + r'mlp\.fc([12])', _OPB + r'mlp/fc\3', 'linear'),
+    (_PB + r'mlp\.dwconv', _OPB + 'mlp/dwconv', 'conv'),  # Depthwise: (C, 1, 3, 3) -> (3, 3, 1, C).
+    (r'stages\.(\d+)\.norm', r'stages_\1/norm', 'norm'),
+    (r'head', 'head', 'linear'),
+)
+
+FACTS = facts.register_family(facts.FamilyFacts(
+    name='pvt_v2', layouts={'timm': facts.ConversionTable(TIMM_RULES)},
+    grouping=facts.LayerGrouping(
+        blocks=((r'^stages_(\d+)/blocks_(\d+)/', 'block2'),
+                (r'^stages_(\d+)/downsample/', 'before'),  # The stage's overlapping patch embedding comes first.
+                (r'^stages_(\d+)/', 'after')),  # Stage norms.
+        stem=r'^patch_embed(/|$)')))

@@ -56,6 +56,11 @@ def get_model_spec(name: str) -> ModelSpec:
                      'Set config.model.name to one of them.') from None
 
 
+def families_of(model: nn.Module) -> list[str]:
+  """Families whose registered models are built by `model`'s class (usually one; ViT and DeiT share a class)."""
+  return sorted({s.family for s in _REGISTRY.values() if s.builder is type(model)})
+
+
 def model_options(builder: Callable[..., nn.Module]) -> set[str]:
   """The constructor fields a user may override (flax's own `parent` and `name` excluded)."""
   return {f.name for f in dataclasses.fields(builder) if f.init} - {'parent', 'name'}

@@ -25,6 +25,7 @@ places timm's table at the centre of ours.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, ClassVar, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -33,8 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models import attention
+from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
+from vit_jax.models import resize
 from vit_jax.models.layers import DropPath, constrain, logical, remat
 
 Array = jax.Array
@@ -528,3 +531,95 @@ registry.register_model('swinv2_b', SwinTransformerV2, family='swinv2', image_si
 # pretrained_window_size=(12, 12, 12, 6)) with the same parameter count.
 registry.register_model('swinv2_l', SwinTransformerV2, family='swinv2', image_size=256, num_params=196_739_932,
                         timm_name=None, window_size=8, drop_path_rate=0.2, **_L)
+
+
+# --- Family facts (vit_jax/models/facts.py): swin (v1: analytic FLOPs, resizable bias tables) and swinv2. --------
+
+_SB = r'layers\.(\d+)\.blocks\.(\d+)\.'
+_OB = r'layers_\1/blocks_\2/'
+TIMM_RULES: tuple[facts.Rule, ...] = (
+    (r'patch_embed\.proj', 'patch_embed/proj', 'conv'),
+    (r'patch_embed\.norm', 'patch_embed/norm', 'norm'),
+    (r'layers\.(\d+)\.downsample\.norm', r'layers_\1/downsample/norm', 'norm'),
+    (r'layers\.(\d+)\.downsample\.reduction', r'layers_\1/downsample/reduction', 'linear'),
+    (_SB + r'norm([12])', _OB + r'norm\3', 'norm'),
+    (_SB + r'attn\.(qkv|proj)', _OB + r'attn/\3', 'linear'),
+    (_SB + r'attn\.relative_position_bias_table', _OB + 'attn/relative_position_bias_table', 'rel_table'),
+    (_SB + r'attn\.(q_bias|v_bias|logit_scale)', _OB + r'attn/\3', 'raw'),
+    (_SB + r'attn\.cpb_mlp\.0', _OB + 'attn/cpb_mlp/fc1', 'linear'),
+    (_SB + r'attn\.cpb_mlp\.2', _OB + 'attn/cpb_mlp/fc2', 'linear'),
+    (_SB + r'mlp\.fc([12])', _OB + r'mlp/fc\3', 'linear'),
+    (r'norm', 'norm', 'norm'),
+    (r'head\.fc', 'head', 'linear'),
+    (r'head', 'head', 'linear'),  # Older timm Swin checkpoints.
+)
+# timm buffers that our modules recompute from the geometry (present in older checkpoints).
+TIMM_IGNORED = (r'.*\.relative_position_index', r'.*\.attn_mask', r'.*\.relative_coords_table')
+_SOURCE_HEADS = ('head', 'head.fc')
+
+GROUPING = facts.LayerGrouping(
+    blocks=((r'^layers_(\d+)/blocks_(\d+)/', 'block2'),
+            (r'^layers_(\d+)/', 'after')),  # The stage's downsample (official layout) follows its blocks.
+    stem=r'^patch_embed(/|$)')
+
+
+def swin_forward_macs(*, image_size: int, patch_size: int = 4, embed_dim: int = 96,
+                      depths: Sequence[int] = (2, 2, 6, 2), window_size: IntOrSeq = 7,
+                      mlp_ratio: float = 4.0, num_classes: int = 1000) -> float:
+  """Multiply-adds of one Swin v1 forward pass on one image (the official `flops()` without its norm terms).
+
+  Per block at resolution r, width C, window w (clamped to r), N = w*w tokens per window, (r/w)^2 windows:
+  windows * (4*N*C^2 + 2*N^2*C) + 2*r^2*C^2*mlp_ratio. Patch merging: (r/2)^2 * 4C * 2C.
+  """
+  if image_size % patch_size:
+    raise ValueError(f'image_size={image_size} is not divisible by patch_size={patch_size}.')
+  windows = (window_size,) * len(depths) if isinstance(window_size, int) else tuple(window_size)
+  r = image_size // patch_size
+  macs = r * r * patch_size * patch_size * 3 * embed_dim
+  dim = embed_dim
+  for i, depth in enumerate(depths):
+    if i > 0:
+      r //= 2
+      macs += r * r * (4 * dim) * (2 * dim)  # Patch merging: 2x2 tokens of width C -> one of width 2C.
+      dim *= 2
+    w = min(windows[i], r)
+    n, num_windows = w * w, (r // w) ** 2
+    macs += depth * (num_windows * (4 * n * dim * dim + 2 * n * n * dim) + 2 * r * r * dim * dim * mlp_ratio)
+  return float(macs + dim * num_classes)
+
+
+def forward_macs(model: Any, image_size: int) -> Optional[float]:
+  """Analytic MACs of a Swin v1 model (not v2, whose continuous bias MLP and cosine attention add work)."""
+  if type(model) is not SwinTransformer:  # pylint: disable=unidiomatic-typecheck
+    return None
+  return swin_forward_macs(image_size=image_size, patch_size=model.patch_size, embed_dim=model.embed_dim,
+                           depths=tuple(model.depths), window_size=model.window_size, mlp_ratio=model.mlp_ratio,
+                           num_classes=model.num_classes)
+
+
+def resize_bias_table(path: str, value: np.ndarray, shape: tuple, context: facts.ResizeContext
+                      ) -> Optional[np.ndarray]:
+  """A v1 relative-position bias table of another window fitted to the model's.
+
+  A table for the stage's clamped window (timm built at a size where the window covers the whole map) is placed
+  at the centre of ours; any other size is resized bicubically per head (official Swin / timm fine-tuning).
+  """
+  m = re.match(r'layers_(\d+)/.*/relative_position_bias_table$', path)
+  if not m or value.ndim != 2 or len(shape) != 2 or value.shape[1] != shape[1]:
+    return None
+  if context.model is not None and context.image_size:
+    wh, ww = context.model.stage_geometry(context.image_size, context.image_size)[int(m.group(1))]['window']
+    if value.shape[0] == (2 * wh - 1) * (2 * ww - 1) and value.shape[0] < shape[0]:
+      return resize.centre_table(value, shape[0], path)
+  return resize.resize_rel_pos_bias_table(value, shape[0])
+
+
+FACTS = facts.register_family(facts.FamilyFacts(
+    name='swin', layouts={'timm': facts.ConversionTable(TIMM_RULES, TIMM_IGNORED, _SOURCE_HEADS)},
+    grouping=GROUPING, forward_macs=forward_macs, resize=resize_bias_table))
+# SwinV2 has no tables to resize (its continuous bias works at any window: set pretrained_window_size); timm's
+# k_bias buffer is a constant zero. FLOPs: XLA's cost analysis.
+V2_FACTS = facts.register_family(facts.FamilyFacts(
+    name='swinv2',
+    layouts={'timm': facts.ConversionTable(TIMM_RULES, TIMM_IGNORED + (r'.*\.attn\.k_bias',), _SOURCE_HEADS)},
+    grouping=GROUPING))

@@ -5,15 +5,19 @@ Parameter paths match google-research/vision_transformer, so the published .npz 
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+import math
+import re
+from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
+from vit_jax.models import resize
 from vit_jax.models import resnet_stem
 
 Array = jax.Array
@@ -65,12 +69,15 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.) -
 class AddPositionEmbs(nn.Module):
   """Adds position embeddings to a (B, [cls +] h*w, D) sequence.
 
-  'learn': param `pos_embedding` (1, tokens, D), normal(0.02) init, including a slot for the class token.
+  'learn': param `pos_embedding` (1, tokens, D), normal(0.02) init, including a slot for the class token. With
+  `resize` (table, has_cls, grid) -> table, a table built for another grid is fitted to the input's grid on the
+  fly (e.g. DINO's multi-crop: one table for 224 and 96 px crops); without it the grids must match.
   'sincos2d': a fixed table (no parameter); the class token gets a zero row, which matches big_vision
   (posemb added before the class token is concatenated).
   """
   posemb: str = 'learn'
   has_cls: bool = True
+  resize: Optional[Callable[[Array, bool, tuple[int, int]], Array]] = None
 
   @nn.compact
   def __call__(self, x: Array, *, grid: tuple[int, int]) -> Array:
@@ -79,6 +86,10 @@ class AddPositionEmbs(nn.Module):
       shape = (1, length, width)
       if self.has_variable('params', 'pos_embedding'):
         have = self.get_variable('params', 'pos_embedding').shape
+        if tuple(have) != shape and self.resize is not None:
+          pe = self.param('pos_embedding', layers.logical(nn.initializers.normal(stddev=0.02),
+                                                          (None, None, 'embed')), tuple(have), jnp.float32)
+          return x + self.resize(pe, self.has_cls, grid).astype(x.dtype)
         if tuple(have) != shape:
           raise ValueError(
               f'Input image gives a {grid[0]}x{grid[1]} patch grid, i.e. position embedding shape {shape}, but '
@@ -152,6 +163,7 @@ class Encoder(nn.Module):
   drop_path_rate: float = 0.0
   posemb: str = 'learn'
   has_cls: bool = True
+  posemb_resize: Optional[Callable[[Array, bool, tuple[int, int]], Array]] = None  # AddPositionEmbs.resize
   gelu_approximate: bool = True
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
@@ -162,7 +174,8 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, grid: tuple[int, int], train: bool = False, intermediates: bool = False):
     """The final-normed sequence; with `intermediates`, also the list of every block's (un-normed) output."""
-    x = AddPositionEmbs(posemb=self.posemb, has_cls=self.has_cls, name='posembed_input')(x, grid=grid)
+    x = AddPositionEmbs(posemb=self.posemb, has_cls=self.has_cls, resize=self.posemb_resize,
+                        name='posembed_input')(x, grid=grid)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
     dpr = np.linspace(0.0, self.drop_path_rate, self.num_layers)  # Stochastic depth grows with depth.
     block = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
@@ -216,6 +229,9 @@ class VisionTransformer(nn.Module):
   resnet_width: float = 1
   resnet_norm_style: str = 'official'  # 'timm': timm's ResNetV2 eps (resnet_stem.NORM_STYLES), for timm parity.
   attention_impl: str = 'einsum'  # Attention kernel: 'einsum' | 'xla' | 'cudnn' (vit_jax.models.attention).
+  num_distill_tokens: ClassVar[int] = 0  # Tokens between the class token and the patches (DeiT: 1).
+  # Fits the learned posemb to another patch grid (AddPositionEmbs.resize); None: the grid must match.
+  posemb_resize: Optional[Callable[[Array, bool, tuple[int, int]], Array]] = None
 
   def setup(self):
     if self.classifier not in ('token', 'gap', 'map'):
@@ -236,7 +252,7 @@ class VisionTransformer(nn.Module):
         num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         drop_path_rate=self.drop_path_rate, posemb=self.posemb, has_cls=self.classifier == 'token',
-        gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+        posemb_resize=self.posemb_resize, gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
         remat=self.remat, scan_layers=self.scan_layers, attention_impl=self.attention_impl, name='Transformer')
     if self.classifier == 'map':
       self.map_head = layers.MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
@@ -363,3 +379,125 @@ for _name, _variant, _patch, _units, _count, _timm in _HYBRIDS:
 # Tiny model for the 8x8 digits default config and for tests.
 registry.register_model('vit_pico', VisionTransformer, family='vit', image_size=8, num_params=None,
                         patch_size=2, hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128, classifier='token')
+
+
+# --- Family facts (vit_jax/models/facts.py): conversion from timm, layer grouping, FLOPs, resizing. --------------
+
+POSEMB_PATH = 'Transformer/posembed_input/pos_embedding'
+
+
+def _one_based(fmt: str, count: int = 2) -> Callable[[re.Match], str]:
+  """Path builder for timm's 0-based indices that our names count from 1: the first `count` groups get + 1."""
+  def expand(m):
+    return fmt.format(*[int(g) + 1 if i < count else g for i, g in enumerate(m.groups())])
+  return expand
+
+
+_B = r'blocks\.(\d+)\.'
+_RB = r'patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.'
+_VB = r'Transformer/encoderblock_\1/'
+# timm VisionTransformer; hybrids (timm HybridEmbed over a ResNetV2 stem) map onto our BiT stem names, which sit at
+# the top level and count from 1.
+TIMM_RULES: tuple[facts.Rule, ...] = (
+    (r'cls_token', 'cls', 'raw'),
+    (r'pos_embed', POSEMB_PATH, 'raw'),
+    (r'patch_embed\.proj', 'embedding', 'conv'),
+    (_B + r'norm1', _VB + 'LayerNorm_0', 'norm'),
+    (_B + r'attn\.qkv', _VB + 'MultiHeadDotProductAttention_0', 'qkv'),
+    (_B + r'attn\.proj', _VB + 'MultiHeadDotProductAttention_0/out', 'mha_out'),
+    (_B + r'norm2', _VB + 'LayerNorm_1', 'norm'),
+    (_B + r'mlp\.fc1', _VB + 'MlpBlock_0/Dense_0', 'linear'),
+    (_B + r'mlp\.fc2', _VB + 'MlpBlock_0/Dense_1', 'linear'),
+    (r'norm', 'Transformer/encoder_norm', 'norm'),
+    (r'head', 'head', 'linear'),
+    (r'patch_embed\.backbone\.(?:stem\.)?conv', 'conv_root', 'conv'),
+    (r'patch_embed\.backbone\.(?:stem\.)?norm', 'gn_root', 'norm'),
+    (_RB + r'conv([123])', _one_based('block{}/unit{}/conv{}'), 'conv'),
+    (_RB + r'norm([123])', _one_based('block{}/unit{}/gn{}'), 'norm'),
+    (_RB + r'downsample\.conv', _one_based('block{}/unit{}/conv_proj'), 'conv'),
+    (_RB + r'downsample\.norm', _one_based('block{}/unit{}/gn_proj'), 'norm'),
+)
+
+GROUPING = facts.LayerGrouping(
+    blocks=((r'(?:^|/)encoderblock_(\d+)/', 'block1'),),
+    stem=r'^(embedding|cls|dist|Transformer/posembed_input|conv_root|gn_root|block\d+/unit\d+)(/|$)')
+
+
+def vit_forward_macs(*, image_size: int, patch_size: int, hidden_size: int, num_layers: int, mlp_dim: int,
+                     num_classes: int = 1000, has_cls: bool = True, extra_tokens: Optional[int] = None,
+                     heads: int = 1) -> float:
+  """Multiply-adds of one ViT forward pass on one image: patch embedding, encoder blocks and `heads` heads.
+
+  Per block: 4*N*D^2 (qkv and output projections) + 2*N*D*M (MLP) + 2*N^2*D (scores and weighted sum), with
+  N = patches + extra tokens (class; class + distillation for DeiT: `extra_tokens`, which overrides `has_cls`).
+  """
+  if image_size % patch_size:
+    raise ValueError(f'image_size={image_size} is not divisible by patch_size={patch_size}.')
+  patches = (image_size // patch_size) ** 2
+  n, d = patches + (int(has_cls) if extra_tokens is None else extra_tokens), hidden_size
+  embed = patches * patch_size * patch_size * 3 * d
+  block = 4 * n * d * d + 2 * n * d * mlp_dim + 2 * n * n * d
+  return float(embed + num_layers * block + heads * d * num_classes)
+
+
+def num_prefix_tokens(model: VisionTransformer) -> int:
+  """Tokens before the patches: the class token, and DeiT's distillation token (`num_distill_tokens`)."""
+  return int(model.classifier == 'token') + model.num_distill_tokens
+
+
+def forward_macs(model: Any, image_size: int) -> Optional[float]:
+  """Analytic MACs of a plain ViT/DeiT (no ResNet stem, no representation layer, no MAP head), else None."""
+  if not isinstance(model, VisionTransformer) or model.resnet is not None or model.representation_size or (
+      model.classifier not in ('token', 'gap')):
+    return None
+  distill = model.num_distill_tokens
+  return vit_forward_macs(image_size=image_size, patch_size=model.patch_size, hidden_size=model.hidden_size,
+                          num_layers=model.num_layers, mlp_dim=model.mlp_dim, extra_tokens=num_prefix_tokens(model),
+                          heads=1 + distill, num_classes=model.num_classes)
+
+
+def _prefix_from_sizes(old_tokens: int, new_tokens: int) -> Optional[int]:
+  """The prefix-token count (0 to 2) that leaves square patch grids on both sides, if exactly one does."""
+  def square(n):
+    return n > 0 and int(round(math.sqrt(n))) ** 2 == n
+  fits = [p for p in range(3) if square(old_tokens - p) and square(new_tokens - p)]
+  return fits[0] if len(fits) == 1 else None
+
+
+def resize_pos_embedding(path: str, value: np.ndarray, shape: tuple, context: facts.ResizeContext
+                         ) -> Optional[np.ndarray]:
+  """The learned position embedding resized to the model's patch grid (prefix-token rows kept as they are)."""
+  if path != POSEMB_PATH or value.ndim != 3 or len(shape) != 3 or value.shape[2] != shape[2]:
+    return None
+  if context.model is not None:
+    prefix = num_prefix_tokens(context.model)
+  else:
+    prefix = _prefix_from_sizes(value.shape[1], shape[1])
+    if prefix is None:
+      return None  # Reported as a shape mismatch.
+  return resize.resize_posemb(value, shape[1], num_prefix_tokens=prefix, method=context.method)
+
+
+def infer_image_size(state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]) -> Optional[int]:
+  """The input size a timm ViT/DeiT/hybrid checkpoint was built for, from its pos_embed rows."""
+  if 'pos_embed' not in state_dict:
+    return None
+  tokens = state_dict['pos_embed'].shape[1] - sum(k in state_dict for k in ('cls_token', 'dist_token'))
+  stride = options.get('patch_size', 16)
+  if options.get('resnet') is not None:  # Hybrids: the patches are cut from the stem's feature map.
+    stride *= 4 * 2 ** max(len(options['resnet']) - 1, 0)
+  grid = int(round(math.sqrt(tokens)))
+  return grid * stride if tokens > 0 and grid * grid == tokens else None
+
+
+def timm_numerics(options: Mapping[str, Any]) -> dict[str, Any]:
+  """timm's ViT uses exact GELU; its ResNetV2 stem standardises the weights its own way (hybrids)."""
+  out: dict[str, Any] = {'gelu_approximate': False}
+  if options.get('resnet') is not None:
+    out['resnet_norm_style'] = 'timm'
+  return out
+
+
+FACTS = facts.register_family(facts.FamilyFacts(
+    name='vit', layouts={'timm': facts.ConversionTable(TIMM_RULES)}, grouping=GROUPING, forward_macs=forward_macs,
+    resize=resize_pos_embedding, infer_image_size=infer_image_size, timm_numerics=timm_numerics))
