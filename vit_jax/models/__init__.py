@@ -9,7 +9,6 @@ from vit_jax.models import cvt  # noqa: F401  (registers cvt_*)
 from vit_jax.models import deit  # noqa: F401  (registers deit_*)
 from vit_jax.models import dino  # noqa: F401  (registers dino_vit_*)
 from vit_jax.models import mae  # noqa: F401  (registers mae_vit_*)
-
 from vit_jax.models import maxvit  # noqa: F401  (registers maxvit_*)
 from vit_jax.models import mixer  # noqa: F401  (registers mixer_*)
 from vit_jax.models import mvitv2  # noqa: F401  (registers mvitv2_*)
