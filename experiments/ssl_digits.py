@@ -34,13 +34,20 @@ sys.path.insert(0, str(ROOT))
 
 from vit_jax import config_schema, evaluate, evaluators, train  # noqa: E402  pylint: disable=g-import-not-at-top
 
-_OUT = flags.DEFINE_string('out', None, 'Directory for the runs and results.json.')
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds; every measurement is repeated for each.')
-_PARTS = flags.DEFINE_list('parts', ['mae', 'dino'], 'Which measurements: mae, dino.')
-_PRETRAIN_STEPS = flags.DEFINE_integer('pretrain_steps', 2000, 'Steps of MAE / DINO pretraining.')
-_FINETUNE_STEPS = flags.DEFINE_integer('finetune_steps', 500, 'M: steps of the fine-tuned and the scratch classifier.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 128, 'Global batch of every run.')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data_dir (cluttered_digits is prepared there if missing).')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The script's flags, defined only when it runs as the program (tests import its functions alongside other
+  experiment modules that define flags of the same names)."""
+  flags.DEFINE_string('out', None, 'Directory for the runs and results.json.', required=True)
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds; every measurement is repeated for each.')
+  flags.DEFINE_list('parts', ['mae', 'dino'], 'Which measurements: mae, dino.')
+  flags.DEFINE_integer('pretrain_steps', 2000, 'Steps of MAE / DINO pretraining.')
+  flags.DEFINE_integer('finetune_steps', 500, 'M: steps of the fine-tuned and the scratch classifier.')
+  flags.DEFINE_integer('batch_size', 128, 'Global batch of every run.')
+  flags.DEFINE_string('data_dir', None, 'TFDS data_dir (cluttered_digits is prepared there if missing).')
+
 
 DATASET = 'cluttered_digits'
 IMAGE_SIZE = 32
@@ -127,17 +134,17 @@ def _pixels(variables: Any, images: Any) -> Any:
 
 def measure_mae(seed: int, runs: pathlib.Path) -> dict[str, float]:
   """{'finetune', 'scratch'}: test accuracy after M steps from the MAE encoder and from scratch."""
-  args = (_BATCH_SIZE.value, _DATA_DIR.value)
+  args = (FLAGS.batch_size, FLAGS.data_dir)
   pre = runs / f'mae_pretrain_s{seed}'
-  run(mae_config(_PRETRAIN_STEPS.value, seed, *args), pre)
-  tuned = run(classifier_config(_FINETUNE_STEPS.value, seed, *args, init_from=str(pre)), runs / f'mae_finetune_s{seed}')
-  scratch = run(classifier_config(_FINETUNE_STEPS.value, seed, *args), runs / f'scratch_s{seed}')
+  run(mae_config(FLAGS.pretrain_steps, seed, *args), pre)
+  tuned = run(classifier_config(FLAGS.finetune_steps, seed, *args, init_from=str(pre)), runs / f'mae_finetune_s{seed}')
+  scratch = run(classifier_config(FLAGS.finetune_steps, seed, *args), runs / f'scratch_s{seed}')
   return {'finetune': tuned['eval_accuracy'], 'scratch': scratch['eval_accuracy']}
 
 
 def measure_dino(seed: int, runs: pathlib.Path) -> dict[str, float]:
   """{'teacher', 'random_init', 'raw_pixels'}: k-NN test accuracy of each representation."""
-  config = dino_config(_PRETRAIN_STEPS.value, seed, _BATCH_SIZE.value, _DATA_DIR.value)
+  config = dino_config(FLAGS.pretrain_steps, seed, FLAGS.batch_size, FLAGS.data_dir)
   workdir = runs / f'dino_pretrain_s{seed}'
   run(config, workdir)
   teacher = evaluate.evaluate(evaluate.workdir_config(str(workdir)), workdir=str(workdir), names=['knn'])
@@ -183,8 +190,8 @@ def measure(parts: Sequence[str], seeds: Sequence[int], out: pathlib.Path) -> di
     raise ValueError(f'--parts {unknown}: choose among {sorted(MEASUREMENTS)}.')
   results: dict[str, Any] = {
       'settings': {'dataset': DATASET, 'image_size': IMAGE_SIZE, 'encoder': ENCODER, 'mae_decoder': MAE_DECODER,
-                   'dino_head': DINO_HEAD, 'knn': KNN, 'pretrain_steps': _PRETRAIN_STEPS.value,
-                   'finetune_steps': _FINETUNE_STEPS.value, 'batch_size': _BATCH_SIZE.value, 'seeds': list(seeds)},
+                   'dino_head': DINO_HEAD, 'knn': KNN, 'pretrain_steps': FLAGS.pretrain_steps,
+                   'finetune_steps': FLAGS.finetune_steps, 'batch_size': FLAGS.batch_size, 'seeds': list(seeds)},
       'parts': {}}
   for part in parts:
     per_seed = {seed: MEASUREMENTS[part](seed, out / 'runs') for seed in seeds}
@@ -195,13 +202,13 @@ def measure(parts: Sequence[str], seeds: Sequence[int], out: pathlib.Path) -> di
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  out = pathlib.Path(_OUT.value)
+  out = pathlib.Path(FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
-  results = measure(_PARTS.value, [int(s) for s in _SEEDS.value], out)
+  results = measure(FLAGS.parts, [int(s) for s in FLAGS.seeds], out)
   print(table(results), flush=True)
   print(f'Written: {out / "results.json"}')
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('out')
+  define_flags()
   app.run(main)
