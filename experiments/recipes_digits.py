@@ -14,20 +14,28 @@ Prints one JSON object per run and a summary; all workdirs are kept under --out.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
+
+from absl import app, flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import default  # noqa: E402  pylint: disable=g-import-not-at-top
-from vit_jax import config_schema, train  # noqa: E402  pylint: disable=g-import-not-at-top
+from vit_jax import train  # noqa: E402  pylint: disable=g-import-not-at-top
+
+_OUT = flags.DEFINE_string('out', None, 'directory holding every run\'s workdir', required=True)
+_STEPS = flags.DEFINE_integer('steps', 300, 'steps of every compared run', lower_bound=1)
+_SEEDS = flags.DEFINE_list('seeds', ['0'], 'comma-separated seeds of the compared runs')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data_dir of the digits dataset')
+_PRETRAINED = flags.DEFINE_string('pretrained', None, 'workdir of a finished default job to reuse as checkpoint and '
+                                  'teacher (default: train it under --out)')
+_ONLY = flags.DEFINE_list('only', ['finetune', 'distill'], 'which studies to run')
 
 
 def run(config, workdir: pathlib.Path, tag: str) -> dict:
-  config_schema.validate_config(config)
   final = train.train_and_evaluate(config, str(workdir))
   row = {'run': tag, 'eval_accuracy': round(final['eval_accuracy'], 4), 'eval_loss': round(final['eval_loss'], 4),
          'steps': final['step'], 'seed': config.seed, 'train_seconds': final['train_seconds']}
@@ -45,37 +53,30 @@ def short(config, steps: int, seed: int):
   return config
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--out', required=True)
-  parser.add_argument('--steps', type=int, default=300, help='steps of every compared run')
-  parser.add_argument('--seeds', default='0', help='comma-separated seeds of the compared runs')
-  parser.add_argument('--data_dir', default=None)
-  parser.add_argument('--pretrained', default=None, help='workdir of a finished default job to reuse as checkpoint '
-                      'and teacher (default: train it under --out)')
-  parser.add_argument('--only', default='finetune,distill', help='which studies to run')
-  args = parser.parse_args()
-  out = pathlib.Path(args.out)
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  out = pathlib.Path(_OUT.value)
   rows = []
 
   base = default.get_config()  # ViT-pico (64 wide, 4 layers), patch 4 at 16 px, 800 steps.
-  base.dataset.data_dir = args.data_dir
-  if args.pretrained:  # Reused as it is (its config may predate fields added since).
-    teacher_dir = pathlib.Path(args.pretrained)
+  base.dataset.data_dir = _DATA_DIR.value
+  if _PRETRAINED.value:  # Reused as it is (its config may predate fields added since).
+    teacher_dir = pathlib.Path(_PRETRAINED.value)
     final = json.loads((teacher_dir / 'final_metrics.json').read_text())
     rows.append({'run': 'pretrain_16px', 'eval_accuracy': round(final['eval_accuracy'], 4), 'reused': str(teacher_dir)})
     print(json.dumps(rows[-1]), flush=True)
   else:
     teacher_dir = out / 'pretrain_16px'
     rows.append(run(base, teacher_dir, 'pretrain_16px'))
-  studies = args.only.split(',')
+  studies = _ONLY.value
 
-  for seed in map(int, args.seeds.split(',')):
+  for seed in map(int, _SEEDS.value):
     for tag, init in (('scratch_24px', None), ('finetune_24px_from_16px', str(teacher_dir))):
       if 'finetune' not in studies:
         break
-      c = short(default.get_config(), args.steps, seed)
-      c.dataset.data_dir = args.data_dir
+      c = short(default.get_config(), _STEPS.value, seed)
+      c.dataset.data_dir = _DATA_DIR.value
       c.dataset.image_size = 24
       c.dataset.crop_padding = 3
       if init:
@@ -87,8 +88,8 @@ def main() -> None:
                       ('student_soft_distill', 'soft')):
       if 'distill' not in studies:
         break
-      c = short(default.get_config(), args.steps, seed)
-      c.dataset.data_dir = args.data_dir
+      c = short(default.get_config(), _STEPS.value, seed)
+      c.dataset.data_dir = _DATA_DIR.value
       c.model.name = 'deit_ti16_distilled'
       c.model.update(patch_size=4, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2, drop_path_rate=0.0)
       c.distill.type = kind
@@ -101,4 +102,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

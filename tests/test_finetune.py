@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from vit_jax import checkpoint, convert, ema, finetune, models, objective, optim, param_groups, train
+from vit_jax import checkpoint, convert, ema, finetune, models, optim, param_groups, train
+from vit_jax.tasks import classification
 from vit_jax.config_schema import base_config
 from tests.test_train import tiny_config
 
@@ -205,14 +206,12 @@ def test_train_step_ema_and_hard_distillation():
   t_params = jax.tree.map(lambda x: x + 0.05 * jnp.sign(jnp.sin(jnp.arange(x.size).reshape(x.shape))), t_params)
   tx, schedule = optim.create_optimizer(_opt(name='sgd', lr=0.1, b1=0.0), 10)
   state = train.TrainState.create(apply_fn=student.apply, params=s_params, tx=tx, ema_params=s_params)
-  cfg = base_config()
-  cfg.distill.update(type='hard', alpha=0.5)
-  cfg.label_smoothing = 0.1
-  task = objective.from_config(cfg, 10, teacher.apply)
+  task = classification.Classification(num_classes=10, label_smoothing=0.1, distill_type='hard', distill_alpha=0.5,
+                                       teacher=teacher)
   batch = {'image': jax.random.normal(jax.random.key(2), (8, 16, 16, 3)), 'label': jnp.arange(8) % 10}
   step = jax.jit(functools.partial(train.train_step, dropout_key=jax.random.key(0), schedule=schedule, task=task,
                                    ema_decay=0.5))
-  new, metrics = step(state, batch, t_params)
+  new, metrics = step(state, batch, {'params': t_params})
   # The reported loss is DeiT's: 0.5 * CE(cls, smoothed labels) + 0.5 * CE(dist, teacher argmax).
   t_logits = jax.jit(lambda p, x: teacher.apply({'params': p}, x, train=False))(t_params, batch['image'])
   cls, dist = jax.jit(lambda p, x: student.apply({'params': p}, x, train=True))(s_params, batch['image'])
@@ -223,8 +222,8 @@ def test_train_step_ema_and_hard_distillation():
   # EMA: ema = 0.5 * old + 0.5 * new params; evaluation reads it.
   jax.tree.map(lambda e, p0, p1: np.testing.assert_allclose(e, 0.5 * p0 + 0.5 * p1, rtol=1e-5, atol=1e-7),
                new.ema_params, s_params, new.params)
-  assert ema.eval_params(new) is new.ema_params
-  assert ema.eval_params(new.replace(ema_params=None)) is new.params
+  assert ema.eval_variables(new)['params'] is new.ema_params
+  assert ema.eval_variables(new.replace(ema_params=None)) == {'params': new.params}
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from ml_collections.config_flags import config_flags as cf_impl
 
 from experiments.scaling_laws import fewshot, fit, laws, ledger, runner, study as study_lib
 from vit_jax import checkpoint, optim, train
+from vit_jax.evaluators import fewshot as fewshot_probe
 from vit_jax.config_schema import base_config
 from vit_jax.models import vit
 
@@ -154,18 +155,18 @@ def test_ridge_probe():
   centers = rng.normal(size=(4, 16)) * 5
   labels = np.repeat(np.arange(4), 30)
   x = centers[labels] + rng.normal(size=(120, 16))
-  assert fewshot.ridge_probe_error(x[::3], labels[::3], x, labels, num_classes=4, l2_reg=1.0) == 0.0
+  assert fewshot_probe.ridge_probe_error(x[::3], labels[::3], x, labels, num_classes=4, l2_reg=1.0) == 0.0
   # Fewer points than dimensions takes the dual form; it must agree with the primal solution.
   few = np.concatenate([np.flatnonzero(labels == c)[:2] for c in range(4)])
   y = 2.0 * np.eye(4)[labels[few]] - 1.0
-  np.testing.assert_allclose(fewshot.ridge_weights(x[few], y, 3.0, dual=True),
-                             fewshot.ridge_weights(x[few], y, 3.0, dual=False), rtol=1e-8, atol=1e-10)
-  errors = fewshot.fewshot_errors(x, labels, x, labels, num_classes=4, shots=(2, 5), l2_reg=2.0 ** 10, seeds=2)
+  np.testing.assert_allclose(fewshot_probe.ridge_weights(x[few], y, 3.0, dual=True),
+                             fewshot_probe.ridge_weights(x[few], y, 3.0, dual=False), rtol=1e-8, atol=1e-10)
+  errors = fewshot_probe.fewshot_errors(x, labels, x, labels, num_classes=4, shots=(2, 5), l2_reg=2.0 ** 10, seeds=2)
   assert set(errors) == {2, 5} and errors[5] < 0.05
   noise = rng.normal(size=(120, 16))
-  assert fewshot.ridge_probe_error(noise[few], labels[few], noise, labels, num_classes=4, l2_reg=1.0) > 0.4
+  assert fewshot_probe.ridge_probe_error(noise[few], labels[few], noise, labels, num_classes=4, l2_reg=1.0) > 0.4
   with pytest.raises(ValueError, match='shots'):
-    fewshot.fewshot_errors(x, labels, x, labels, num_classes=4, shots=(31,), l2_reg=1.0, seeds=1)
+    fewshot_probe.fewshot_errors(x, labels, x, labels, num_classes=4, shots=(31,), l2_reg=1.0, seeds=1)
 
 
 # --- Fits.

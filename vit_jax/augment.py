@@ -262,3 +262,131 @@ def random_erasing(image: tf.Tensor, prob: float, seed: tf.Tensor) -> tf.Tensor:
   box = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew) & apply
   noise = tf.random.stateless_normal(tf.shape(image), seeds[4], dtype=image.dtype)
   return tf.where(box[:, :, None], noise, image)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DINO's multi-crop views (facebookresearch/dino main_dino.py `DataAugmentationDINO`), on float (H, W, 3) images in
+# [0, 255]. Per view: random resized crop (bicubic), flip p 0.5, colour jitter (0.4, 0.4, 0.2, 0.1) in random
+# order p 0.8, grayscale p 0.2, Gaussian blur (sigma 0.1..2) p 1.0 / 0.1 / 0.5 (global 1 / global 2 / locals),
+# solarise p 0.2 on global 2 only. Float arithmetic throughout (torchvision's PIL path rounds to uint8 per op).
+
+GLOBAL_CROP_SCALE = (0.4, 1.0)
+LOCAL_CROP_SCALE = (0.05, 0.4)
+JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+BLUR_SIGMA = (0.1, 2.0)
+_GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert('L') and torchvision.
+
+
+def random_resized_crop(image: tf.Tensor, size: int, scale: tuple[float, float], seed: tf.Tensor) -> tf.Tensor:
+  """A random crop of `scale` (fraction of the area) with aspect ratio 3/4..4/3, resized bicubically to size."""
+  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image), bounding_boxes=tf.zeros([0, 0, 4], tf.float32), seed=seed, min_object_covered=0.0,
+      aspect_ratio_range=(3 / 4, 4 / 3), area_range=scale, use_image_if_no_bounding_boxes=True)
+  crop = tf.cast(tf.slice(image, begin, crop_size), tf.float32)
+  crop.set_shape([None, None, 3])
+  return tf.clip_by_value(tf.image.resize(crop, [size, size], method='bicubic'), 0.0, 255.0)
+
+
+def grayscale(image: tf.Tensor) -> tf.Tensor:
+  """Luma 0.299 R + 0.587 G + 0.114 B, repeated over 3 channels (float in, float out)."""
+  grey = tf.tensordot(image, tf.constant(_GREY_WEIGHTS, image.dtype), axes=[[-1], [0]])[..., None]
+  return tf.tile(grey, [1, 1, 3])
+
+
+def adjust_brightness(image: tf.Tensor, factor: Any) -> tf.Tensor:
+  """image * factor, clipped to [0, 255] (torchvision: blend with black)."""
+  return tf.clip_by_value(image * factor, 0.0, 255.0)
+
+
+def adjust_contrast(image: tf.Tensor, factor: Any) -> tf.Tensor:
+  """Blend with the image's mean grey level: mean + factor * (image - mean), clipped."""
+  mean = tf.reduce_mean(grayscale(image)[..., 0])
+  return tf.clip_by_value(mean + factor * (image - mean), 0.0, 255.0)
+
+
+def adjust_saturation(image: tf.Tensor, factor: Any) -> tf.Tensor:
+  """Blend with the image's grayscale version: grey + factor * (image - grey), clipped."""
+  grey = grayscale(image)
+  return tf.clip_by_value(grey + factor * (image - grey), 0.0, 255.0)
+
+
+def adjust_hue(image: tf.Tensor, delta: Any) -> tf.Tensor:
+  """Rotates the hue by `delta` turns (in [-0.5, 0.5]) in HSV space."""
+  return tf.clip_by_value(tf.image.adjust_hue(image / 255.0, delta) * 255.0, 0.0, 255.0)
+
+
+def color_jitter(image: tf.Tensor, seed: tf.Tensor, strength: tuple[float, float, float, float] = JITTER
+                 ) -> tf.Tensor:
+  """torchvision ColorJitter: brightness/contrast/saturation factors U(1 - s, 1 + s), hue U(-h, h), random order."""
+  b, c, s, h = strength
+  draws = tf.random.stateless_uniform([5], seed=seed)
+  factors = [1 - b + 2 * b * draws[0], 1 - c + 2 * c * draws[1], 1 - s + 2 * s * draws[2], -h + 2 * h * draws[3]]
+  order = tf.argsort(tf.random.stateless_uniform([4], seed=tf.random.experimental.stateless_fold_in(seed, 1)))
+  ops = [lambda x: adjust_brightness(x, factors[0]), lambda x: adjust_contrast(x, factors[1]),
+         lambda x: adjust_saturation(x, factors[2]), lambda x: adjust_hue(x, factors[3])]
+  for i in range(4):
+    image = tf.switch_case(order[i], [lambda op=op: op(image) for op in ops])
+    image.set_shape([None, None, 3])
+  return image
+
+
+def gaussian_blur(image: tf.Tensor, sigma: Any) -> tf.Tensor:
+  """Separable Gaussian blur with standard deviation `sigma` px (<= BLUR_SIGMA[1]), reflect padding at the edges."""
+  radius = int(math.ceil(3 * BLUR_SIGMA[1]))
+  taps = tf.range(-radius, radius + 1, dtype=tf.float32)
+  weights = tf.exp(-0.5 * tf.square(taps / tf.cast(sigma, tf.float32)))
+  weights = weights / tf.reduce_sum(weights)
+  x = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode='SYMMETRIC')
+  kernel = tf.tile(weights[:, None, None, None], [1, 1, 3, 1])  # (taps, 1, channels, 1)
+  x = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], 'VALID')
+  x = tf.nn.depthwise_conv2d(x, tf.transpose(kernel, [1, 0, 2, 3]), [1, 1, 1, 1], 'VALID')
+  return x[0]
+
+
+def solarize_float(image: tf.Tensor, threshold: float = 128.0) -> tf.Tensor:
+  """PIL ImageOps.solarize on [0, 255] floats: values >= threshold become 255 - value."""
+  return tf.where(image < threshold, image, 255.0 - image)
+
+
+def _maybe(image: tf.Tensor, prob: float, fn: Callable[[tf.Tensor], tf.Tensor], seed: tf.Tensor) -> tf.Tensor:
+  """fn(image) with probability prob (decided by `seed`), else image."""
+  if prob <= 0:
+    return image
+  if prob >= 1:
+    return fn(image)
+  apply = tf.random.stateless_uniform([], seed=seed) < prob
+  return tf.cond(apply, lambda: fn(image), lambda: image)
+
+
+def dino_view(image: tf.Tensor, size: int, scale: tuple[float, float], seed: tf.Tensor, *, blur_prob: float,
+              solarize_prob: float) -> tf.Tensor:
+  """One DINO view of a [0, 255] image: crop, flip, jitter p 0.8, grey p 0.2, blur, solarise; float [0, 255]."""
+  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 8))
+  x = random_resized_crop(image, size, scale, seeds[0])
+  x = tf.image.stateless_random_flip_left_right(x, seed=seeds[1])
+  x = _maybe(x, 0.8, lambda y: color_jitter(y, seeds[2]), seeds[3])
+  x = _maybe(x, 0.2, grayscale, seeds[4])
+  sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * tf.random.stateless_uniform(
+      [], seed=tf.random.experimental.stateless_fold_in(seeds[5], 1))
+  x = _maybe(x, blur_prob, lambda y: gaussian_blur(y, sigma), seeds[5])
+  x = _maybe(x, solarize_prob, solarize_float, seeds[6])
+  x.set_shape([size, size, 3])
+  return x
+
+
+def dino_multicrop(image: tf.Tensor, seed: tf.Tensor, *, global_size: int, local_size: int, num_local: int,
+                   global_scale: tuple[float, float] = GLOBAL_CROP_SCALE,
+                   local_scale: tuple[float, float] = LOCAL_CROP_SCALE) -> tuple[tf.Tensor, tf.Tensor]:
+  """(2, global_size, global_size, 3) and (num_local, local_size, local_size, 3) DINO views, [0, 255] floats.
+
+  Global view 1: blur p 1.0; global view 2: blur p 0.1 and solarise p 0.2; local views: blur p 0.5.
+  """
+  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 2 + max(num_local, 1)))
+  globals_ = tf.stack([dino_view(image, global_size, global_scale, seeds[0], blur_prob=1.0, solarize_prob=0.0),
+                       dino_view(image, global_size, global_scale, seeds[1], blur_prob=0.1, solarize_prob=0.2)])
+  if num_local:
+    locals_ = tf.stack([dino_view(image, local_size, local_scale, seeds[2 + i], blur_prob=0.5, solarize_prob=0.0)
+                        for i in range(num_local)])
+  else:
+    locals_ = tf.zeros([0, local_size, local_size, 3], tf.float32)
+  return globals_, locals_

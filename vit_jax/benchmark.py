@@ -6,12 +6,11 @@ Times the jitted step on synthetic data already on the devices (data-parallel ov
 warm-up, and prints a summary; the last line is one JSON object. `--end_to_end --config configs/X.py` times the real
 training loop instead (input pipeline, prefetch, trainer step) and reports how long each step waits for data.
 
-Module-level imports are only jax, flax, optax and numpy, so this runs on a box without TensorFlow (the end-to-end
-mode imports the trainer lazily).
+Module-level imports are only jax, flax, optax, numpy and absl (optax's own dependency), so this runs on a box
+without TensorFlow (the end-to-end mode imports the trainer lazily).
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vit_jax import flops, models
@@ -198,24 +198,22 @@ def benchmark_end_to_end(config_path: str, *, steps: int = 20, warmup: int = 3) 
   """
   import functools  # pylint: disable=g-import-not-at-top
 
-  from vit_jax import config_schema, input_pipeline, optim, sharding, train  # pylint: disable=g-import-not-at-top
+  from vit_jax import config_schema, sharding, train  # pylint: disable=g-import-not-at-top
 
   config = _load_config(config_path)
   config_schema.validate_config(config)
-  mesh = sharding.create_mesh(config.mesh)
-  sharding.check_global_batch(config.batch_size, mesh)
-  info = input_pipeline.get_dataset_info(config.dataset)
-  model = train.build_model(config, info.num_classes)
-  tx, schedule = optim.create_optimizer(config.optimizer, config.total_steps)
-  state, state_shardings = train.create_train_state(model, tx, image_size=config.dataset.image_size,
-                                                    seed=config.seed, mesh=mesh)
-  step_fn = jax.jit(functools.partial(train.train_step, dropout_key=jax.random.key(0), schedule=schedule),
-                    in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
-  batches = sharding.prefetch_to_device(input_pipeline.create_train_iterator(
-      config.dataset, global_batch_size=config.batch_size, seed=config.seed), mesh)
+  run = train.setup_run(config)
+  state, model = run.state, run.model
+  constants = run.task.load_constants(config, run.mesh, run.rules)  # E.g. a distillation teacher.
+  step_fn = jax.jit(functools.partial(train.train_step, dropout_key=jax.random.key(0), schedule=run.schedule,
+                                      accum_steps=config.accum_steps, task=run.task),
+                    in_shardings=(run.state_shardings, sharding.batch_sharding(run.mesh),
+                                  jax.tree.map(lambda x: x.sharding, constants)),
+                    out_shardings=(run.state_shardings, sharding.replicated(run.mesh)), donate_argnums=0)
+  batches = sharding.prefetch_to_device(
+      run.task.train_iterator(config, global_batch_size=config.batch_size, seed=config.seed), run.mesh)
   for _ in range(warmup):
-    state, step_metrics = step_fn(state, next(batches))
+    state, step_metrics = step_fn(state, next(batches), constants)
   jax.block_until_ready((state, step_metrics))
   wait = 0.0
   start = time.perf_counter()
@@ -223,7 +221,7 @@ def benchmark_end_to_end(config_path: str, *, steps: int = 20, warmup: int = 3) 
     t = time.perf_counter()
     batch = next(batches)
     wait += time.perf_counter() - t
-    state, step_metrics = step_fn(state, batch)
+    state, step_metrics = step_fn(state, batch, constants)
   jax.block_until_ready((state, step_metrics))
   wall = time.perf_counter() - start
   size = config.dataset.image_size
@@ -237,28 +235,38 @@ def benchmark_end_to_end(config_path: str, *, steps: int = 20, warmup: int = 3) 
               mfu=None, dataset=config.dataset.name, steps=steps)
 
 
-def _parse(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog='python -m vit_jax.benchmark', description=__doc__.split('\n\n')[0])
-  parser.add_argument('--model', default='vit_b16', help='registered model name (vit_jax.models.list_models())')
-  parser.add_argument('--batch_size', type=int, default=32, help='global batch, split over all local devices')
-  parser.add_argument('--image_size', type=int, default=224)
-  parser.add_argument('--dtype', default='float32', choices=sorted(DTYPES), help='compute dtype (params stay f32)')
-  parser.add_argument('--mode', default='train', choices=('train', 'infer'))
-  parser.add_argument('--steps', type=int, default=10, help='timed steps (the median is reported)')
-  parser.add_argument('--warmup', type=int, default=2, help='untimed steps after compilation')
-  parser.add_argument('--num_classes', type=int, default=1000)
-  parser.add_argument('--attention_impl', default=None, choices=attention.IMPLEMENTATIONS,
-                      help="attention kernel (model option attention_impl); default: the model's ('einsum')")
-  parser.add_argument('--peak_tflops', type=float, default=None,
-                      help='peak dense TFLOP/s per device for MFU when the device is not in PEAK_TFLOPS')
-  parser.add_argument('--end_to_end', action='store_true',
-                      help='time the real training loop of --config (input pipeline included)')
-  parser.add_argument('--config', default='configs/default.py', help='config file for --end_to_end ([:ARG])')
-  args = parser.parse_args(argv)
-  for name in ('batch_size', 'image_size', 'steps'):
-    if getattr(args, name) <= 0:
-      parser.error(f'--{name} must be positive, got {getattr(args, name)}.')
-  return args
+# Flags live in their own FlagValues so that importing this module next to another tool (vit_jax.main defines
+# --config too) never clashes; `main(argv)` parses them.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('model', 'vit_b16', 'registered model name (vit_jax.models.list_models())', flag_values=FLAGS)
+flags.DEFINE_integer('batch_size', 32, 'global batch, split over all local devices', lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_integer('image_size', 224, 'input resolution', lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_enum('dtype', 'float32', sorted(DTYPES), 'compute dtype (params stay float32)', flag_values=FLAGS)
+flags.DEFINE_enum('mode', 'train', ('train', 'infer'), 'time the train step or inference', flag_values=FLAGS)
+flags.DEFINE_integer('steps', 10, 'timed steps (the median is reported)', lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer('warmup', 2, 'untimed steps after compilation', lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_integer('num_classes', 1000, 'classifier outputs', lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_enum('attention_impl', None, attention.IMPLEMENTATIONS,
+                  "attention kernel (model option attention_impl); default: the model's ('einsum')",
+                  flag_values=FLAGS)
+flags.DEFINE_float('peak_tflops', None, 'peak dense TFLOP/s per device for MFU when the device is not in PEAK_TFLOPS',
+                   flag_values=FLAGS)
+flags.DEFINE_bool('end_to_end', False, 'time the real training loop of --config (input pipeline included)',
+                  flag_values=FLAGS)
+flags.DEFINE_string('config', 'configs/default.py', 'config file for --end_to_end ([:ARG])', flag_values=FLAGS)
+
+
+def _parse(argv: Sequence[str]) -> flags.FlagValues:
+  """Parses command-line arguments (without the program name) into FLAGS; bad values exit naming the flag."""
+  FLAGS.unparse_flags()
+  try:
+    rest = FLAGS(['python -m vit_jax.benchmark', *argv])
+  except flags.Error as e:
+    sys.exit(f'python -m vit_jax.benchmark: {e}')
+  if len(rest) > 1:
+    sys.exit(f'python -m vit_jax.benchmark: unexpected arguments {rest[1:]}')
+  return FLAGS
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:

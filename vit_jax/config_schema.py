@@ -44,6 +44,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_posemb_interpolation = 'linear'  # 'linear' (official) | 'bilinear' | 'bicubic' (timm) | 'bicubic_torch'.
   c.ema_decay = 0.0               # EMA of the params (e.g. 0.9999), used for eval and checkpointed; 0 disables.
   c.label_smoothing = 0.0         # Targets (1 - s) * one_hot + s / num_classes (timm/DeiT convention).
+  # Evaluators on frozen features run during training (vit_jax/evaluators): named entries, e.g.
+  # c.evals.knn = dict(type='knn', every=100, k=20, temperature=0.07); each has a type ('knn' | 'linear_probe' |
+  # 'fewshot'), every (steps; 0: only after the last step), train_split / eval_split (default: the dataset's) and
+  # its own keys. Their scalars are logged as NAME/METRIC. Empty: none.
+  c.evals = ml_collections.ConfigDict()
+
+  # The training objective (vit_jax/tasks/): task.name picks it ('classification', 'mae', 'dino', ...); tasks with
+  # fields of their own add a section task.<name> with its defaults (Task.config_defaults).
+  c.task = _task_section()
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'vit_pico'
@@ -61,8 +70,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.train_split = 'train'
   c.dataset.eval_split = 'test'
   c.dataset.image_size = 224
-  c.dataset.train_crop = 'inception'  # 'inception' | 'pad_and_crop' | 'resize'
+  c.dataset.train_crop = 'inception'  # 'inception' | 'pad_and_crop' | 'resize' | 'multicrop' (DINO's views)
+  # train_crop='multicrop' (vit_jax/augment.py dino_multicrop): 2 global views of image_size px and local_crops
+  # local views of local_image_size px, random resized crops of these area ranges, with DINO's colour jitter, grey,
+  # blur and solarisation.
+  c.dataset.local_crops = 8
+  c.dataset.local_image_size = 96
+  c.dataset.global_crop_scale = (0.4, 1.0)
+  c.dataset.local_crop_scale = (0.05, 0.4)
   c.dataset.crop_padding = 4          # Pixels of padding for 'pad_and_crop'.
+  c.dataset.crop_min_area = 0.05      # 'inception': smallest crop, as a fraction of the image area (MAE: 0.2).
   c.dataset.flip = True
   c.dataset.eval_crop_fraction = 0.875  # Resize to image_size / fraction, then centre crop; 1.0: plain resize.
   c.dataset.shuffle_buffer = 10_000
@@ -72,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.random_erasing = 0.0      # Probability of timm/DeiT random erasing (one box, 2%..1/3 of the area).
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = 'adamw'        # 'adamw' | 'sgd'
+  c.optimizer.name = 'adamw'        # 'adamw' | 'sgd' | 'lars' (MAE linear probe)
   c.optimizer.lr = 1e-3             # Peak learning rate.
   c.optimizer.schedule = 'cosine'   # 'cosine' | 'linear' | 'constant' | 'rsqrt' (after warmup).
   # 'constant' and 'rsqrt' only: linear cooldown to 0 over the last cooldown_steps (Zhai et al. 2021); 0: none.
@@ -81,8 +98,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 100
   c.optimizer.end_lr_factor = 0.0   # Final lr = lr * end_lr_factor.
   c.optimizer.weight_decay = 0.0    # Decoupled; never applied to biases, norms, position embeddings, cls tokens.
+  # Set: weight decay follows a per-step cosine from weight_decay to this (DINO: 0.04 -> 0.4); None: constant.
+  c.optimizer.weight_decay_end = ml_collections.config_dict.placeholder(float)
   c.optimizer.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
-  c.optimizer.b1 = 0.9              # AdamW beta1, or SGD momentum.
+  c.optimizer.b1 = 0.9              # AdamW beta1, or SGD / LARS momentum.
   c.optimizer.b2 = 0.999            # AdamW beta2.
   c.optimizer.mu_dtype = ml_collections.config_dict.placeholder(str)  # First-moment (momentum) dtype, e.g.
                                     # 'bfloat16' to halve its memory; None: the parameters' float32.
@@ -123,10 +142,16 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _task_section() -> ml_collections.ConfigDict:
+  from vit_jax import tasks  # pylint: disable=g-import-not-at-top  (keeps this module free of jax at import)
+  return tasks.config_defaults()
+
+
 DTYPES = ('float32', 'bfloat16', 'float16')
 
-# Sub-configs whose keys are open: model.* are hyperparameter overrides that create_model checks by name.
-_OPEN_SECTIONS = ('model', 'distill.model')
+# Sub-configs whose keys are open: model.* are hyperparameter overrides that create_model checks by name; evals.* are
+# named evaluators that vit_jax.evaluators checks.
+_OPEN_SECTIONS = ('model', 'distill.model', 'evals')
 _INTERPOLATIONS = ('linear', 'bilinear', 'bicubic', 'bicubic_torch')
 _DISTILL_TYPES = ('none', 'soft', 'hard')
 
@@ -175,9 +200,25 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   if config.dataset.name == 'image_folder' and not config.dataset.folder:
     raise ValueError("config.dataset.name='image_folder' needs config.dataset.folder: the directory holding the "
                      'split folders (train/, val/, ...) of class folders.')
+  task = _task_class(config)
   if num_devices is not None:
     check_devices(config, num_devices)
+  task.check_config(config)  # Before the model is built: a task's error names the task's keys (e.g. mask_ratio).
   check_model_fits_images(config)
+  check_evals(config)
+
+
+def _task_class(config: ml_collections.ConfigDict) -> type:
+  """The task class config.task.name names (ValueError listing the known tasks otherwise)."""
+  from vit_jax import tasks  # pylint: disable=g-import-not-at-top
+  return tasks.get_task(tasks.task_name(config))
+
+
+def check_evals(config: ml_collections.ConfigDict) -> None:
+  """Every config.evals entry has a known type, known keys and usable values (vit_jax.evaluators checks them)."""
+  if config.get('evals'):
+    from vit_jax import evaluators  # pylint: disable=g-import-not-at-top  (keeps this module free of jax at import)
+    evaluators.validate_evals(config.evals)
 
 
 def check_devices(config: ml_collections.ConfigDict, num_devices: int, process_count: Optional[int] = None) -> None:
@@ -212,19 +253,19 @@ def check_model_fits_images(config: ml_collections.ConfigDict) -> None:
   """Builds the model through the registry and traces it on shapes only at dataset.image_size.
 
   The models check their own geometry (patch size, Swin windows and stages, ...); their error is re-raised naming
-  the config keys to change. Nothing is compiled and no memory is allocated.
+  the config keys to change. The task initialises the model (`Task.init_variables`, e.g. with MAE's masking).
+  Nothing is compiled and no memory is allocated.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from vit_jax import models  # pylint: disable=g-import-not-at-top
   overrides = {k: v for k, v in config.model.items() if k != 'name'}
   model = models.create_model(config.model.name, num_classes=2, **overrides)  # Names a bad model key itself.
   size = config.dataset.image_size
   if size < 1:
     raise ValueError(f'config.dataset.image_size={size} must be positive.')
-  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  init_variables = _task_class(config).init_variables
   try:
-    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+    jax.eval_shape(lambda: init_variables(model, jax.random.key(0), size))
   except ValueError as e:
     raise ValueError(f'config.model.name={config.model.name!r} cannot take config.dataset.image_size={size}: {e} '
                      'Fix: change config.dataset.image_size, or the model.* overrides named above.') from None
@@ -253,6 +294,3 @@ def _validate_recipe(config: ml_collections.ConfigDict) -> None:
   check(config.distill.type in _DISTILL_TYPES, 'distill.type', f'one of {_DISTILL_TYPES}')
   check(0.0 <= config.distill.alpha <= 1.0, 'distill.alpha', 'in [0, 1]')
   check(config.distill.temperature > 0, 'distill.temperature', '> 0')
-  if config.distill.type != 'none' and not (config.distill.model.get('name') and config.distill.init_from):
-    raise ValueError(f'config.distill.type={config.distill.type!r} needs a teacher: set config.distill.model.name '
-                     '(a registered model, plus its overrides) and config.distill.init_from (its checkpoint).')

@@ -30,11 +30,10 @@ def build_teacher(config: ml_collections.ConfigDict, num_classes: int) -> Option
   return models.create_model(spec.name, num_classes=num_classes, **overrides)
 
 
-def load_teacher_params(config: ml_collections.ConfigDict, teacher: nn.Module) -> Any:
-  """Host params of the teacher at the student's image size, head included."""
+def load_teacher_variables(config: ml_collections.ConfigDict, teacher: nn.Module) -> dict[str, Any]:
+  """Host variables ({'params'[, 'batch_stats']}) of the teacher at the student's image size, head included."""
   size = config.dataset.image_size
   abstract = jax.eval_shape(lambda: teacher.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
   logging.info('Loading distillation teacher %s from %s.', config.distill.model.name, config.distill.init_from)
-  return finetune.load_params(config.distill.init_from, abstract['params'], require_head=True,
-                              posemb_interpolation=config.init_posemb_interpolation,
-                              model=teacher)
+  return finetune.load_variables(config.distill.init_from, dict(abstract), require_head=True,
+                                 posemb_interpolation=config.init_posemb_interpolation, model=teacher)

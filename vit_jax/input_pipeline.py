@@ -36,7 +36,7 @@ try:  # tf is only an input pipeline here: keep it off the accelerators so it ne
 except RuntimeError:  # TF already initialised its devices (someone used TF first); nothing we can change now.
   logging.warning('TensorFlow devices were already initialised; could not hide GPUs from tf.data.')
 
-TRAIN_CROPS = ('inception', 'pad_and_crop', 'resize')
+TRAIN_CROPS = ('inception', 'pad_and_crop', 'resize', 'multicrop')
 _AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -192,11 +192,12 @@ def _resize(image: tf.Tensor, height: Any, width: Any) -> tf.Tensor:
   return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def _inception_crop(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
-  """Random crop of 5%..100% of the area with aspect ratio 3/4..4/3, resized to size x size (as in ViT/big_vision)."""
+def _inception_crop(image: tf.Tensor, size: int, seed: tf.Tensor, min_area: float = 0.05) -> tf.Tensor:
+  """Random crop of `min_area`..100% of the area (5%: ViT/big_vision; 20%: MAE pretraining) with aspect ratio
+  3/4..4/3, resized to size x size."""
   begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.shape(image), bounding_boxes=tf.zeros([0, 0, 4], tf.float32), seed=seed, min_object_covered=0.0,
-      aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.05, 1.0), use_image_if_no_bounding_boxes=True)
+      aspect_ratio_range=(3 / 4, 4 / 3), area_range=(min_area, 1.0), use_image_if_no_bounding_boxes=True)
   crop = tf.slice(image, begin, crop_size)
   crop.set_shape([None, None, 3])
   return _resize(crop, size, size)
@@ -237,10 +238,26 @@ def _check_image_config(dataset_config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.dataset.image_size must be positive, got {dataset_config.image_size}.')
   if dataset_config.train_crop not in TRAIN_CROPS:
     raise ValueError(f'config.dataset.train_crop must be one of {TRAIN_CROPS}, got {dataset_config.train_crop!r}.')
+  if not 0.0 < dataset_config.crop_min_area <= 1.0:
+    raise ValueError(f'config.dataset.crop_min_area must be in (0, 1], got {dataset_config.crop_min_area}.')
   if dataset_config.crop_padding < 0:
     raise ValueError(f'config.dataset.crop_padding must be >= 0, got {dataset_config.crop_padding}.')
   if not 0.0 < dataset_config.eval_crop_fraction <= 1.0:
     raise ValueError(f'config.dataset.eval_crop_fraction must be in (0, 1], got {dataset_config.eval_crop_fraction}.')
+  if dataset_config.train_crop == 'multicrop':
+    _check_multicrop_config(dataset_config)
+
+
+def _check_multicrop_config(dataset_config: ml_collections.ConfigDict) -> None:
+  """The DINO multi-crop fields: crop counts, sizes and area ranges."""
+  if dataset_config.local_crops < 0 or dataset_config.local_image_size < 1:
+    raise ValueError(f'config.dataset.local_crops={dataset_config.local_crops} must be >= 0 and '
+                     f'config.dataset.local_image_size={dataset_config.local_image_size} positive.')
+  for key in ('global_crop_scale', 'local_crop_scale'):
+    lo, hi = dataset_config[key]
+    if not 0.0 < lo <= hi <= 1.0:
+      raise ValueError(f'config.dataset.{key}={tuple(dataset_config[key])} must be an area range (lo, hi) with '
+                       '0 < lo <= hi <= 1, e.g. (0.4, 1.0) for global and (0.05, 0.4) for local crops.')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -290,7 +307,8 @@ def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_b
   """Endless, shuffled, augmented per-process training batches; deterministic given `seed` and the process.
 
   Yields {'image': float32 (b, image_size, image_size, 3) in [-1, 1], 'label': int32 (b,)} with
-  b = global_batch_size // process_count. Errors in the config are raised here, not at the first `next()`.
+  b = global_batch_size // process_count. With train_crop='multicrop' (DINO), 'image' holds the 2 global views
+  (b, 2, image_size, image_size, 3) and 'local_image' the local ones (b, local_crops, local_image_size, ..., 3). Errors in the config are raised here, not at the first `next()`.
   """
   _check_image_config(dataset_config)
   builder, subsplit, process_index, _, local_batch = _process_split(
@@ -314,8 +332,15 @@ def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_b
     rng = tf.random.experimental.stateless_fold_in(tf.constant(aug_seed), index)
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(rng, 2))
     image = _to_rgb(example['image'])
+    if train_crop == 'multicrop':  # DINO: 2 global and `local_crops` local views (augment.dino_multicrop).
+      views, local_views = augment.dino_multicrop(
+          tf.cast(image, tf.float32), crop_seed, global_size=size, local_size=dataset_config.local_image_size,
+          num_local=dataset_config.local_crops, global_scale=tuple(dataset_config.global_crop_scale),
+          local_scale=tuple(dataset_config.local_crop_scale))
+      return {'image': _normalize(views), 'local_image': _normalize(local_views),
+              'label': tf.cast(example['label'], tf.int32)}
     if train_crop == 'inception':
-      image = _inception_crop(image, size, crop_seed)
+      image = _inception_crop(image, size, crop_seed, dataset_config.crop_min_area)
     elif train_crop == 'pad_and_crop':
       image = _pad_and_crop(image, size, padding, crop_seed)
     else:

@@ -40,12 +40,11 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imports after flag parsing keep `--help` fast and TF out of the way until needed.
   import jax  # pylint: disable=g-import-not-at-top
-  from vit_jax import config_schema, train  # pylint: disable=g-import-not-at-top
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
 
   if _MULTIHOST.value or _COORDINATOR.value:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  config = _CONFIG.value
-  config_schema.validate_config(config, num_devices=jax.device_count())  # Every config error before any compile.
+  config = _CONFIG.value  # train_and_evaluate validates it, once, before anything is built or compiled.
   logging.info('JAX process %d/%d, %d local / %d global devices (%s).', jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
   result = train.train_and_evaluate(config, _WORKDIR.value)

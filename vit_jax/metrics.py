@@ -55,6 +55,21 @@ class TrainMetrics(metrics.Collection):
 
 
 @flax.struct.dataclass
+class LossTrainMetrics(metrics.Collection):
+  """TrainMetrics without accuracy, for tasks that have no labels to score (self-supervised pretraining)."""
+  loss: FiniteAverage.from_output('loss')
+  grad_norm: FiniteAverage.from_output('grad_norm')
+  learning_rate: metrics.LastValue.from_output('learning_rate')
+  nonfinite_updates: Sum.from_output('nonfinite_updates')
+
+
+@flax.struct.dataclass
+class LossEvalMetrics(metrics.Collection):
+  """EvalMetrics without accuracy: the mean loss over the real (unpadded) examples, for tasks without labels."""
+  loss: metrics.Average.from_output('loss')
+
+
+@flax.struct.dataclass
 class EvalMetrics(metrics.Collection):
   loss: metrics.Average.from_output('loss')
   accuracy: metrics.Average.from_output('accuracy')

@@ -12,7 +12,8 @@ from vit_jax import param_groups
 
 _SCHEDULES = ('cosine', 'linear', 'constant', 'rsqrt')
 _COOLDOWN_SCHEDULES = ('constant', 'rsqrt')  # Schedules that take optimizer.cooldown_steps.
-_OPTIMIZERS = ('adamw', 'sgd')
+_OPTIMIZERS = ('adamw', 'sgd', 'lars')
+LARS_TRUST_COEFFICIENT = 0.001  # MAE's util/lars.py (You et al. 2017).
 
 
 def warmup_rsqrt_cooldown_schedule(lr: float, *, total_steps: int, warmup_steps: int, cooldown_steps: int,
@@ -41,6 +42,37 @@ def warmup_rsqrt_cooldown_schedule(lr: float, *, total_steps: int, warmup_steps:
       factor = factor * jnp.clip((total_steps - step) / cooldown_steps, 0.0, 1.0)
     return lr * factor
   return schedule
+
+
+def cosine_schedule(step: Any, *, base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> jax.Array:
+  """DINO's `utils.cosine_scheduler(base, final, ...)[step]`, as a function of a (traced) step.
+
+  Warm-up: np.linspace(warmup_start, base, warmup_steps) (reaches `base` at step warmup_steps - 1); then
+  final + (base - final) / 2 * (1 + cos(pi * i / n)) for i = step - warmup_steps of n = total_steps -
+  warmup_steps (so `final` itself is never reached). Steps past the end keep the last value.
+  """
+  if not 0 <= warmup_steps < total_steps:
+    raise ValueError(f'warmup_steps={warmup_steps} must lie in [0, total_steps={total_steps}).')
+  step = jnp.minimum(jnp.asarray(step, jnp.float32), total_steps - 1)
+  n = total_steps - warmup_steps
+  cosine = final + 0.5 * (base - final) * (1 + jnp.cos(jnp.pi * (step - warmup_steps) / n))
+  if warmup_steps == 0:
+    return cosine
+  ramp = warmup_start + (base - warmup_start) * step / max(warmup_steps - 1, 1)
+  return jnp.where(step < warmup_steps, ramp, cosine)
+
+
+def create_weight_decay(opt_config: ml_collections.ConfigDict, total_steps: int) -> Any:
+  """`weight_decay`, or with `weight_decay_end` set a per-step cosine from one to the other (DINO 0.04 -> 0.4)."""
+  end = opt_config.weight_decay_end
+  if end is None:
+    return opt_config.weight_decay
+  if end < 0 or opt_config.weight_decay < 0:
+    raise ValueError(f'config.optimizer.weight_decay={opt_config.weight_decay} and weight_decay_end={end} must be '
+                     '>= 0.')
+  base = opt_config.weight_decay
+  return lambda count: cosine_schedule(count, base=base, final=end, total_steps=total_steps)
 
 
 def create_learning_rate_schedule(opt_config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -95,8 +127,8 @@ def create_optimizer(opt_config: ml_collections.ConfigDict, total_steps: int, *,
   if not 0.0 < opt_config.layer_decay <= 1.0:
     raise ValueError(f'config.optimizer.layer_decay={opt_config.layer_decay} must be in (0, 1] (1 disables).')
   decay = []
-  if opt_config.weight_decay:
-    decay = [param_groups.add_decayed_weights(opt_config.weight_decay,
+  if opt_config.weight_decay or opt_config.weight_decay_end:
+    decay = [param_groups.add_decayed_weights(create_weight_decay(opt_config, total_steps),
                                               lambda t: param_groups.wd_multipliers(t, wd_rules))]
   if opt_config.name == 'adamw':  # optax.adamw, with per-parameter decay multipliers.
     core = optax.chain(optax.scale_by_adam(b1=opt_config.b1, b2=opt_config.b2, mu_dtype=opt_config.mu_dtype),
@@ -104,6 +136,11 @@ def create_optimizer(opt_config: ml_collections.ConfigDict, total_steps: int, *,
   elif opt_config.name == 'sgd':
     core = optax.chain(*decay, optax.sgd(schedule, momentum=opt_config.b1 or None,
                                          accumulator_dtype=opt_config.mu_dtype))
+  elif opt_config.name == 'lars':  # MAE's linear probe (util/lars.py): trust ratio on >= 2-D params, then momentum.
+    trust = optax.masked(optax.scale_by_trust_ratio(trust_coefficient=LARS_TRUST_COEFFICIENT),
+                         lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
+    core = optax.chain(*decay, trust, optax.trace(decay=opt_config.b1, accumulator_dtype=opt_config.mu_dtype),
+                       optax.scale_by_learning_rate(schedule))
   else:
     raise ValueError(f'Unknown optimizer.name {opt_config.name!r}; choose one of {_OPTIMIZERS}.')
   parts = [core]

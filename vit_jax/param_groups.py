@@ -14,10 +14,11 @@ from __future__ import annotations
 import bisect
 import math
 import re
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 from flax.core import meta
 import jax
+import jax.numpy as jnp
 import optax
 
 from vit_jax.models import facts
@@ -203,17 +204,27 @@ def scale_by_multipliers(multipliers_fn: Callable[[Any], Any]) -> optax.Gradient
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def add_decayed_weights(weight_decay: float, multipliers_fn: Callable[[Any], Any]) -> optax.GradientTransformation:
-  """updates + weight_decay * multiplier * params, per parameter (optax.add_decayed_weights with real multipliers)."""
+def add_decayed_weights(weight_decay: Union[float, optax.Schedule],
+                        multipliers_fn: Callable[[Any], Any]) -> optax.GradientTransformation:
+  """updates + weight_decay * multiplier * params, per parameter (optax.add_decayed_weights with real multipliers).
+
+  `weight_decay` may be a schedule of the update count (e.g. DINO's cosine 0.04 -> 0.4); its state then counts
+  updates (a float keeps the empty state, so existing checkpoints restore unchanged).
+  """
+  scheduled = callable(weight_decay)
+
   def init_fn(params):
     del params
-    return optax.EmptyState()
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)) if scheduled else optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError('add_decayed_weights needs the params.')
     mults = multipliers_fn(updates)
-    out = jax.tree.map(lambda u, p, m: u if _is_masked(u) or m == 0.0 else u + (weight_decay * m) * p.astype(u.dtype),
+    wd = weight_decay(state.count) if scheduled else weight_decay
+    out = jax.tree.map(lambda u, p, m: u if _is_masked(u) or m == 0.0 else u + (wd * m) * p.astype(u.dtype),
                        updates, params, mults, is_leaf=_is_masked)
+    if scheduled:
+      state = optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count))
     return out, state
   return optax.GradientTransformation(init_fn, update_fn)

@@ -1,7 +1,9 @@
-"""The training loop: build mesh, model, optimizer and state; train with periodic eval and checkpoints.
+"""The training loop: build mesh, model, task, optimizer and state; train with periodic eval and checkpoints.
 
-The trainer sees models only through the registry, data only through `input_pipeline`, and devices only through
-`sharding`, so each piece can change without touching this file.
+One loop serves every objective: the task (`vit_jax/tasks/`, `config.task.name`) turns batches into a loss and
+metrics, adds its own state (`TrainState.extra`) and updates it after each optimizer step; the loop owns the rest.
+The trainer sees models only through the registry, data only through the task's iterators (the input pipeline),
+and devices only through `sharding`, so each piece can change without touching this file.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import dataclasses
 import functools
 import json
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import flax.linen as nn
 import jax
@@ -22,16 +24,30 @@ from clu import periodic_actions
 from etils import epath
 from flax.training import train_state
 
-from vit_jax import (checkpoint, config_schema, distill, ema, finetune, guards, input_pipeline, metrics, models,
-                     objective, optim, preemption, sharding)
+from vit_jax import (checkpoint, config_schema, ema, finetune, guards, input_pipeline, metrics, models, preemption,
+                     sharding, tasks)
+from vit_jax.tasks import base as task_base
+from vit_jax.tasks import classification
 
 FINAL_METRICS_FILENAME = 'final_metrics.json'
 
 
+# The task of callers that name none (tests, tools): plain cross-entropy on the labels.
+DEFAULT_TASK = classification.Classification()
+_PREPARE_SALT = 0x6D6978  # fold_in salt of the randomness of `Task.prepare_batch` (e.g. mixup/cutmix).
+
+
 class TrainState(train_state.TrainState):
-  """Step, params, optimizer state and the params' EMA (None unless config.ema_decay); apply_fn and tx are static,
-  so they are not checkpointed."""
+  """Step, params, optimizer state, the model's BatchNorm statistics, the EMA and the task's additions.
+
+  `batch_stats`: the model's `batch_stats` collection (None for models without BatchNorm); `ema_params` /
+  `ema_batch_stats`: their EMA (None unless config.ema_decay); `extra`: what the task adds (`Task.init_extra`, e.g.
+  DINO's teacher and centre; None for most). apply_fn and tx are static, so they are not checkpointed.
+  """
   ema_params: Any = None
+  batch_stats: Any = None
+  ema_batch_stats: Any = None
+  extra: Any = None
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
@@ -55,24 +71,39 @@ def count_params(params: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
+def _split_variables(variables: dict[str, Any]) -> tuple[Any, Any]:
+  """(params, batch_stats or None) of a model's variables; other mutable collections are not supported."""
+  variables = dict(variables)
+  params, batch_stats = variables.pop('params'), variables.pop('batch_stats', None)
+  if variables:
+    raise ValueError(f'The model has variable collections {sorted(variables)} besides params and batch_stats; '
+                     'the trainer keeps only those two. Make them params or batch_stats.')
+  return params, batch_stats
+
+
 def _boxed_init(model: nn.Module, tx: optax.GradientTransformation, image_size: int,
-                rules: sharding.Rules, keep_ema: bool = False) -> Any:
-  """key -> TrainState whose parameters and optimizer moments are boxed with logical axis names."""
-  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+                rules: sharding.Rules, keep_ema: bool = False, task: Optional[task_base.Task] = None) -> Any:
+  """key -> TrainState whose parameters, optimizer moments and param-derived task state are boxed with logical
+  axis names."""
+  task = task or DEFAULT_TASK
 
   def init(key: jax.Array) -> TrainState:
     with models.layers.logical_partitioning(), nn.logical_axis_rules(rules):
-      params = model.init({'params': key}, dummy, train=False)['params']
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, ema_params=params if keep_ema else None)
+      variables = task.init_variables(model, key, image_size)
+      params, batch_stats = _split_variables(variables)
+      extra = task.init_extra(variables, jax.random.fold_in(key, 1))
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats, extra=extra,
+                             ema_params=params if keep_ema else None,
+                             ema_batch_stats=batch_stats if keep_ema else None)
   return init
 
 
 def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, *, image_size: int,
                          mesh: jax.sharding.Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES,
-                         keep_ema: bool = False) -> tuple[TrainState, Any]:
+                         keep_ema: bool = False, task: Optional[task_base.Task] = None) -> tuple[TrainState, Any]:
   """The state's shapes, dtypes and shardings (jax.ShapeDtypeStruct leaves) without allocating it, and the
   shardings; e.g. to restore a checkpoint onto this mesh or to compile a step ahead of time."""
-  boxed = jax.eval_shape(_boxed_init(model, tx, image_size, rules, keep_ema), jax.random.key(0))
+  boxed = jax.eval_shape(_boxed_init(model, tx, image_size, rules, keep_ema, task), jax.random.key(0))
   shardings = sharding.state_sharding(mesh, boxed, rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.meta.unbox(boxed), shardings)
@@ -81,15 +112,17 @@ def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, *, 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, *, image_size: int, seed: int,
                        mesh: jax.sharding.Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES,
-                       keep_ema: bool = False) -> tuple[TrainState, Any]:
+                       keep_ema: bool = False, task: Optional[task_base.Task] = None) -> tuple[TrainState, Any]:
   """Initialises the state directly into its shardings; also returns those shardings.
 
   Under the logical-axis `rules` the model's parameters come back boxed with their logical names, optax carries the
   boxes into the optimizer moments, and `sharding.state_sharding` turns them into one NamedSharding per leaf; the
-  state itself is unboxed (plain arrays), so checkpoints and parameter trees keep their usual layout.
+  state itself is unboxed (plain arrays), so checkpoints and parameter trees keep their usual layout. `task`
+  (default: classification) builds the variables and its `extra` state.
   """
-  init = _boxed_init(model, tx, image_size, rules, keep_ema)
-  _, shardings = abstract_train_state(model, tx, image_size=image_size, mesh=mesh, rules=rules, keep_ema=keep_ema)
+  init = _boxed_init(model, tx, image_size, rules, keep_ema, task)
+  _, shardings = abstract_train_state(model, tx, image_size=image_size, mesh=mesh, rules=rules, keep_ema=keep_ema,
+                                      task=task)
   state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(jax.random.key(seed))
   return state, shardings
 
@@ -102,77 +135,95 @@ def _split_microbatches(x: jax.Array, accum_steps: int) -> jax.Array:
 
 
 def _merge_microbatches(x: jax.Array) -> jax.Array:
-  """Inverse of `_split_microbatches`: per-example outputs back in the batch's order."""
+  """Inverse of `_split_microbatches`: per-example outputs back in the batch's order; a scalar output (one per
+  micro-batch) becomes its mean."""
+  if x.ndim == 1:
+    return x.mean()
   return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
 
 
 def compute_gradients(loss_fn: Any, params: Any, batch: dict[str, jax.Array], rng: jax.Array,
-                      accum_steps: int = 1) -> tuple[Any, dict[str, jax.Array]]:
-  """Gradient of the batch-mean loss and per-example outputs, accumulating over `accum_steps` micro-batches.
+                      accum_steps: int = 1, model_state: Optional[dict[str, Any]] = None
+                      ) -> tuple[Any, dict[str, jax.Array], dict[str, Any]]:
+  """Gradient of the batch-mean loss, the outputs and the updated model state, over `accum_steps` micro-batches.
 
-  `loss_fn(params, batch, rng) -> (mean loss, {name: per-example array})`. With equal micro-batches the mean of their
-  mean-loss gradients is the whole batch's gradient, so accumulation changes memory, not the update. Micro-batch i
-  draws its randomness from fold_in(rng, i); accum_steps=1 uses `rng` itself.
+  `loss_fn(params, batch, rng, model_state) -> (mean loss, ({name: per-example array or scalar}, model_state))`.
+  With equal micro-batches the mean of their mean-loss gradients is the whole batch's gradient, so accumulation
+  changes memory, not the update. Micro-batch i draws its randomness from fold_in(rng, i) (accum_steps=1 uses `rng`
+  itself) and sees the model state (BatchNorm running statistics) left by micro-batch i - 1, as a sequential
+  framework's accumulation would.
   """
   grad_fn = jax.grad(loss_fn, has_aux=True)
+  model_state = {} if model_state is None else model_state
   if accum_steps == 1:
-    return grad_fn(params, batch, rng)
+    grads, (outputs, model_state) = grad_fn(params, batch, rng, model_state)
+    return grads, outputs, model_state
   micro = jax.tree.map(lambda x: _split_microbatches(x, accum_steps), batch)
 
-  def body(total, xs):
+  def body(carry, xs):
+    total, state = carry
     index, micro_batch = xs
-    grads, outputs = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
-    return jax.tree.map(jnp.add, total, grads), outputs
+    grads, (outputs, state) = grad_fn(params, micro_batch, jax.random.fold_in(rng, index), state)
+    return (jax.tree.map(jnp.add, total, grads), state), outputs
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  total, outputs = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+  (total, model_state), outputs = jax.lax.scan(body, (zeros, model_state), (jnp.arange(accum_steps), micro))
   grads = jax.tree.map(lambda g, p: (g / accum_steps).astype(p.dtype), total, params)
-  return grads, jax.tree.map(_merge_microbatches, outputs)
+  return grads, jax.tree.map(_merge_microbatches, outputs), model_state
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: Any = None, *,
+def _update_ema(state: TrainState, decay: float) -> TrainState:
+  """The EMA of params and batch_stats after an update (see vit_jax/ema.py)."""
+  state = state.replace(ema_params=ema.update(state.ema_params, state.params, decay))
+  if state.ema_batch_stats is not None:
+    state = state.replace(ema_batch_stats=ema.update(state.ema_batch_stats, state.batch_stats, decay))
+  return state
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], constants: Any = None, *,
                dropout_key: jax.Array, schedule: optax.Schedule, accum_steps: int = 1,
-               task: objective.Objective = objective.Objective(),
-               ema_decay: float = 0.0, skip_nonfinite: bool = False) -> tuple[TrainState, metrics.TrainMetrics]:
-  """One optimizer update (over `accum_steps` micro-batches); dropout and mixup randomness depend only on
-  (seed, step). `task` turns the batch into targets (label smoothing, mixup/cutmix) and, for distillation, runs
-  the teacher (`teacher_params`) in inference mode on the whole batch before it is split into micro-batches.
+               task: Optional[task_base.Task] = None, ema_decay: float = 0.0,
+               skip_nonfinite: bool = False) -> tuple[TrainState, Any]:
+  """One optimizer update of `task`'s loss (over `accum_steps` micro-batches), then the task's `after_update`;
+  all randomness depends only on (seed, step). `constants` are the task's frozen inputs (`Task.load_constants`,
+  e.g. the distillation teacher); `task` defaults to plain classification.
 
   With `skip_nonfinite`, a step whose loss or gradient norm is nan/inf keeps the previous state (params, optimizer
-  state and EMA; only the step advances); either way the step is counted in `nonfinite_updates`.
+  state, batch_stats, EMA and the task's `extra`; only the step advances); either way the step is counted in
+  `nonfinite_updates`.
   """
+  task = task or DEFAULT_TASK
   step_key = jax.random.fold_in(dropout_key, state.step)
-  images, targets = task.prepare(batch, jax.random.fold_in(step_key, 0x6D6978))
-  work = {'image': images, 'label': batch['label'], 'target': targets}
-  teacher_logits = task.teacher_logits(teacher_params, images)
-  if teacher_logits is not None:
-    work['teacher'] = teacher_logits
+  ctx = task_base.StepContext(apply_fn=state.apply_fn, model_state=task_base.model_state_of(state),
+                              extra=state.extra, constants=constants, step=state.step)
+  work = task.prepare_batch(ctx, batch, jax.random.fold_in(step_key, _PREPARE_SALT))
 
-  def loss_fn(params, batch, rng):
-    out = state.apply_fn({'params': params}, batch['image'], train=True, rngs={'dropout': rng})
-    loss, logits = task.loss(out, batch['target'], batch.get('teacher'))
-    outputs = dict(metrics.classification_outputs(logits, batch['label']), loss=loss)
-    return loss.mean(), outputs
+  def loss_fn(params, micro_batch, rng, model_state):
+    loss, outputs, model_state = task.loss(ctx.replace(model_state=model_state), params, micro_batch, rng)
+    return loss, (outputs, model_state)
 
-  grads, outputs = compute_gradients(loss_fn, state.params, work, step_key, accum_steps)
+  grads, outputs, model_state = compute_gradients(loss_fn, state.params, work, step_key, accum_steps,
+                                                  ctx.model_state)
   new_state = state.apply_gradients(grads=grads)
+  if state.batch_stats is not None:
+    new_state = new_state.replace(batch_stats=model_state['batch_stats'])
+  new_state = task.after_update(new_state, work, outputs)
   if ema_decay:
-    new_state = new_state.replace(ema_params=ema.update(new_state.ema_params, new_state.params, ema_decay))
+    new_state = _update_ema(new_state, ema_decay)
   grad_norm = optax.global_norm(grads)
   finite = guards.is_finite(outputs['loss'], grad_norm)
   if skip_nonfinite:
     new_state = guards.keep_if_finite(finite, new_state, state)
-  step_metrics = metrics.TrainMetrics.single_from_model_output(
-      loss=outputs['loss'], accuracy=outputs['accuracy'], grad_norm=grad_norm,
-      learning_rate=schedule(state.step), nonfinite_updates=(~finite).astype(jnp.int32))
+  step_metrics = task.train_metrics.single_from_model_output(
+      **outputs, grad_norm=grad_norm, learning_rate=schedule(state.step),
+      nonfinite_updates=(~finite).astype(jnp.int32))
   return new_state, step_metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> metrics.EvalMetrics:
-  """Masked metrics of one eval batch; padding examples (mask 0) count for nothing."""
-  logits = state.apply_fn({'params': ema.eval_params(state)}, batch['image'], train=False)
-  outputs = metrics.classification_outputs(logits, batch['label'])
-  return metrics.EvalMetrics.single_from_model_output(mask=batch['mask'], **outputs)
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, task: Optional[task_base.Task] = None) -> Any:
+  """The task's metrics of one eval batch (default: classification); padding examples (mask 0) count for
+  nothing."""
+  return (task or DEFAULT_TASK).eval_step(state, batch)
 
 
 def evaluate(eval_fn, state: TrainState, batches: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh,
@@ -203,10 +254,85 @@ class LoopRecord:
             'nonfinite_updates': self.nonfinite_updates}
 
   @classmethod
-  def from_json(cls, data: dict[str, Any]) -> LoopRecord:
+  def from_json(cls, data: dict[str, Any], train_metrics: Any = metrics.TrainMetrics) -> LoopRecord:
+    """The record saved by `to_json`; `train_metrics` is the task's train-metrics collection class."""
     return cls(final=dict(data.get('final', {})),
-               train_metrics=metrics.collection_from_json(metrics.TrainMetrics.empty(), data.get('train_metrics')),
+               train_metrics=metrics.collection_from_json(train_metrics.empty(), data.get('train_metrics')),
                nonfinite_updates=int(data.get('nonfinite_updates', 0)))
+
+
+@dataclasses.dataclass
+class RunSetup:
+  """What a run builds before its first step; the same for training, the benchmark and the evaluators.
+
+  `state` is freshly initialised into `state_shardings` (or, from `setup_run(..., abstract=True)`, its
+  jax.ShapeDtypeStruct leaves, e.g. to restore a checkpoint without allocating the initial state).
+  """
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  rules: sharding.Rules
+  dataset_info: input_pipeline.DatasetInfo
+  model: nn.Module
+  task: task_base.Task
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state: TrainState
+  state_shardings: Any
+
+
+def setup_run(config: ml_collections.ConfigDict, *, devices: Optional[Any] = None,
+              abstract: bool = False) -> RunSetup:
+  """Mesh, logical-axis rules, dataset info, model, task, optimizer and the sharded train state of a validated
+  config (`config_schema.validate_config`; this does not validate again). `devices`: the mesh's devices (default
+  all)."""
+  mesh = sharding.create_mesh(config.mesh, devices=devices)
+  rules = sharding.logical_rules(config.sharding_rules)
+  sharding.check_global_batch(config.batch_size, mesh, config.accum_steps)
+  info = input_pipeline.get_dataset_info(config.dataset)
+  model = build_model(config, info.num_classes)
+  task = tasks.from_config(config, model, info)
+  tx, schedule = task.create_optimizer(config)
+  options = dict(image_size=config.dataset.image_size, mesh=mesh, rules=rules, keep_ema=bool(config.ema_decay),
+                 task=task)
+  if abstract:
+    state, shardings = abstract_train_state(model, tx, **options)
+  else:
+    state, shardings = create_train_state(model, tx, seed=config.seed, **options)
+  return RunSetup(config=config, mesh=mesh, rules=rules, dataset_info=info, model=model, task=task, tx=tx,
+                  schedule=schedule, state=state, state_shardings=shardings)
+
+
+def _init_from(config: ml_collections.ConfigDict, run: RunSetup, state: TrainState) -> TrainState:
+  """`state` with its params and BatchNorm statistics (and their EMA) replaced by those of config.init_from."""
+  logging.info('Initialising weights from %s.', config.init_from)
+  init = {'params': sharding.to_host(state.params)}
+  if state.batch_stats is not None:
+    init['batch_stats'] = sharding.to_host(state.batch_stats)
+  loaded = finetune.load_variables(config.init_from, init, reinit_head=config.init_reinit_head,
+                                   posemb_interpolation=config.init_posemb_interpolation, model=run.model)
+  params = jax.device_put(loaded['params'], run.state_shardings.params)
+  state = state.replace(params=params, ema_params=params if config.ema_decay else None)
+  if state.batch_stats is not None:
+    stats = jax.device_put(loaded['batch_stats'], run.state_shardings.batch_stats)
+    state = state.replace(batch_stats=stats, ema_batch_stats=stats if config.ema_decay else None)
+  return state
+
+
+def periodic_evaluators(config: ml_collections.ConfigDict,
+                        run: RunSetup) -> Optional[Callable[[int, TrainState], dict[str, float]]]:
+  """(step, state) -> {'<name>/<metric>': value} of the config.evals evaluators due after `step` (None when
+  config.evals is empty). They score the task's features (`Task.feature_fn`) of its eval variables."""
+  if not config.evals:
+    return None
+  from vit_jax import evaluators  # pylint: disable=g-import-not-at-top
+  feature_fn = run.task.feature_fn(run.model)
+
+  def run_due(step: int, state: TrainState) -> dict[str, float]:
+    return evaluators.run_periodic(config.evals, step=step, total_steps=config.total_steps, feature_fn=feature_fn,
+                                   variables=run.task.eval_variables(state), dataset_config=config.dataset,
+                                   batch_size=config.batch_size, mesh=run.mesh,
+                                   num_classes=run.dataset_info.num_classes)
+  return run_due
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -217,45 +343,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   config_schema.validate_config(config, num_devices=jax.device_count())  # Before anything is built or compiled.
   final_path = epath.Path(workdir) / FINAL_METRICS_FILENAME
-  mesh = sharding.create_mesh(config.mesh)
-  rules = sharding.logical_rules(config.sharding_rules)
-  sharding.check_global_batch(config.batch_size, mesh, config.accum_steps)
-  info = input_pipeline.get_dataset_info(config.dataset)
-  model = build_model(config, info.num_classes)
-  tx, schedule = optim.create_optimizer(config.optimizer, config.total_steps)
-  state, state_shardings = create_train_state(model, tx, image_size=config.dataset.image_size,
-                                              seed=config.seed, mesh=mesh, rules=rules,
-                                              keep_ema=bool(config.ema_decay))
-  teacher = distill.build_teacher(config, info.num_classes)
-  train_objective = objective.from_config(config, info.num_classes, teacher.apply if teacher else None)
-  logging.info('Model %s: %s parameters, %d classes; mesh %s; compute dtype %s.', config.model.name,
-               f'{count_params(state.params):,}', info.num_classes, dict(mesh.shape), config.dtype)
+  run = setup_run(config)
+  state, state_shardings, mesh, task, info = run.state, run.state_shardings, run.mesh, run.task, run.dataset_info
+  logging.info('Task %s; model %s: %s parameters, %d classes; mesh %s; compute dtype %s.', task.name,
+               config.model.name, f'{count_params(state.params):,}', info.num_classes, dict(mesh.shape),
+               config.dtype)
   # Only a config that builds its model and state may claim the workdir, so a typo never blocks the fixed rerun.
   resuming = checkpoint.claim_workdir(workdir, config)
 
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   # The iterator's position is part of every checkpoint, so a resumed run draws exactly the batches it would have.
-  train_iter = input_pipeline.create_train_iterator(config.dataset, global_batch_size=config.batch_size,
-                                                    seed=config.seed)
+  train_iter = task.train_iterator(config, global_batch_size=config.batch_size, seed=config.seed)
   start_step, loop = 0, LoopRecord()
   restored = ckpt.restore_latest_valid(state, data_iterator=train_iter)
   if restored is not None:
-    state, start_step, loop = restored.state, int(restored.state.step), LoopRecord.from_json(restored.loop)
+    state, start_step = restored.state, int(restored.state.step)
+    loop = LoopRecord.from_json(restored.loop, task.train_metrics)
     if not restored.data_restored:  # Position not restored (older checkpoint, other process count): no replay.
-      train_iter = input_pipeline.create_train_iterator(
-          config.dataset, global_batch_size=config.batch_size, seed=config.seed + 1_000_003 * start_step)
+      train_iter = task.train_iterator(config, global_batch_size=config.batch_size,
+                                       seed=config.seed + 1_000_003 * start_step)
     logging.info('Resumed from step %d of %d.', start_step, config.total_steps)
   else:
     if resuming:
       logging.info('Workdir %s has this config but no usable checkpoint; starting from step 0.', workdir)
     if config.init_from:
-      logging.info('Initialising weights from %s.', config.init_from)
-      params = finetune.load_params(config.init_from, sharding.to_host(state.params),
-                                    reinit_head=config.init_reinit_head,
-                                    posemb_interpolation=config.init_posemb_interpolation,
-                                    model=model)
-      params = jax.device_put(params, state_shardings.params)
-      state = state.replace(params=params, ema_params=params if config.ema_decay else None)
+      state = _init_from(config, run, state)
   if start_step >= config.total_steps and final_path.exists():
     logging.info('Run already complete at step %d; %s is unchanged.', start_step, final_path)
     ckpt.close()
@@ -267,34 +379,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_spec = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
   dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  teacher_params = None
-  if teacher is not None:
-    teacher_params = distill.load_teacher_params(config, teacher)
-    teacher_params = jax.device_put(teacher_params, sharding.state_sharding(mesh, teacher_params, rules))
+  constants = task.load_constants(config, mesh, run.rules)
+  constants_sharding = jax.tree.map(lambda x: x.sharding, constants)
   p_train_step = jax.jit(
       sharding.with_activation_sharding(
-          functools.partial(train_step, dropout_key=dropout_key, schedule=schedule, accum_steps=config.accum_steps,
-                            task=train_objective, ema_decay=config.ema_decay,
+          functools.partial(train_step, dropout_key=dropout_key, schedule=run.schedule,
+                            accum_steps=config.accum_steps, task=task, ema_decay=config.ema_decay,
                             skip_nonfinite=config.on_nonfinite == 'skip'),
-          mesh, rules),
-      in_shardings=(state_shardings, batch_spec, replicated), out_shardings=(state_shardings, replicated),
+          mesh, run.rules),
+      in_shardings=(state_shardings, batch_spec, constants_sharding), out_shardings=(state_shardings, replicated),
       donate_argnums=0)
-  p_eval_step = jax.jit(sharding.with_activation_sharding(eval_step, mesh, rules),
+  p_eval_step = jax.jit(sharding.with_activation_sharding(functools.partial(eval_step, task=task), mesh, run.rules),
                         in_shardings=(state_shardings, batch_spec), out_shardings=replicated)
 
+  has_eval = task.eval_metrics is not None
   run_eval = functools.partial(evaluate, p_eval_step, mesh=mesh, num_classes=info.num_classes)
-  new_eval_iter = functools.partial(input_pipeline.create_eval_iterator, config.dataset,
-                                    global_batch_size=config.batch_size)
+  new_eval_iter = functools.partial(task.eval_iterator, config, global_batch_size=config.batch_size)
+  run_evaluators = periodic_evaluators(config, run)
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
   monitor = guards.NonFiniteMonitor(config.on_nonfinite, workdir)
   last_saved = start_step if restored is not None else None
+
+  def record(step: int, scalars: dict[str, float]) -> None:
+    """Writes scalars to TensorBoard and keeps them for final_metrics.json."""
+    writer.write_scalars(step, scalars)
+    loop.final.update(scalars)
 
   start_time = time.time()
   try:
     with preemption.PreemptionWatcher(ckpt.reached_preemption) as preempted:
       for step in range(start_step + 1, config.total_steps + 1):
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
-          state, step_metrics = p_train_step(state, sharding.shard_batch(next(train_iter), mesh), teacher_params)
+          state, step_metrics = p_train_step(state, sharding.shard_batch(next(train_iter), mesh), constants)
         monitor.add(step, step_metrics.nonfinite_updates.total)
         loop.train_metrics = step_metrics if loop.train_metrics is None else loop.train_metrics.merge(step_metrics)
         report_progress(step, time.time())
@@ -302,15 +418,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if step % config.log_every == 0 or is_last:
           monitor.check(last_saved)
           scalars = metrics.to_scalars(loop.train_metrics, 'train', num_classes=info.num_classes)
-          writer.write_scalars(step, scalars)
-          loop.final.update(scalars)
+          record(step, scalars)
           loop.nonfinite_updates += int(scalars['train_nonfinite_updates'])
           loop.train_metrics = None
-        if (config.eval_every and step % config.eval_every == 0) or is_last:
+        if has_eval and ((config.eval_every and step % config.eval_every == 0) or is_last):
           monitor.check(last_saved)
-          scalars = run_eval(state, new_eval_iter())
-          writer.write_scalars(step, scalars)
-          loop.final.update(scalars)
+          record(step, run_eval(state, new_eval_iter()))
+        scalars = run_evaluators(step, state) if run_evaluators is not None else {}  # Only those due now.
+        if scalars:
+          monitor.check(last_saved)
+          record(step, scalars)
         stop = preempted(step) and not is_last
         if step % config.checkpoint_every == 0 or is_last or stop:
           monitor.check(last_saved)  # Never save a non-finite state (stop mode).
@@ -326,7 +443,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.close()
 
   final = loop.final
-  if start_step >= config.total_steps and 'eval_loss' not in final:  # Old checkpoint without its loop record.
+  if has_eval and start_step >= config.total_steps and 'eval_loss' not in final:  # Old checkpoint, no loop record.
     final.update(run_eval(state, new_eval_iter()))
   writer.flush()
   final.update(step=int(state.step), num_params=count_params(state.params), nonfinite_updates=loop.nonfinite_updates,

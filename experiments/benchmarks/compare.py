@@ -10,16 +10,15 @@ JSON object. timm needs torchvision; `--preimport MODULE` imports a module first
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
-import sys
 import time
 from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
+from absl import app, flags
 
 from vit_jax import benchmark, models
 
@@ -109,20 +108,22 @@ def compare(*, model_name: str, batch_size: int, image_size: int, rounds: int, s
   return result
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--model', default='vit_s16')
-  parser.add_argument('--batch_size', type=int, default=8)
-  parser.add_argument('--image_size', type=int, default=224)
-  parser.add_argument('--rounds', type=int, default=5, help='alternating rounds (ours then timm, per mode)')
-  parser.add_argument('--steps_per_round', type=int, default=2)
-  parser.add_argument('--num_classes', type=int, default=1000)
-  parser.add_argument('--preimport', action='append', default=[],
-                      help='module imported before timm (repeatable), e.g. a torchvision stub on sys.path')
-  args = parser.parse_args()
-  result = compare(model_name=args.model, batch_size=args.batch_size, image_size=args.image_size,
-                   rounds=args.rounds, steps_per_round=args.steps_per_round, num_classes=args.num_classes,
-                   preimport=tuple(args.preimport))
+_MODEL = flags.DEFINE_string('model', 'vit_s16', 'registered model name (with a timm_name)')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'images per step', lower_bound=1)
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'input resolution', lower_bound=1)
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'alternating rounds (ours then timm, per mode)', lower_bound=1)
+_STEPS_PER_ROUND = flags.DEFINE_integer('steps_per_round', 2, 'timed steps per round', lower_bound=1)
+_NUM_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'classifier outputs', lower_bound=0)
+_PREIMPORT = flags.DEFINE_multi_string('preimport', [], 'module imported before timm (repeatable), e.g. a '
+                                       'torchvision stub on sys.path')
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  result = compare(model_name=_MODEL.value, batch_size=_BATCH_SIZE.value, image_size=_IMAGE_SIZE.value,
+                   rounds=_ROUNDS.value, steps_per_round=_STEPS_PER_ROUND.value, num_classes=_NUM_CLASSES.value,
+                   preimport=tuple(_PREIMPORT.value))
   for mode in ('train', 'infer'):
     line = f'{mode}: ours {result[f"{mode}_img_per_s_ours"]} img/s ({result[f"{mode}_ms_ours"]} ms/step)'
     if f'{mode}_ratio' in result:
@@ -133,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  app.run(main)

@@ -2,9 +2,12 @@
 an uninterrupted run (params and optimizer state), with the same final_metrics.json (all fields except the
 wall-clock ones, train_seconds and resumed_from_step).
 
-  python experiments/reliability/kill9_resume.py [--kills 10] [--seed 0] [--out /tmp/vit_jax_kill9]
+  python experiments/reliability/kill9_resume.py [--task classification|dino|mae] [--kills 10] [--seed 0]
+      [--out /tmp/vit_jax_kill9]
 
-Runs the real CLI (`python -m vit_jax.main --config=configs/default.py`) on one CPU device with a shortened
+Runs the real CLI (`python -m vit_jax.main`, configs/default.py or, with --task dino, configs/dino_digits.py whose
+state adds the teacher and the centre, or with --task mae, configs/mae_digits.py whose masks come from seed and
+step) on one CPU device with a shortened
 schedule (--steps, a checkpoint every 20 steps so kills also land mid-save). Each attempt is killed at a random
 moment after it has trained past its resume point. Prints one JSON summary as its last line; exit status 1 if
 anything differs.
@@ -25,10 +28,14 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TIME_FIELDS = ('train_seconds', 'resumed_from_step')
+# The digits config of each task (every task resumes exactly: its own state is part of the checkpoint).
+TASK_CONFIGS = {'classification': 'configs/default.py', 'dino': 'configs/dino_digits.py',
+                'mae': 'configs/mae_digits.py'}
 
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--task', choices=sorted(TASK_CONFIGS), default='classification')
   parser.add_argument('--kills', type=int, default=10)
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--steps', type=int, default=600)
@@ -48,7 +55,8 @@ def main() -> int:
                  env=env, cwd=ROOT, check=True, capture_output=True)
 
   def cmd(workdir: pathlib.Path) -> list[str]:
-    return [sys.executable, '-m', 'vit_jax.main', f'--config={ROOT}/configs/default.py', f'--workdir={workdir}',
+    return [sys.executable, '-m', 'vit_jax.main', f'--config={ROOT}/{TASK_CONFIGS[args.task]}',
+            f'--workdir={workdir}',
             f'--config.dataset.data_dir={data_dir}', f'--config.total_steps={args.steps}',
             '--config.checkpoint_every=20', '--config.eval_every=200', '--config.log_every=50']
 
@@ -100,11 +108,12 @@ def main() -> int:
   quarantined = sorted(p.name for p in (run_dir / 'checkpoints_corrupt').iterdir()) \
       if (run_dir / 'checkpoints_corrupt').exists() else []
   summary = {
-      'kills': len(kills), 'steps': args.steps, 'leaves_compared': len(leaves_a),
+      'task': args.task, 'kills': len(kills), 'steps': args.steps, 'leaves_compared': len(leaves_a),
       'bitwise_equal_state': same_structure and not differing, 'differing_leaves': differing[:10],
       'final_metrics_equal': not metric_diffs, 'final_metrics_diffs': metric_diffs,
       'excluded_fields': list(TIME_FIELDS), 'quarantined': quarantined,
-      'eval_accuracy': fb.get('eval_accuracy'), 'resumed_from_step': fb.get('resumed_from_step'),
+      'eval_accuracy': fb.get('eval_accuracy'), 'eval_loss': fb.get('eval_loss'),
+      'resumed_from_step': fb.get('resumed_from_step'),
       'uninterrupted_s': round(ref_seconds, 1), 'killed_and_restarted_s': round(killed_seconds, 1),
   }
   print(json.dumps(summary))
