@@ -71,9 +71,9 @@ def test_head_matches_torch(ref):
   np.testing.assert_allclose(np.asarray(out), ref['head_y'], atol=1e-5)
 
 
-def test_multicrop_forward_and_local_crops():
-  """forward_crops groups the 16 px global and 8 px local crops; each equals the crop on its own."""
-  model = dino.DinoVisionTransformer(num_classes=0, **TINY)
+def test_multicrop_forward_groups_crops_by_size():
+  """forward_crops runs the 16 px global and 8 px local crops by size; each crop's rows equal it on its own."""
+  model = dino.DinoVisionTransformer(num_classes=0, **dict(TINY, num_layers=1))
   params = random_params(model, 16)
   assert params['Transformer']['posembed_input']['pos_embedding'].shape == (1, 17, 16)
   glob = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
@@ -82,12 +82,12 @@ def test_multicrop_forward_and_local_crops():
   @jax.jit
   def run(params):
     variables = {'params': params}
-    crops = [glob, glob[::-1], local, local[::-1]]
-    return (model.apply(variables, crops, method=model.forward_crops),
-            jnp.stack([model.apply(variables, c) for c in (glob, local[::-1])]))
-  together, alone = run(params)
-  assert together.shape == (4, 2, 32)
-  np.testing.assert_allclose(np.asarray(together[::3]), np.asarray(alone), atol=1e-5)
+    return (model.apply(variables, [glob, glob[::-1], local], method=model.forward_crops),
+            model.apply(variables, glob[::-1]), model.apply(variables, local))
+  together, alone_global, alone_local = run(params)
+  assert together.shape == (3, 2, 32)
+  np.testing.assert_allclose(np.asarray(together[1]), np.asarray(alone_global), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(together[2]), np.asarray(alone_local), atol=1e-5)
 
 
 def test_dino_model_rejects_non_token_classifier():
@@ -201,3 +201,32 @@ def test_weight_decay_follows_the_cosine_per_step():
     updates, state = tx.update(zeros, state, params)
     np.testing.assert_allclose(np.asarray(updates['kernel']), -want[step], rtol=1e-6)
     assert float(jnp.abs(updates['bias']).max()) == 0.0  # No decay on biases.
+
+
+# ------------------------------------------------------------------------------------- official checkpoints
+
+_OFFICIAL_TINY = dict(patch_size=4, hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32, out_dim=32,
+                      head_hidden_dim=24, head_bottleneck_dim=8)
+
+
+def test_official_layout_converts_and_matches_torch_on_global_and_local_crops(ref):
+  """The official MultiCropWrapper state dict (backbone.* + head.*) converts; a 16 px global and an 8 px local crop
+  (posemb interpolated as DINO) give torch's outputs."""
+  from vit_jax import convert
+  sd = convert.load_safetensors(FIXTURE.replace('.npz', '.safetensors'))
+  params = convert.timm_to_params('dino_vit_s16', sd, layout='dino', model_overrides=_OFFICIAL_TINY)
+  assert set(params['dino_head']['last_layer']) == {'kernel'}
+  model = registry.create_model('dino_vit_s16', num_classes=0, **_OFFICIAL_TINY)
+
+  @jax.jit
+  def run(params, glob, local):
+    return model.apply({'params': params}, glob), model.apply({'params': params}, local)
+  out_global, out_local = run(params, ref['model_global_in'], ref['model_local_in'])
+  np.testing.assert_allclose(np.asarray(out_global), ref['model_global_out'], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out_local), ref['model_local_out'], atol=1e-5)
+  sd['head.last_layer.weight_g'] = sd['head.last_layer.weight_g'] * 2
+  with pytest.raises(ValueError, match='norm_last_layer=False'):
+    convert.timm_to_params('dino_vit_s16', sd, layout='dino', model_overrides=_OFFICIAL_TINY)
+  free_g = convert.timm_to_params('dino_vit_s16', sd, layout='dino',
+                                  model_overrides=dict(_OFFICIAL_TINY, norm_last_layer=False))
+  np.testing.assert_array_equal(free_g['dino_head']['last_layer']['scale'], 2.0)

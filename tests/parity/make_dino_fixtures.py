@@ -1,4 +1,5 @@
-"""Writes tests/parity/fixtures/dino.npz from PyTorch: DINO's loss, head and position-table interpolation.
+"""Writes tests/parity/fixtures/dino.npz (+ dino.safetensors) from PyTorch: DINO's loss, head, position-table
+interpolation, and a tiny whole DINO model (ViT + head, the official state-dict layout) on a global and a local crop.
 
     python tests/parity/make_dino_fixtures.py
 
@@ -16,6 +17,9 @@ from torch import nn
 import torch.nn.functional as F
 
 OUT = os.path.join(os.path.dirname(__file__), 'fixtures', 'dino.npz')
+WEIGHTS = os.path.join(os.path.dirname(__file__), 'fixtures', 'dino.safetensors')
+# The tiny model of the whole-model fixture (our create_model overrides of dino_vit_s16 say the same).
+TINY = dict(patch=4, dim=16, depth=2, heads=2, mlp=32, image=16, local=8, hidden=24, bottleneck=8, out_dim=32)
 
 
 class DINOLoss(nn.Module):
@@ -72,6 +76,101 @@ def interpolate_pos_encoding(pos_embed, npatch_w, npatch_h):
   return torch.cat((pos_embed[:, :1], patch), dim=1)
 
 
+class Attention(nn.Module):
+  """vision_transformer.py's Attention (qkv_bias=True)."""
+
+  def __init__(self, dim, heads):
+    super().__init__()
+    self.heads, self.scale = heads, (dim // heads) ** -0.5
+    self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+  def forward(self, x):
+    b, n, c = x.shape
+    q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+    attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+    return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+  def __init__(self, dim, hidden):
+    super().__init__()
+    self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+  def forward(self, x):
+    return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+  def __init__(self, dim, heads, mlp):
+    super().__init__()
+    self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+    self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, mlp)
+
+  def forward(self, x):
+    x = x + self.attn(self.norm1(x))
+    return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+  def __init__(self, patch, dim):
+    super().__init__()
+    self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
+
+
+class VisionTransformer(nn.Module):
+  """vision_transformer.py's VisionTransformer (num_classes=0): class token after the final norm, any crop size."""
+
+  def __init__(self, patch, dim, depth, heads, mlp, image):
+    super().__init__()
+    self.patch = patch
+    self.patch_embed = PatchEmbed(patch, dim)
+    self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+    self.pos_embed = nn.Parameter(torch.randn(1, 1 + (image // patch) ** 2, dim) * 0.02)
+    self.blocks = nn.ModuleList([Block(dim, heads, mlp) for _ in range(depth)])
+    self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+  def forward(self, x):
+    _, _, w, h = x.shape
+    x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+    if x.shape[1] == self.pos_embed.shape[1] and w == h:
+      x = x + self.pos_embed
+    else:
+      x = x + interpolate_pos_encoding(self.pos_embed, w // self.patch, h // self.patch)
+    for blk in self.blocks:
+      x = blk(x)
+    return self.norm(x)[:, 0]
+
+
+class MultiCropWrapper(nn.Module):
+  """utils.MultiCropWrapper for one crop size at a time: head(backbone(x)); state-dict keys backbone.* / head.*."""
+
+  def __init__(self, backbone, head):
+    super().__init__()
+    self.backbone, self.head = backbone, head
+
+  def forward(self, x):
+    return self.head(self.backbone(x))
+
+
+def whole_model(out):
+  """A tiny DINO ViT + head in the official layout, its weights (safetensors) and outputs on 16 and 8 px crops."""
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  t = TINY
+  model = MultiCropWrapper(VisionTransformer(t['patch'], t['dim'], t['depth'], t['heads'], t['mlp'], t['image']),
+                           DINOHead(t['dim'], t['out_dim'], hidden_dim=t['hidden'], bottleneck_dim=t['bottleneck']))
+  with torch.no_grad():
+    for p in model.parameters():  # Non-degenerate weights everywhere (zero biases would hide a transposition).
+      if p.requires_grad:
+        p.add_(torch.randn_like(p) * 0.1)
+  model.eval()
+  glob, local = torch.randn(2, 3, t['image'], t['image']), torch.randn(2, 3, t['local'], t['local'])
+  with torch.no_grad():
+    out['model_global_in'], out['model_local_in'] = glob.permute(0, 2, 3, 1).numpy(), local.permute(0, 2, 3, 1).numpy()
+    out['model_global_out'], out['model_local_out'] = model(glob).numpy(), model(local).numpy()
+  save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, WEIGHTS)
+
+
 def main():
   torch.manual_seed(0)
   out = {}
@@ -107,6 +206,7 @@ def main():
   grid = torch.randn(1, 3, 14, 14)
   out['grid_in'] = grid.numpy()
   out['grid_4x7'] = F.interpolate(grid, scale_factor=(4.1 / 14, 7.1 / 14), mode='bicubic').numpy()
+  whole_model(out)
   np.savez(OUT, **{key: np.asarray(v, np.float32) for key, v in out.items()})
   print('wrote', OUT, sorted(out))
 

@@ -80,6 +80,9 @@ _HYBRID_OURS = dict(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=64, class
                     resnet_width=0.5, resnet_norm_style='timm')
 _PVT = dict(depths=(1, 1, 1, 1), embed_dims=(8, 16, 16, 24), num_heads=(1, 2, 2, 3))
 _MVIT = dict(depths=(1, 2, 1, 1), embed_dim=(8, 16, 24, 32), num_heads=(1, 2, 3, 4))
+_CONVNEXT = dict(depths=(1, 2, 1, 1), dims=(8, 16, 16, 24))
+_CAIT = dict(embed_dim=32, depth=2, num_heads=4)
+_BEIT = dict(embed_dim=32, depth=2, num_heads=4)
 # family: (timm module, timm class, timm kwargs, vit_jax model, vit_jax overrides, image size)
 # 32 px Swin: stage resolutions 8, 4, 2 with window 4 -> shifted windows in stage 0, a whole-map window in stage 1
 # and a clamped window (timm's 3x3 v1 table, placed at the centre of our 7x7 one) in stage 2.
@@ -116,6 +119,16 @@ CONFIGS = {
                   'pvt_v2_b2_li', dict(drop_path_rate=0.0, **_PVT), 64),
     'mvitv2': ('timm.models.mvitv2', 'MultiScaleVit', dict(cfg=_MVIT),
                'mvitv2_t', dict(drop_path_rate=0.0, img_size=64, **_MVIT), 64),
+    # ConvNeXt at 32 px: stage maps 8, 4, 2, 1 (every downsampling step; 7x7 depthwise convs padded past the map).
+    'convnext': ('timm.models.convnext', 'ConvNeXt', _CONVNEXT,
+                 'convnext_t', dict(drop_path_rate=0.0, **_CONVNEXT), 32),
+    # CaiT: talking-heads self-attention blocks, then two class-attention blocks; layer scale perturbed.
+    'cait': ('timm.models.cait', 'Cait', dict(patch_size=4, init_values=1e-5, **_CAIT),
+             'cait_xxs24', dict(patch_size=4, **_CAIT), 32),
+    # BEiT: per-block relative position bias on the 8x8 grid (+3 class rows), q/v biases, layer scale, fc_norm.
+    'beit': ('timm.models.beit', 'Beit', dict(patch_size=4, use_abs_pos_emb=False, use_rel_pos_bias=True,
+                                              init_values=0.1, **_BEIT),
+             'beit_b16', dict(patch_size=4, **_BEIT), 32),
 }
 
 
@@ -167,7 +180,7 @@ def make(family: str, seed: int = 0) -> None:
   module, cls_name, tkw, model, overrides, size = CONFIGS[family]
   torch.manual_seed(seed)
   kwargs = dict(num_classes=NUM_CLASSES, drop_path_rate=0.0, **tkw)
-  if not family.startswith('pvt'):  # timm's PVTv2 takes any input size and has no img_size.
+  if not family.startswith(('pvt', 'convnext')):  # timm's PVTv2 and ConvNeXt take any size, have no img_size.
     kwargs['img_size'] = size
   tmodel = _timm_model(module, cls_name, kwargs).eval()
   _randomize(tmodel, seed)

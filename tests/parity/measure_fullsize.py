@@ -2,8 +2,9 @@
 
     PYTHONPATH=. python tests/parity/measure_fullsize.py [our_model_name ...]
 
-Builds the timm model, randomises its weights as make_fixtures.py does, converts them with
-`vit_jax.convert.timm_to_params`, and prints the max |logit diff| on one random 224 px image (float32 both sides).
+Builds the timm model (transformers' for CvT, converted from the 'hf' layout), randomises its weights as
+make_fixtures.py does and its BatchNorm running statistics, converts them with `vit_jax.convert.timm_to_params`,
+and prints the max |logit diff| on one random 224 px image (float32 both sides).
 With --f64 it also prints how far timm's float32 logits and ours are from timm in float64 (random, untrained weights
 amplify rounding, so this floor can exceed 1e-4 at full size).
 """
@@ -31,7 +32,39 @@ CASES = [  # timm name, our name, create_model overrides for timm's numerics
     ('pvt_v2_b0', 'pvt_v2_b0', {}),
     ('pvt_v2_b2_li', 'pvt_v2_b2_li', {}),
     ('mvitv2_tiny', 'mvitv2_t', {}),
+    ('xcit_tiny_12_p16_224', 'xcit_t12_p16', {}),
+    ('xcit_small_12_p8_224', 'xcit_s12_p8', {}),
+    ('xcit_medium_24_p16_224', 'xcit_m24_p16', {}),
+    ('convnext_tiny', 'convnext_t', {}),
+    ('cait_xxs24_224', 'cait_xxs24', {}),
+    ('beit_base_patch16_224', 'beit_b16', {}),
 ]
+# Families whose reference is not timm: (reference, our name, the builder of the randomised reference model, layout).
+OTHER_CASES = [
+    ('transformers CvtForImageClassification (microsoft/cvt-13)', 'cvt_13', '_hf_cvt', 'hf'),
+    ('transformers CvtForImageClassification (microsoft/cvt-21)', 'cvt_21', '_hf_cvt', 'hf'),
+]
+
+
+def _hf_cvt(name: str):
+  """transformers' CvT with the configuration of registry model `name` (1000 classes)."""
+  from transformers import CvtConfig, CvtForImageClassification  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import get_model_spec  # pylint: disable=g-import-not-at-top
+  kw = get_model_spec(name).kwargs
+  return CvtForImageClassification(CvtConfig(
+      num_labels=1000, embed_dim=list(kw['embed_dims']), depth=list(kw['depths']), num_heads=list(kw['num_heads'])))
+
+
+def _randomize_with_stats(model, seed: int) -> None:
+  """make_fixtures' randomisation plus random BatchNorm running statistics (so converted batch_stats matter)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  make_fixtures._randomize(model, seed)  # pylint: disable=protected-access
+  g = torch.Generator().manual_seed(seed + 1)
+  for key, buf in model.named_buffers():
+    if key.endswith('running_mean'):
+      buf.copy_(0.2 * torch.randn(buf.shape, generator=g))
+    elif key.endswith('running_var'):
+      buf.copy_(0.5 + torch.rand(buf.shape, generator=g))
 
 
 def main(argv: list[str]) -> None:
@@ -44,25 +77,35 @@ def main(argv: list[str]) -> None:
   torch.set_grad_enabled(False)
   f64 = '--f64' in argv
   names = [a for a in argv if not a.startswith('--')]
-  for tname, name, overrides in CASES:
+  cases = [(tname, name, overrides, lambda t=tname: timm.create_model(t, pretrained=False, num_classes=1000),
+            'timm') for tname, name, overrides in CASES]
+  cases += [(ref, name, {}, lambda n=name, b=builder: globals()[b](n), layout)
+            for ref, name, builder, layout in OTHER_CASES]
+  for tname, name, overrides, build, layout in cases:
     if names and name not in names:
       continue
     t0 = time.time()
     size = get_model_spec(name).image_size
-    tm = timm.create_model(tname, pretrained=False, num_classes=1000).eval()
-    make_fixtures._randomize(tm, 0)  # pylint: disable=protected-access
+    tm = build().eval()
+    _randomize_with_stats(tm, 0)
     x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-    ref = tm(torch.from_numpy(x)).numpy()
-    params = convert.timm_to_params(name, {k: v.numpy() for k, v in tm.state_dict().items()},
-                                    model_overrides=overrides)
+    ref = _logits(tm(torch.from_numpy(x)))
+    variables = convert.timm_to_params(name, {k: v.numpy() for k, v in tm.state_dict().items()}, layout=layout,
+                                       model_overrides=overrides)
+    variables = variables if 'params' in variables else {'params': variables}  # BatchNorm models: + batch_stats.
     model = create_model(name, num_classes=1000, **overrides)
-    got = np.asarray(jax.jit(model.apply)({'params': params}, x.transpose(0, 2, 3, 1)))
+    got = np.asarray(jax.jit(model.apply)(variables, x.transpose(0, 2, 3, 1)))
     line = (f'{name} ({tname}) {size}px: max|logit diff| {np.abs(got - ref).max():.2e} '
             f'(|logits| max {np.abs(ref).max():.2f})')
     if f64:
-      ref64 = copy.deepcopy(tm).double()(torch.from_numpy(x).double()).numpy()
+      ref64 = _logits(copy.deepcopy(tm).double()(torch.from_numpy(x).double()))
       line += f'; vs timm float64: timm f32 {np.abs(ref - ref64).max():.2e}, ours {np.abs(got - ref64).max():.2e}'
     print(f'{line} [{time.time() - t0:.0f}s]', flush=True)
+
+
+def _logits(out):
+  """timm returns logits; transformers an output object holding them."""
+  return (out.logits if hasattr(out, 'logits') else out).numpy()
 
 
 if __name__ == '__main__':

@@ -13,13 +13,15 @@ torch's `F.interpolate(mode='bicubic', scale_factor=..., align_corners=False)`; 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+import re
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
 from vit_jax.models import vit
@@ -204,8 +206,8 @@ class DinoVisionTransformer(vit.VisionTransformer):
 
   def __call__(self, images: Array, *, train: bool = False) -> Array:
     """DINO head outputs (B, out_dim); the classifier `head` (num_classes > 0) is reached via forward_head."""
-    if self.num_classes:
-      # Touch the classifier so that init creates it (fine-tuning and linear evaluation read it).
+    if self.num_classes and self.is_initializing():
+      # Init creates the classifier too (fine-tuning and linear evaluation read it); apply leaves it out.
       features = self.forward_features(images, train=train)
       self.forward_head(features)
       return self.dino_head(self.forward_head(features, pre_logits=True))
@@ -218,6 +220,72 @@ def head_param_count(hidden_size: int, *, out_dim: int = 65536, hidden_dim: int 
   widths = [hidden_size] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
   mlp = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
   return mlp + bottleneck_dim * out_dim + (0 if norm_last_layer else out_dim)
+
+
+# --- Family facts (vit_jax/models/facts.py): the official DINO checkpoint layout, layer grouping, FLOPs. ---------
+
+def _last_layer_direction(key: str, value: np.ndarray, path: str, shapes: Mapping[str, Any]) -> dict:
+  """weight_v (out_dim, bottleneck) -> last_layer/kernel (bottleneck, out_dim)."""
+  del key, shapes
+  return {path: np.asarray(value).T}
+
+
+def _last_layer_norm(key: str, value: np.ndarray, path: str, shapes: Mapping[str, Any]) -> dict:
+  """weight_g (out_dim, 1): last_layer/scale for norm_last_layer=False models; otherwise it must be 1 (frozen)."""
+  g = np.asarray(value).reshape(-1)
+  if path in shapes:
+    return {path: g}
+  if not np.allclose(g, 1.0):
+    raise ValueError(f'{key} is not 1 everywhere: the checkpoint was trained with norm_last_layer=False. Convert '
+                     'it with model_overrides={"norm_last_layer": False} (a learned last_layer/scale).')
+  return {}
+
+
+_BB = r'backbone\.blocks\.(\d+)\.'
+_OB = r'Transformer/encoderblock_\1/'
+# facebookresearch/dino's MultiCropWrapper state dict (a full checkpoint's 'teacher' or 'student', without DDP's
+# 'module.' prefix): the ViT under 'backbone.', DINOHead under 'head.' (mlp.0/2/4 Linear, last_layer weight_g/_v).
+DINO_RULES: tuple[facts.Rule, ...] = (
+    (r'backbone\.cls_token', 'cls', 'raw'),
+    (r'backbone\.pos_embed', vit.POSEMB_PATH, 'raw'),
+    (r'backbone\.patch_embed\.proj', 'embedding', 'conv'),
+    (_BB + r'norm1', _OB + 'LayerNorm_0', 'norm'),
+    (_BB + r'attn\.qkv', _OB + 'MultiHeadDotProductAttention_0', 'qkv'),
+    (_BB + r'attn\.proj', _OB + 'MultiHeadDotProductAttention_0/out', 'mha_out'),
+    (_BB + r'norm2', _OB + 'LayerNorm_1', 'norm'),
+    (_BB + r'mlp\.fc1', _OB + 'MlpBlock_0/Dense_0', 'linear'),
+    (_BB + r'mlp\.fc2', _OB + 'MlpBlock_0/Dense_1', 'linear'),
+    (r'backbone\.norm', 'Transformer/encoder_norm', 'norm'),
+    (r'head\.mlp\.(\d+)', lambda m: f'dino_head/Dense_{int(m.group(1)) // 2}', 'linear'),  # GELUs between
+    (r'head\.last_layer\.weight_v', 'dino_head/last_layer/kernel', _last_layer_direction),
+    (r'head\.last_layer\.weight_g', 'dino_head/last_layer/scale', _last_layer_norm),
+)
+
+
+def infer_image_size(state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]) -> Optional[int]:
+  """The input size of a DINO checkpoint, from its backbone.pos_embed rows (class token + a square grid)."""
+  if 'backbone.pos_embed' not in state_dict:
+    return None
+  tokens = state_dict['backbone.pos_embed'].shape[1] - 1
+  grid = math.isqrt(max(tokens, 0))
+  return grid * options.get('patch_size', 16) if tokens > 0 and grid * grid == tokens else None
+
+
+def forward_macs(model: Any, image_size: int) -> Optional[float]:
+  """Multiply-adds of `__call__` on one image: the ViT backbone (no classifier) plus the DINO head's matmuls."""
+  if not isinstance(model, DinoVisionTransformer):
+    return None
+  backbone = vit.vit_forward_macs(image_size=image_size, patch_size=model.patch_size, hidden_size=model.hidden_size,
+                                  num_layers=model.num_layers, mlp_dim=model.mlp_dim, num_classes=0)
+  widths = ([model.hidden_size] + [model.head_hidden_dim] * (model.head_layers - 1) + [model.head_bottleneck_dim]
+            + [model.out_dim])
+  return backbone + float(sum(a * b for a, b in zip(widths[:-1], widths[1:])))
+
+
+FACTS = facts.register_family(facts.FamilyFacts(
+    name='dino', layouts={'dino': facts.ConversionTable(DINO_RULES, source_heads=())}, grouping=vit.GROUPING,
+    forward_macs=forward_macs, resize=vit.resize_pos_embedding, infer_image_size=infer_image_size,
+    heads=('head',)))
 
 
 # --- Registered variants: the official DINO ViTs (vit_small / vit_base, patch 16 and 8, 224 px).

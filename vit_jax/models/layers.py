@@ -263,3 +263,14 @@ class HierarchicalBackbone(nn.Module):
 
   def __call__(self, images: Array, *, train: bool = False) -> Array:
     return self.forward_head(self.forward_features(images, train=train), train=train)
+
+
+def torch_batch_norm(name: str, *, train: bool, dtype: Dtype, epsilon: float = 1e-5) -> nn.BatchNorm:
+  """nn.BatchNorm with torch BatchNorm2d numerics (eps 1e-5, momentum 0.1 = flax's 0.9 decay) over the last axis.
+
+  The running statistics live in the `batch_stats` collection: train=True normalises with the batch's statistics
+  (computed over the whole, possibly sharded, batch: no pmap axis name) and updates them when applied with
+  mutable=['batch_stats']; train=False uses them.
+  """
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon, dtype=dtype, axis_name=None,
+                      name=name)
