@@ -142,7 +142,7 @@ def measure_dino(seed: int, runs: pathlib.Path) -> dict[str, float]:
   run(config, workdir)
   teacher = evaluate.evaluate(evaluate.workdir_config(str(workdir)), workdir=str(workdir), names=['knn'])
   init = train.setup_run(config)  # The same network at this seed's initialisation (teacher = student there).
-  feature_fn = evaluators.pre_logits_fn(init.model)
+  feature_fn = init.task.feature_fn(init.model)
   num_classes = init.dataset_info.num_classes
   return {'teacher': teacher['knn/top1'],
           'random_init': _knn_on(config, feature_fn, init.task.eval_variables(init.state), init.mesh, num_classes),

@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.global_crop_scale = (0.4, 1.0)
   c.dataset.local_crop_scale = (0.05, 0.4)
   c.dataset.crop_padding = 4          # Pixels of padding for 'pad_and_crop'.
+  c.dataset.crop_min_area = 0.05      # 'inception': smallest crop, as a fraction of the image area (MAE: 0.2).
   c.dataset.flip = True
   c.dataset.eval_crop_fraction = 0.875  # Resize to image_size / fraction, then centre crop; 1.0: plain resize.
   c.dataset.shuffle_buffer = 10_000
@@ -88,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.random_erasing = 0.0      # Probability of timm/DeiT random erasing (one box, 2%..1/3 of the area).
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = 'adamw'        # 'adamw' | 'sgd'
+  c.optimizer.name = 'adamw'        # 'adamw' | 'sgd' | 'lars' (MAE linear probe)
   c.optimizer.lr = 1e-3             # Peak learning rate.
   c.optimizer.schedule = 'cosine'   # 'cosine' | 'linear' | 'constant' | 'rsqrt' (after warmup).
   # 'constant' and 'rsqrt' only: linear cooldown to 0 over the last cooldown_steps (Zhai et al. 2021); 0: none.
@@ -100,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Set: weight decay follows a per-step cosine from weight_decay to this (DINO: 0.04 -> 0.4); None: constant.
   c.optimizer.weight_decay_end = ml_collections.config_dict.placeholder(float)
   c.optimizer.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
-  c.optimizer.b1 = 0.9              # AdamW beta1, or SGD momentum.
+  c.optimizer.b1 = 0.9              # AdamW beta1, or SGD / LARS momentum.
   c.optimizer.b2 = 0.999            # AdamW beta2.
   c.optimizer.mu_dtype = ml_collections.config_dict.placeholder(str)  # First-moment (momentum) dtype, e.g.
                                     # 'bfloat16' to halve its memory; None: the parameters' float32.
@@ -202,8 +203,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   task = _task_class(config)
   if num_devices is not None:
     check_devices(config, num_devices)
+  task.check_config(config)  # Before the model is built: a task's error names the task's keys (e.g. mask_ratio).
   check_model_fits_images(config)
-  task.check_config(config)
   check_evals(config)
 
 

@@ -4,7 +4,8 @@ A source is one of
   - an .npz file: an official ViT / big_vision checkpoint, or `DIR/params.npz` written by `vit_jax.convert` from a
     timm checkpoint (flat '/'-joined keys), or that DIR itself;
   - a vit_jax workdir (or its `checkpoints/` directory): the params of its latest Orbax checkpoint (its EMA params
-    when the run kept an EMA, since those are the ones it evaluated).
+    when the run kept an EMA, since those are the ones it evaluated). When the run's model holds more than a
+    backbone (e.g. MAE's decoder), the model's `backbone_params(params, image_size)` gives what a classifier loads.
 Either way the weights go through `vit_jax.checkpoint.load_pretrained`, which re-initialises the head (and DeiT's
 `head_dist`) when the class count changes or `reinit_head` is set, and resizes position embeddings (and whatever
 else it knows how to resize, e.g. Swin bias tables) to the new model's resolution.
@@ -45,11 +46,29 @@ def read_workdir_variables(workdir: str) -> dict[str, Any]:
     raise FileNotFoundError(f'{workdir} holds no checkpoint (looked in {ckpt_dir}). Point init_from at a finished '
                             'run\'s workdir, an official .npz or a params.npz from `python -m vit_jax.convert`.')
   logging.info('Read the variables of step %d from %s.', step, ckpt_dir)
-  variables = {'params': state.get('ema_params') or state['params']}
+  variables = {'params': _backbone_of_run(epath.Path(workdir), state.get('ema_params') or state['params'])}
   stats = state.get('ema_batch_stats') or state.get('batch_stats')
   if stats:
     variables['batch_stats'] = stats
   return variables
+
+
+def _backbone_of_run(workdir: epath.Path, params: Any) -> Any:
+  """`params` as a downstream classifier loads them: the run's model (from the workdir's config.json) may declare
+  `backbone_params(params, image_size)` (e.g. MAE: the encoder, with its fixed position table written out);
+  other models' params are returned as they are."""
+  config_file = workdir / checkpoint.CONFIG_FILENAME
+  if not config_file.exists():
+    return params
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  config = json.loads(config_file.read_text())
+  name = config.get('model', {}).get('name')
+  if name not in models.list_models() or not hasattr(models.get_model_spec(name).builder, 'backbone_params'):
+    return params
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in config['model'].items() if k != 'name'}
+  model = models.create_model(name, num_classes=0, **overrides)
+  logging.info('%s trained %s; loading its backbone.', workdir, name)
+  return model.backbone_params(dict(params), int(config['dataset']['image_size']))
 
 
 def read_workdir_params(workdir: str) -> Mapping[str, Any]:

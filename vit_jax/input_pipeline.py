@@ -192,11 +192,12 @@ def _resize(image: tf.Tensor, height: Any, width: Any) -> tf.Tensor:
   return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def _inception_crop(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
-  """Random crop of 5%..100% of the area with aspect ratio 3/4..4/3, resized to size x size (as in ViT/big_vision)."""
+def _inception_crop(image: tf.Tensor, size: int, seed: tf.Tensor, min_area: float = 0.05) -> tf.Tensor:
+  """Random crop of `min_area`..100% of the area (5%: ViT/big_vision; 20%: MAE pretraining) with aspect ratio
+  3/4..4/3, resized to size x size."""
   begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.shape(image), bounding_boxes=tf.zeros([0, 0, 4], tf.float32), seed=seed, min_object_covered=0.0,
-      aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.05, 1.0), use_image_if_no_bounding_boxes=True)
+      aspect_ratio_range=(3 / 4, 4 / 3), area_range=(min_area, 1.0), use_image_if_no_bounding_boxes=True)
   crop = tf.slice(image, begin, crop_size)
   crop.set_shape([None, None, 3])
   return _resize(crop, size, size)
@@ -237,6 +238,8 @@ def _check_image_config(dataset_config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.dataset.image_size must be positive, got {dataset_config.image_size}.')
   if dataset_config.train_crop not in TRAIN_CROPS:
     raise ValueError(f'config.dataset.train_crop must be one of {TRAIN_CROPS}, got {dataset_config.train_crop!r}.')
+  if not 0.0 < dataset_config.crop_min_area <= 1.0:
+    raise ValueError(f'config.dataset.crop_min_area must be in (0, 1], got {dataset_config.crop_min_area}.')
   if dataset_config.crop_padding < 0:
     raise ValueError(f'config.dataset.crop_padding must be >= 0, got {dataset_config.crop_padding}.')
   if not 0.0 < dataset_config.eval_crop_fraction <= 1.0:
@@ -337,7 +340,7 @@ def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_b
       return {'image': _normalize(views), 'local_image': _normalize(local_views),
               'label': tf.cast(example['label'], tf.int32)}
     if train_crop == 'inception':
-      image = _inception_crop(image, size, crop_seed)
+      image = _inception_crop(image, size, crop_seed, dataset_config.crop_min_area)
     elif train_crop == 'pad_and_crop':
       image = _pad_and_crop(image, size, padding, crop_seed)
     else:

@@ -64,6 +64,12 @@ class LossTrainMetrics(metrics.Collection):
 
 
 @flax.struct.dataclass
+class LossEvalMetrics(metrics.Collection):
+  """EvalMetrics without accuracy: the mean loss over the real (unpadded) examples, for tasks without labels."""
+  loss: metrics.Average.from_output('loss')
+
+
+@flax.struct.dataclass
 class EvalMetrics(metrics.Collection):
   loss: metrics.Average.from_output('loss')
   accuracy: metrics.Average.from_output('accuracy')

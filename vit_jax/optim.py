@@ -12,7 +12,8 @@ from vit_jax import param_groups
 
 _SCHEDULES = ('cosine', 'linear', 'constant', 'rsqrt')
 _COOLDOWN_SCHEDULES = ('constant', 'rsqrt')  # Schedules that take optimizer.cooldown_steps.
-_OPTIMIZERS = ('adamw', 'sgd')
+_OPTIMIZERS = ('adamw', 'sgd', 'lars')
+LARS_TRUST_COEFFICIENT = 0.001  # MAE's util/lars.py (You et al. 2017).
 
 
 def warmup_rsqrt_cooldown_schedule(lr: float, *, total_steps: int, warmup_steps: int, cooldown_steps: int,
@@ -135,6 +136,11 @@ def create_optimizer(opt_config: ml_collections.ConfigDict, total_steps: int, *,
   elif opt_config.name == 'sgd':
     core = optax.chain(*decay, optax.sgd(schedule, momentum=opt_config.b1 or None,
                                          accumulator_dtype=opt_config.mu_dtype))
+  elif opt_config.name == 'lars':  # MAE's linear probe (util/lars.py): trust ratio on >= 2-D params, then momentum.
+    trust = optax.masked(optax.scale_by_trust_ratio(trust_coefficient=LARS_TRUST_COEFFICIENT),
+                         lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
+    core = optax.chain(*decay, trust, optax.trace(decay=opt_config.b1, accumulator_dtype=opt_config.mu_dtype),
+                       optax.scale_by_learning_rate(schedule))
   else:
     raise ValueError(f'Unknown optimizer.name {opt_config.name!r}; choose one of {_OPTIMIZERS}.')
   parts = [core]

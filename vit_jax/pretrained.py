@@ -211,6 +211,18 @@ def load_pretrained(path: str | Mapping[str, Any], init_params: Mapping[str, Any
       for k in head_file:
         del ckpt[k]
 
+  # MAE's fine-tuning head (classifier='gap_fc_norm'): the model normalises after pooling (`fc_norm`) and has no
+  # final encoder norm. As in the official MAE fine-tuning, a pretrained encoder's final norm is dropped and a
+  # missing fc_norm starts fresh.
+  fc_init, final_norm = _group(init, 'fc_norm'), 'Transformer/encoder_norm'
+  if fc_init and not _group(ckpt, 'fc_norm'):
+    logging.info('load_pretrained: the checkpoint has no fc_norm; keeping the freshly initialised one.')
+    keep_init |= fc_init
+  if fc_init and _group(ckpt, final_norm) and not _group(init, final_norm):
+    logging.info('load_pretrained: dropping the checkpoint %s (the model normalises after pooling).', final_norm)
+    for k in _group(ckpt, final_norm):
+      del ckpt[k]
+
   pre_file, pre_init = _group(ckpt, 'pre_logits'), _group(init, 'pre_logits')
   if pre_file and (not pre_init or keep_pre_logits is False):
     why = 'keep_pre_logits=False' if pre_init else 'the model has no representation layer'

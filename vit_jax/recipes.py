@@ -234,3 +234,82 @@ def dino_imagenet(model_name: str, *, epochs: int = 100, batch_size: int = 1024,
   if teacher_temp_boost:
     dino.update(teacher_temp=0.07, warmup_teacher_temp_epochs=30)
   return config
+
+
+# MAE (He et al. 2022; facebookresearch/mae, REFERENCE.md section 6). Base lr is per 256 images, as published.
+MAE_TOKEN_WD_RULES = ((r'^(cls|mask_token)$', 1.0),)  # The official optimizer decays every >= 2-D param.
+
+
+def mae_pretrain(model_name: str = 'mae_vit_b16', *, epochs: int = 800, batch_size: int = 4096,
+                 warmup_epochs: int = 40) -> ml_collections.ConfigDict:
+  """MAE pretraining (main_pretrain.py): AdamW (0.9, 0.95), lr 1.5e-4 x batch / 256, wd 0.05 (none on biases and
+  norms; the class and mask tokens are decayed as officially), 40 warmup epochs then cosine per step to 0, no
+  clipping, random resized crop 0.2-1 + flip and nothing else, mask ratio 0.75, norm_pix_loss. Eval: the same
+  reconstruction loss on the validation split."""
+  config = base_config()
+  config.task.name = 'mae'
+  config.model.name = model_name
+  config.model.mask_ratio = 0.75
+  config.model.norm_pix_loss = True
+  _imagenet(config)
+  config.dataset.crop_min_area = 0.2
+  steps_per_epoch = IMAGENET_TRAIN_EXAMPLES // batch_size
+  config.batch_size = batch_size
+  config.total_steps = epochs * steps_per_epoch
+  config.optimizer.name = 'adamw'
+  config.optimizer.lr = 1.5e-4 * batch_size / 256
+  config.optimizer.b1, config.optimizer.b2 = 0.9, 0.95
+  config.optimizer.weight_decay = 0.05
+  config.optimizer.wd_multipliers = MAE_TOKEN_WD_RULES
+  config.optimizer.warmup_steps = warmup_epochs * steps_per_epoch
+  config.optimizer.schedule = 'cosine'
+  config.optimizer.end_lr_factor = 0.0
+  config.optimizer.grad_clip_norm = 0.0
+  return config
+
+
+def mae_finetune(model_name: str = 'vit_b16', *, init_from: str | None = None, epochs: int = 100,
+                 batch_size: int = 1024, base_lr: float = 5e-4, layer_decay: float = 0.65,
+                 drop_path: float = 0.1) -> ml_collections.ConfigDict:
+  """MAE fine-tuning (main_finetune.py; ViT-B: 83.6%): DeiT's augmentation (RandAugment m9, random erasing 0.25,
+  mixup 0.8, cutmix 1.0, label smoothing 0.1), AdamW lr 5e-4 x batch / 256, layer decay 0.65, wd 0.05, drop path
+  0.1, 5 warmup epochs, cosine to 1e-6, batch 1024, 100 epochs; the head is MAE's (mean of the patch tokens, then
+  fc_norm; `classifier='gap_fc_norm'`) on an encoder from `init_from` (an MAE workdir, or timm's
+  vit_base_patch16_224.mae converted by vit_jax.convert)."""
+  config = deit_imagenet(model_name, epochs=epochs, batch_size=batch_size, drop_path=drop_path)
+  steps_per_epoch = IMAGENET_TRAIN_EXAMPLES // batch_size
+  config.init_from = init_from
+  config.model.classifier = 'gap_fc_norm'
+  config.model.gelu_approximate = False  # MAE's blocks (timm's) use the exact GELU.
+  config.optimizer.lr = base_lr * batch_size / 256
+  config.optimizer.end_lr_factor = 1e-6 / config.optimizer.lr
+  config.optimizer.layer_decay = layer_decay
+  config.optimizer.warmup_steps = 5 * steps_per_epoch
+  return config
+
+
+def mae_linprobe(model_name: str = 'vit_b16', *, init_from: str | None = None, epochs: int = 90,
+                 batch_size: int = 16384, base_lr: float = 0.1) -> ml_collections.ConfigDict:
+  """MAE linear probe (main_linprobe.py; ViT-B: 68.0%): the frozen encoder's class token after the final norm,
+  BatchNorm without affine (eps 1e-6), then a linear head; LARS (momentum 0.9, trust 0.001) lr 0.1 x batch / 256,
+  no weight decay, 10 warmup epochs then cosine, batch 16384, 90 epochs; random resized crop (0.08-1) + flip."""
+  config = base_config()
+  config.model.name = model_name
+  config.model.classifier = 'token'
+  config.model.head_batchnorm = True
+  config.model.gelu_approximate = False
+  config.init_from = init_from
+  _imagenet(config)
+  config.dataset.crop_min_area = 0.08
+  steps_per_epoch = IMAGENET_TRAIN_EXAMPLES // batch_size
+  config.batch_size = batch_size
+  config.total_steps = epochs * steps_per_epoch
+  config.optimizer.name = 'lars'
+  config.optimizer.b1 = 0.9
+  config.optimizer.lr = base_lr * batch_size / 256
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.warmup_steps = 10 * steps_per_epoch
+  config.optimizer.schedule = 'cosine'
+  config.optimizer.grad_clip_norm = 0.0
+  config.optimizer.freeze = r'^(?!head/)'  # Everything but the linear head (the BatchNorm has no parameters).
+  return config

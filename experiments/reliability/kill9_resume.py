@@ -2,11 +2,12 @@
 an uninterrupted run (params and optimizer state), with the same final_metrics.json (all fields except the
 wall-clock ones, train_seconds and resumed_from_step).
 
-  python experiments/reliability/kill9_resume.py [--task classification|dino] [--kills 10] [--seed 0]
+  python experiments/reliability/kill9_resume.py [--task classification|dino|mae] [--kills 10] [--seed 0]
       [--out /tmp/vit_jax_kill9]
 
 Runs the real CLI (`python -m vit_jax.main`, configs/default.py or, with --task dino, configs/dino_digits.py whose
-state adds the teacher and the centre) on one CPU device with a shortened
+state adds the teacher and the centre, or with --task mae, configs/mae_digits.py whose masks come from seed and
+step) on one CPU device with a shortened
 schedule (--steps, a checkpoint every 20 steps so kills also land mid-save). Each attempt is killed at a random
 moment after it has trained past its resume point. Prints one JSON summary as its last line; exit status 1 if
 anything differs.
@@ -28,7 +29,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TIME_FIELDS = ('train_seconds', 'resumed_from_step')
 # The digits config of each task (every task resumes exactly: its own state is part of the checkpoint).
-TASK_CONFIGS = {'classification': 'configs/default.py', 'dino': 'configs/dino_digits.py'}
+TASK_CONFIGS = {'classification': 'configs/default.py', 'dino': 'configs/dino_digits.py',
+                'mae': 'configs/mae_digits.py'}
 
 
 def main() -> int:
@@ -110,7 +112,8 @@ def main() -> int:
       'bitwise_equal_state': same_structure and not differing, 'differing_leaves': differing[:10],
       'final_metrics_equal': not metric_diffs, 'final_metrics_diffs': metric_diffs,
       'excluded_fields': list(TIME_FIELDS), 'quarantined': quarantined,
-      'eval_accuracy': fb.get('eval_accuracy'), 'resumed_from_step': fb.get('resumed_from_step'),
+      'eval_accuracy': fb.get('eval_accuracy'), 'eval_loss': fb.get('eval_loss'),
+      'resumed_from_step': fb.get('resumed_from_step'),
       'uninterrupted_s': round(ref_seconds, 1), 'killed_and_restarted_s': round(killed_seconds, 1),
   }
   print(json.dumps(summary))

@@ -152,7 +152,8 @@ class ConvNeXt(layers.HierarchicalBackbone):
                       drop_path_rates=tuple(float(r) for r in dpr[starts[i]:starts[i + 1]]), remat=self.remat,
                       dtype=self.dtype)
         for i in range(n)]
-    self.head_norm = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, scale_init=logical(nn.initializers.ones, ('embed',)),
+    self.head_norm = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype,
+                                  scale_init=logical(nn.initializers.ones, ('embed',)),
                                   bias_init=logical(_zeros, ('embed',)))
     self.head_drop = nn.Dropout(self.drop_rate)
     if self.num_classes > 0:

@@ -74,6 +74,7 @@ class AddPositionEmbs(nn.Module):
   fly (e.g. DINO's multi-crop: one table for 224 and 96 px crops); without it the grids must match.
   'sincos2d': a fixed table (no parameter); the class token gets a zero row, which matches big_vision
   (posemb added before the class token is concatenated).
+  'none': adds nothing, for callers that add their own embeddings first (MAE adds its table before masking).
   """
   posemb: str = 'learn'
   has_cls: bool = True
@@ -82,6 +83,8 @@ class AddPositionEmbs(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, grid: tuple[int, int]) -> Array:
     _, length, width = x.shape
+    if self.posemb == 'none':
+      return x
     if self.posemb == 'learn':
       shape = (1, length, width)
       if self.has_variable('params', 'pos_embedding'):
@@ -103,7 +106,7 @@ class AddPositionEmbs(nn.Module):
       if self.has_cls:
         pe = np.concatenate([np.zeros((1, 1, width), pe.dtype), pe], axis=1)
     else:
-      raise ValueError(f"Unknown posemb {self.posemb!r}; expected 'learn' or 'sincos2d'.")
+      raise ValueError(f"Unknown posemb {self.posemb!r}; expected 'learn', 'sincos2d' or 'none'.")
     return x + jnp.asarray(pe).astype(x.dtype)
 
 
@@ -154,7 +157,7 @@ class _ScannedEncoder1DBlock(Encoder1DBlock):
 
 
 class Encoder(nn.Module):
-  """Position embeddings, dropout, `num_layers` blocks and the final `encoder_norm`."""
+  """Position embeddings, dropout, `num_layers` blocks and the final `encoder_norm` (unless not `final_norm`)."""
   num_layers: int
   mlp_dim: int
   num_heads: int
@@ -170,6 +173,7 @@ class Encoder(nn.Module):
   remat: Union[bool, str] = False
   scan_layers: bool = False
   attention_impl: str = 'einsum'
+  final_norm: bool = True
 
   @nn.compact
   def __call__(self, x: Array, *, grid: tuple[int, int], train: bool = False, intermediates: bool = False):
@@ -195,14 +199,21 @@ class Encoder(nn.Module):
       for i in range(self.num_layers):
         x = block_cls(drop_path_rate=float(dpr[i]), name=f'encoderblock_{i}', **block)(x, not train)
         outs.append(x)
-    x = layers.layer_norm('encoder_norm', epsilon=self.layer_norm_eps, dtype=self.dtype)(x)
+    if self.final_norm:
+      x = layers.layer_norm('encoder_norm', epsilon=self.layer_norm_eps, dtype=self.dtype)(x)
     return (x, outs) if intermediates else x
+
+
+CLASSIFIERS = ('token', 'gap', 'map', 'gap_fc_norm')
 
 
 class VisionTransformer(nn.Module):
   """ViT classifier. Images are NHWC floats; logits come back as float32 whatever `dtype` is.
 
-  classifier: 'token' (class token), 'gap' (mean over patch tokens) or 'map' (attention pooling, `MAPHead_0`).
+  classifier: 'token' (class token), 'gap' (mean over patch tokens) or 'map' (attention pooling, `MAPHead_0`);
+    'gap_fc_norm' is MAE's fine-tuning head (timm global_pool='avg', fc_norm=True): the sequence keeps the class
+    token but has no final `encoder_norm`; the mean over the patch tokens goes through the LayerNorm `fc_norm`, and
+    the head starts from trunc-normal(2e-5) as in the official MAE fine-tuning.
   num_classes == 0 drops the head; the outputs are then the pooled (pre-logits) features.
   Hybrids (R+ViT): `resnet` = units per BiT ResNet stage (() = root only, None = no stem) and `resnet_width`
   = its width factor (root width 64 * resnet_width); the patch embedding then runs on the stem's feature map.
@@ -232,10 +243,13 @@ class VisionTransformer(nn.Module):
   num_distill_tokens: ClassVar[int] = 0  # Tokens between the class token and the patches (DeiT: 1).
   # Fits the learned posemb to another patch grid (AddPositionEmbs.resize); None: the grid must match.
   posemb_resize: Optional[Callable[[Array, bool, tuple[int, int]], Array]] = None
+  # BatchNorm without affine parameters between the pooled features and the head (MAE's linear probe:
+  # BatchNorm1d(affine=False, eps=1e-6)); its statistics live in the `batch_stats` collection.
+  head_batchnorm: bool = False
 
   def setup(self):
-    if self.classifier not in ('token', 'gap', 'map'):
-      raise ValueError(f"Unknown classifier {self.classifier!r}; expected 'token', 'gap' or 'map'.")
+    if self.classifier not in CLASSIFIERS:
+      raise ValueError(f'Unknown classifier {self.classifier!r}; expected one of {CLASSIFIERS}.')
     if self.resnet is not None:
       self.stem = resnet_stem.ResNetStem(num_layers=tuple(self.resnet), width_factor=self.resnet_width,
                                          norm_style=self.resnet_norm_style, dtype=self.dtype)
@@ -245,15 +259,18 @@ class VisionTransformer(nn.Module):
                              param_dtype=jnp.float32, name='embedding',
                              kernel_init=layers.logical(nn.initializers.lecun_normal(), (None, None, None, 'embed')),
                              bias_init=layers.logical(nn.initializers.zeros, ('embed',)))
-    if self.classifier == 'token':
+    if self.has_class_token:
       self.cls = self.param('cls', layers.logical(nn.initializers.zeros, (None, None, 'embed')),
                             (1, 1, self.hidden_size), jnp.float32)
     self.encoder = Encoder(
         num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        drop_path_rate=self.drop_path_rate, posemb=self.posemb, has_cls=self.classifier == 'token',
-        posemb_resize=self.posemb_resize, gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
-        remat=self.remat, scan_layers=self.scan_layers, attention_impl=self.attention_impl, name='Transformer')
+        drop_path_rate=self.drop_path_rate, posemb=self.posemb, has_cls=self.has_class_token,
+        posemb_resize=self.posemb_resize, gelu_approximate=self.gelu_approximate,
+        layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers,
+        attention_impl=self.attention_impl, final_norm=self.classifier != 'gap_fc_norm', name='Transformer')
+    if self.classifier == 'gap_fc_norm':
+      self.fc_norm = layers.layer_norm('fc_norm', epsilon=self.layer_norm_eps, dtype=self.dtype)
     if self.classifier == 'map':
       self.map_head = layers.MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                                      gelu_approximate=self.gelu_approximate,
@@ -264,9 +281,13 @@ class VisionTransformer(nn.Module):
           self.representation_size, dtype=self.dtype, param_dtype=jnp.float32, name='pre_logits',
           kernel_init=layers.logical(nn.initializers.lecun_normal(), ('embed', 'mlp')),
           bias_init=layers.logical(nn.initializers.zeros, ('mlp',)))
+    if self.head_batchnorm:
+      self.head_norm = nn.BatchNorm(momentum=0.9, epsilon=1e-6, use_scale=False, use_bias=False, axis_name=None,
+                                    dtype=jnp.float32, name='head_norm')
     if self.num_classes:
+      head_init = nn.initializers.truncated_normal(2e-5) if self.classifier == 'gap_fc_norm' else nn.initializers.zeros
       self.head = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                           kernel_init=layers.logical(nn.initializers.zeros, ('embed', 'classes')),
+                           kernel_init=layers.logical(head_init, ('embed', 'classes')),
                            bias_init=layers.logical(nn.initializers.zeros, ('classes',)), name='head')
 
   @property
@@ -275,9 +296,14 @@ class VisionTransformer(nn.Module):
     return self.representation_size or self.hidden_size
 
   @property
+  def has_class_token(self) -> bool:
+    """Whether the sequence starts with the class token `cls` (read by 'token'; kept by MAE's 'gap_fc_norm')."""
+    return self.classifier in ('token', 'gap_fc_norm')
+
+  @property
   def num_prefix_tokens(self) -> int:
     """Tokens before the patch tokens in the sequence (the class token)."""
-    return 1 if self.classifier == 'token' else 0
+    return int(self.has_class_token)
 
   def _tokens(self, images: Array) -> tuple[Array, tuple[int, int]]:
     """Embedded sequence (B, prefix + h*w, hidden_size) before the encoder, and the patch grid (h, w)."""
@@ -298,13 +324,14 @@ class VisionTransformer(nn.Module):
     x = self.embedding(x)
     _, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
-    if self.classifier == 'token':
+    if self.has_class_token:
       cls = jnp.broadcast_to(self.cls.astype(x.dtype), (b, 1, d))
       x = jnp.concatenate([cls, x], axis=1)
     return x, (gh, gw)
 
   def forward_features(self, images: Array, *, train: bool = False) -> Array:
-    """Final-normed, unpooled token sequence (B, num_prefix_tokens + h*w, hidden_size)."""
+    """Final-normed, unpooled token sequence (B, num_prefix_tokens + h*w, hidden_size); un-normed with
+    classifier='gap_fc_norm', whose norm comes after the pooling."""
     x, grid = self._tokens(images)
     return self.encoder(x, grid=grid, train=train)
 
@@ -324,24 +351,27 @@ class VisionTransformer(nn.Module):
   def forward_head(self, features: Array, *, pre_logits: bool = False, train: bool = False) -> Array:
     """Pools `forward_features` output; returns the pre-logits (B, num_features) or the float32 logits.
 
-    `train` is accepted as every family's forward_head takes it; this head has no dropout.
+    `train` switches `head_batchnorm` to batch statistics (the head has no dropout).
     """
-    del train
     if self.classifier == 'token':
       x = features[:, 0]
     elif self.classifier == 'gap':
       x = jnp.mean(features, axis=1)
+    elif self.classifier == 'gap_fc_norm':
+      x = self.fc_norm(jnp.mean(features[:, self.num_prefix_tokens:], axis=1))
     else:
       x = self.map_head(features)
     if self.representation_size:
       x = jnp.tanh(self.pre_logits_dense(x))
     if pre_logits or not self.num_classes:
       return x
+    if self.head_batchnorm:
+      x = self.head_norm(x.astype(jnp.float32), use_running_average=not train)
     return self.head(x).astype(jnp.float32)
 
   def __call__(self, images: Array, *, train: bool = False) -> Array:
     """Logits (B, num_classes) for NHWC `images` (pooled features when num_classes == 0)."""
-    return self.forward_head(self.forward_features(images, train=train))
+    return self.forward_head(self.forward_features(images, train=train), train=train)
 
 
 # --- Registered variants. Counts: official vision_transformer tests (224 px, 1000 classes, token, no rep).
@@ -409,6 +439,7 @@ TIMM_RULES: tuple[facts.Rule, ...] = (
     (_B + r'mlp\.fc1', _VB + 'MlpBlock_0/Dense_0', 'linear'),
     (_B + r'mlp\.fc2', _VB + 'MlpBlock_0/Dense_1', 'linear'),
     (r'norm', 'Transformer/encoder_norm', 'norm'),
+    (r'fc_norm', 'fc_norm', 'norm'),  # timm global_pool='avg', fc_norm=True: our classifier='gap_fc_norm'.
     (r'head', 'head', 'linear'),
     (r'patch_embed\.backbone\.(?:stem\.)?conv', 'conv_root', 'conv'),
     (r'patch_embed\.backbone\.(?:stem\.)?norm', 'gn_root', 'norm'),
@@ -442,13 +473,13 @@ def vit_forward_macs(*, image_size: int, patch_size: int, hidden_size: int, num_
 
 def num_prefix_tokens(model: VisionTransformer) -> int:
   """Tokens before the patches: the class token, and DeiT's distillation token (`num_distill_tokens`)."""
-  return int(model.classifier == 'token') + model.num_distill_tokens
+  return int(model.has_class_token) + model.num_distill_tokens
 
 
 def forward_macs(model: Any, image_size: int) -> Optional[float]:
   """Analytic MACs of a plain ViT/DeiT (no ResNet stem, no representation layer, no MAP head), else None."""
   if not isinstance(model, VisionTransformer) or model.resnet is not None or model.representation_size or (
-      model.classifier not in ('token', 'gap')):
+      model.classifier not in ('token', 'gap', 'gap_fc_norm')):
     return None
   distill = model.num_distill_tokens
   return vit_forward_macs(image_size=image_size, patch_size=model.patch_size, hidden_size=model.hidden_size,
