@@ -34,13 +34,15 @@ sys.path.insert(0, str(ROOT))
 
 from vit_jax import config_schema, evaluate, evaluators, train  # noqa: E402  pylint: disable=g-import-not-at-top
 
-_OUT = flags.DEFINE_string('out', None, 'Directory for the runs and results.json.')
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds; every measurement is repeated for each.')
-_PARTS = flags.DEFINE_list('parts', ['mae', 'dino'], 'Which measurements: mae, dino.')
-_PRETRAIN_STEPS = flags.DEFINE_integer('pretrain_steps', 2000, 'Steps of MAE / DINO pretraining.')
-_FINETUNE_STEPS = flags.DEFINE_integer('finetune_steps', 500, 'M: steps of the fine-tuned and the scratch classifier.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 128, 'Global batch of every run.')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data_dir (cluttered_digits is prepared there if missing).')
+# Private flags: importing this module (the tests, next to other experiments' flags) defines no global flags.
+_FLAGS = flags.FlagValues()
+_OUT = flags.DEFINE_string('out', None, 'Directory for the runs and results.json.', flag_values=_FLAGS)
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds; every measurement is repeated for each.', flag_values=_FLAGS)
+_PARTS = flags.DEFINE_list('parts', ['mae', 'dino'], 'Which measurements: mae, dino.', flag_values=_FLAGS)
+_PRETRAIN_STEPS = flags.DEFINE_integer('pretrain_steps', 2000, 'Steps of MAE / DINO pretraining.', flag_values=_FLAGS)
+_FINETUNE_STEPS = flags.DEFINE_integer('finetune_steps', 500, 'M: steps of the fine-tuned and the scratch classifier.', flag_values=_FLAGS)
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 128, 'Global batch of every run.', flag_values=_FLAGS)
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data_dir (cluttered_digits is prepared there if missing).', flag_values=_FLAGS)
 
 DATASET = 'cluttered_digits'
 IMAGE_SIZE = 32
@@ -194,7 +196,11 @@ def measure(parts: Sequence[str], seeds: Sequence[int], out: pathlib.Path) -> di
 
 
 def main(argv: Sequence[str]) -> None:
-  del argv
+  rest = _FLAGS(list(argv))
+  if len(rest) > 1:
+    raise app.UsageError(f'Unexpected arguments: {rest[1:]}')
+  if not _OUT.value:
+    raise app.UsageError('--out is required.')
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   results = measure(_PARTS.value, [int(s) for s in _SEEDS.value], out)
@@ -202,6 +208,10 @@ def main(argv: Sequence[str]) -> None:
   print(f'Written: {out / "results.json"}')
 
 
+def _parse_global_flags(argv: list[str]) -> list[str]:
+  flags.FLAGS([argv[0]])  # absl's own (logging) flags keep their defaults; `main` parses this script's flags.
+  return argv
+
+
 if __name__ == '__main__':
-  flags.mark_flag_as_required('out')
-  app.run(main)
+  app.run(main, flags_parser=_parse_global_flags)
