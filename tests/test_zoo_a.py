@@ -101,7 +101,7 @@ def outputs(request):
     feats = model.apply(v, x, method='forward_features')
     return dict(features=feats, head=model.apply(v, feats, train=False, method='forward_head'),
                 pre_logits=model.apply(v, feats, pre_logits=True, method='forward_head'),
-                stages=model.apply(v, x, method='forward_intermediates'),
+                stages=model.apply(v, x, norm=True, method='forward_intermediates'),
                 logits=remat.apply(v, x), xla=xla.apply(v, x))
   return family, model, params, run(params, x)
 
@@ -134,7 +134,7 @@ def test_per_stage_features(outputs):
   last = out['stages'][-1]
   if family == 'convnext':  # forward_features is the last stage map (timm's norm_pre is the identity).
     np.testing.assert_allclose(feats, last, atol=1e-6)
-  elif family == 'beit':  # No final norm: the last block's patch tokens.
+  else:  # norm=True: the final-normed patch tokens (BEiT has no final norm: the last block's patch tokens).
     np.testing.assert_allclose(feats[:, 1:].reshape(last.shape), last, atol=1e-6)
 
 
