@@ -229,8 +229,7 @@ def test_convert_cli_writes_the_official_layout(tmp_path):
   assert {'cls', 'mask_token', 'embedding/kernel', 'decoder_pred/kernel', 'Decoder/encoder_norm/scale',
           'Transformer/encoderblock_1/MlpBlock_0/Dense_1/kernel'} <= keys
   assert not any('pos' in k for k in keys)  # The fixed tables are recomputed, not stored.
-  layouts = convert.family_facts('mae').layouts
-  assert layouts['mae'] is layouts['timm']
+  assert convert.conversion_table('mae', 'mae') is convert.conversion_table('mae', 'timm')
 
 
 def test_layer_decay_grouping():

@@ -101,7 +101,7 @@ def outputs(request):
     feats = model.apply(v, x, method='forward_features')
     return dict(features=feats, head=model.apply(v, feats, train=False, method='forward_head'),
                 pre_logits=model.apply(v, feats, pre_logits=True, method='forward_head'),
-                stages=model.apply(v, x, method='forward_intermediates'),
+                stages=model.apply(v, x, norm=True, method='forward_intermediates'),
                 logits=remat.apply(v, x), xla=xla.apply(v, x))
   return family, model, params, run(params, x)
 
@@ -134,7 +134,7 @@ def test_per_stage_features(outputs):
   last = out['stages'][-1]
   if family == 'convnext':  # forward_features is the last stage map (timm's norm_pre is the identity).
     np.testing.assert_allclose(feats, last, atol=1e-6)
-  elif family == 'beit':  # No final norm: the last block's patch tokens.
+  else:  # norm=True: the final-normed patch tokens (BEiT has no final norm: the last block's patch tokens).
     np.testing.assert_allclose(feats[:, 1:].reshape(last.shape), last, atol=1e-6)
 
 
@@ -195,6 +195,16 @@ def test_drop_path_eps_gelu_and_padding(family):
       kernel = tuple(m.kernel_size)
       patchify = m.padding == 'VALID' and tuple(m.strides) == kernel
       assert patchify or m.padding == tuple((k // 2, k // 2) for k in kernel), (path, m.padding)
+
+
+@pytest.mark.parametrize('family', sorted(TINY))
+def test_bfloat16_compute_keeps_float32_params_and_logits(family):
+  model = _model(family, dtype=jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((2, TINY[family][2], TINY[family][2], 3), jnp.float32)
+  variables = model_utils.abstract_variables(model, x)
+  assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  out = jax.eval_shape(model.apply, variables, x)
+  assert out.shape == (2, NUM_CLASSES) and out.dtype == jnp.float32
 
 
 @pytest.mark.parametrize('family, size, match', [

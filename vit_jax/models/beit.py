@@ -246,8 +246,11 @@ class Beit(nn.Module):
     the identity when the head pools with fc_norm)."""
     return self._run(images, train)[0]
 
-  def forward_intermediates(self, images: Array, *, train: bool = False) -> list[Array]:
-    """Every block's patch tokens as an NHWC map (B, h, w, D), at the patch stride (class token dropped)."""
+  def forward_intermediates(self, images: Array, *, train: bool = False, norm: bool = False) -> list[Array]:
+    """Every block's patch tokens as an NHWC map (B, h, w, D), at the patch stride (class token dropped). `norm`
+    is accepted as every family's forward_intermediates takes it; BEiT has no final norm (fc_norm acts on the
+    pooled features), so the maps are the same either way."""
+    del norm
     _, (h, w), outs = self._run(images, train)
     return [o[:, 1:].reshape(o.shape[0], h, w, o.shape[-1]) for o in outs]
 

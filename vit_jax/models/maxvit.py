@@ -183,8 +183,9 @@ def avg_pool2(x: Array, padding: str) -> Array:
 
 
 class Stem(nn.Module):
-  """conv 3x3 s2 -> BatchNorm + GELU -> conv 3x3 (timm maxxvit Stem); NHWC, stride 2."""
+  """conv 3x3 (stride `stride`, 2 in MaxViT) -> BatchNorm + GELU -> conv 3x3 (timm maxxvit Stem); NHWC."""
   width: int
+  stride: int = 2
   use_bias: bool = True
   padding: str = 'torch'
   bn_eps: float = 1e-5
@@ -196,7 +197,7 @@ class Stem(nn.Module):
     conv = lambda x, stride, name: _conv(self.width, 3, stride=stride, use_bias=self.use_bias,
                                          padding=conv_pads(x.shape[1:3], 3, stride, self.padding),
                                          dtype=self.dtype, name=name)(x)
-    x = conv(x, 2, 'conv1')
+    x = conv(x, self.stride, 'conv1')
     x = nn.gelu(_batch_norm('norm1', self.bn_eps, train, self.dtype)(x), approximate=self.gelu_approximate)
     return conv(x, 1, 'conv2')
 
@@ -397,7 +398,8 @@ class MaxViT(nn.Module):
 
   img_size sets the partition (window and grid) side, img_size // 32, unless window_size is given (timm sizes it
   from img_size the same way); every stage map (side / 4, / 8, / 16, / 32) must split into partitions, so input
-  sides must be multiples of 32 x the partition side. head_hidden_size defaults to the last width.
+  sides must be multiples of 32 x the partition side (patch_size x 2**stages x the side in general).
+  head_hidden_size defaults to the last width.
   num_classes=0: the logits are the pre-logits.
   """
   num_classes: int = 1000
@@ -405,6 +407,7 @@ class MaxViT(nn.Module):
   depths: Sequence[int] = (2, 2, 5, 2)
   stem_width: int = 64
   stem_bias: bool = True
+  patch_size: int = 2  # Stride of the stem's first conv (2 in the paper and timm; the stages then stride by 2 each).
   head_hidden_size: Optional[int] = None
   dim_head: int = 32
   mlp_ratio: float = 4.0
@@ -451,8 +454,8 @@ class MaxViT(nn.Module):
     shared = dict(dim_head=self.dim_head, mlp_ratio=self.mlp_ratio, head_first=self.head_first,
                   rel_pos_type=self.rel_pos_type, padding=self.padding, bn_eps=self.bn_eps, ln_eps=self.ln_eps,
                   gelu_approximate=self.gelu_approximate, dtype=self.dtype, attention_impl=self.attention_impl)
-    self.stem = Stem(self.stem_width, self.stem_bias, self.padding, self.bn_eps, self.gelu_approximate,
-                     dtype=self.dtype)
+    self.stem = Stem(self.stem_width, self.patch_size, self.stem_bias, self.padding, self.bn_eps,
+                     self.gelu_approximate, dtype=self.dtype)
     self.stages = [
         MaxViTStage(self.embed_dim[i], self.depths[i], self.partition,
                     tuple(float(r) for r in dpr[starts[i]:starts[i + 1]]), shared, self.remat, name=f'stages_{i}')
@@ -466,7 +469,7 @@ class MaxViT(nn.Module):
   def check_input_size(self, height: int, width: int) -> None:
     """ValueError naming the fix unless every stage map (stride 4 .. 32) splits into partitions."""
     p = self.partition[0]
-    need = p * 2 ** (len(self.depths) + 1)
+    need = p * self.patch_size * 2 ** len(self.depths)
     if height % need or width % need:
       raise ValueError(f'Input {height}x{width} does not fit this MaxViT (partition {p}x{p}, {len(self.depths)} '
                        f'stages): both sides must be multiples of {need}. Fix: resize the images, or build the '
@@ -484,7 +487,7 @@ class MaxViT(nn.Module):
     return outs
 
   def forward_intermediates(self, images: Array, *, train: bool = False, norm: bool = False) -> list[Array]:
-    """Per-stage NHWC outputs (strides 4, 8, 16, 32). MaxViT has no norm on the map (its LayerNorm follows the
+    """Per-stage NHWC outputs (strides 4, 8, 16, 32 with the stem's patch_size 2). MaxViT has no norm on the map (its LayerNorm follows the
     pooling in the head), so `norm` changes nothing; it is accepted for the shared API."""
     del norm
     return self._stages(images, train)
