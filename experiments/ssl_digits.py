@@ -50,9 +50,9 @@ MAE_DECODER = dict(decoder_hidden_size=32, decoder_num_layers=2, decoder_num_hea
                    mask_ratio=0.75, norm_pix_loss=True)
 DINO_HEAD = dict(out_dim=1024, head_hidden_dim=256, head_bottleneck_dim=64)
 KNN = {'type': 'knn', 'k': 20, 'temperature': 0.07}
-# The classifier's head, the same for the fine-tuned and the scratch runs: the class token (which MAE's encoder also
-# trains). MAE's own fine-tuning head (mean of the patch tokens, then a LayerNorm) is the other fair choice.
-CLASSIFIER = 'token'
+# The classifier's head, the same for the fine-tuned and the scratch runs: MAE's fine-tuning head (mean of the patch
+# tokens, then a LayerNorm).
+CLASSIFIER = 'gap_fc_norm'
 
 
 def _base(steps: int, seed: int, batch_size: int, data_dir: str | None) -> ml_collections.ConfigDict:
@@ -73,8 +73,8 @@ def _base(steps: int, seed: int, batch_size: int, data_dir: str | None) -> ml_co
 
 def classifier_config(steps: int, seed: int, batch_size: int, data_dir: str | None,
                       init_from: str | None = None) -> ml_collections.ConfigDict:
-  """The supervised classifier (ViT with ENCODER and the class-token head, CLASSIFIER), from scratch or initialised
-  from an MAE workdir's encoder."""
+  """The supervised classifier (ViT with ENCODER and CLASSIFIER's head), from scratch or initialised from an MAE
+  workdir's encoder."""
   c = _base(steps, seed, batch_size, data_dir)
   c.model.name = 'vit_b16'
   c.model.update(ENCODER, classifier=CLASSIFIER, drop_path_rate=0.1)
@@ -142,7 +142,7 @@ def measure_dino(seed: int, runs: pathlib.Path) -> dict[str, float]:
   run(config, workdir)
   teacher = evaluate.evaluate(evaluate.workdir_config(str(workdir)), workdir=str(workdir), names=['knn'])
   init = train.setup_run(config)  # The same network at this seed's initialisation (teacher = student there).
-  feature_fn = evaluators.pre_logits_fn(init.model)
+  feature_fn = init.task.feature_fn(init.model)
   num_classes = init.dataset_info.num_classes
   return {'teacher': teacher['knn/top1'],
           'random_init': _knn_on(config, feature_fn, init.task.eval_variables(init.state), init.mesh, num_classes),

@@ -50,6 +50,7 @@ def test_einsum_matches_a_numpy_reference():
     ('swinv2_t', dict(embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=2), 16),
     ('pvt_v2_b0', dict(embed_dims=(8, 16), depths=(1, 1), num_heads=(1, 2), sr_ratios=(2, 1), mlp_ratios=2.0), 32),
     ('mvitv2_t', dict(embed_dim=8, depths=(1, 1), num_heads=1, img_size=32), 32),  # Rel-pos terms as the bias.
+    ('maxvit_t', dict(embed_dim=(16,), depths=(1,), stem_width=8, dim_head=8, window_size=2), 8),  # Likewise.
 ])
 def test_models_agree_across_implementations(name, kwargs, size):
   images = jax.random.normal(jax.random.key(1), (2, size, size, 3))
@@ -57,8 +58,8 @@ def test_models_agree_across_implementations(name, kwargs, size):
   for implementation in ('einsum', 'xla'):
     model = models.create_model(name, num_classes=5, attention_impl=implementation, **kwargs)
     if implementation == 'einsum':
-      params = model.init(jax.random.key(0), images)['params']
-    outs[implementation] = model.apply({'params': params}, images)
+      variables = model.init(jax.random.key(0), images)  # params, and batch_stats where the model has BatchNorm.
+    outs[implementation] = model.apply(variables, images)
   np.testing.assert_allclose(outs['xla'], outs['einsum'], atol=1e-5)
 
 

@@ -166,6 +166,8 @@ def _get(tree, path):
 NO_TIMM_EQUIVALENT = {
     'vit_pico': 'project-only tiny model for the digits config and tests',
     'swinv2_l': "timm has no window-8 256 px Swin-V2-L (its 256 px large model uses window 16)",
+    **{f'maxvit_{s}': 'timm registers the paper MaxViT only with TF numerics (maxvit_*_tf_224); the PyTorch-numerics '
+                      'build is timm MaxxVit with MaxxVitCfg defaults' for s in 'tsb'},
     'cvt_13': 'CvT is not in timm (Hugging Face microsoft/cvt-13; layout hf)',
     'cvt_21': 'CvT is not in timm (Hugging Face microsoft/cvt-21; layout hf)',
     'cvt_w24': 'CvT is not in timm (Hugging Face microsoft/cvt-w24-384-22k; layout hf)',
@@ -203,3 +205,6 @@ def test_every_registry_entry_records_its_timm_name(name):
         f'p{kw["patch_size"]}_{spec.image_size}'
   elif spec.family == 'mvitv2':
     assert arch == {'mvitv2_t': 'mvitv2_tiny', 'mvitv2_s': 'mvitv2_small', 'mvitv2_b': 'mvitv2_base'}[name]
+  elif spec.family == 'maxvit':
+    size = {'t': 'tiny', 's': 'small', 'b': 'base'}[name.split('_')[1]]
+    assert arch == f'maxvit_{size}_tf_{spec.image_size}' and kw['padding'] == 'same'

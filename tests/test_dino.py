@@ -71,6 +71,7 @@ def test_head_matches_torch(ref):
   np.testing.assert_allclose(np.asarray(out), ref['head_y'], atol=1e-5)
 
 
+@pytest.mark.slow  # ~40 s on the shared 2-core CPU (one jitted program, three applies).
 def test_multicrop_forward_groups_crops_by_size():
   """forward_crops runs the 16 px global and 8 px local crops by size; each crop's rows equal it on its own."""
   model = dino.DinoVisionTransformer(num_classes=0, **dict(TINY, num_layers=1))

@@ -125,6 +125,8 @@ def test_run_periodic_on_digits_pixels(digits_data_dir):
   features = evaluators.extract_features(_pixels, {'scale': np.float32(1.0)}, config.dataset, 'test', batch_size=64,
                                          mesh=mesh)
   assert features.features.shape == (360, 8 * 8 * 3) and np.bincount(features.labels).sum() == 360
+  with pytest.raises(ValueError, match='batch_size=60 cannot be split evenly'):
+    evaluators.extract_features(_pixels, {'scale': np.float32(1.0)}, config.dataset, 'test', batch_size=60, mesh=mesh)
 
 
 # --- The command line.

@@ -39,7 +39,11 @@ FAMILIES = {
                [(4, 8), (8, 16), (16, 16), (32, 24)]),
     'mvitv2': ('mvitv2_t', dict(depths=(1, 1, 1, 1), embed_dim=(8, 8, 16, 16), num_heads=(1, 1, 2, 2),
                                 img_size=64), 64, [(4, 8), (8, 8), (16, 16), (32, 16)]),
+    'maxvit': ('maxvit_t', dict(depths=(1, 1, 1, 1), embed_dim=(8, 8, 16, 16), stem_width=8, dim_head=8,
+                                img_size=64), 64, [(4, 8), (8, 8), (16, 16), (32, 16)]),
 }
+# Residual branches with a DropPath per block: attention + MLP; MaxViT: MBConv + (attention + MLP) x block / grid.
+DROP_PATHS_PER_BLOCK = {'maxvit': 5}
 NUM_CLASSES = 3
 
 
@@ -55,18 +59,18 @@ def family_outputs(request):
   size = FAMILIES[family][2]
   model, remat = _model(family), _model(family, remat=True)
   x = model_utils.images(2, size)
-  params = model_utils.random_variables(model, x)['params']
+  variables = model_utils.random_variables(model, x)  # Plus BatchNorm statistics where the model has them.
+  variables = {c: jax.tree.map(jnp.abs, t) if c == 'batch_stats' else t for c, t in variables.items()}
 
   @jax.jit
-  def run(params, x):
-    v = {'params': params}
+  def run(v, x):
     feats = model.apply(v, x, method='forward_features')
     return dict(
         features=feats, head=model.apply(v, feats, train=False, method='forward_head'),  # Every family takes train.
         pre_logits=model.apply(v, feats, pre_logits=True, method='forward_head'),
         stages=model.apply(v, x, norm=True, method='forward_intermediates'),
         logits=remat.apply(v, x))  # == forward_head(forward_features) checks remat and __call__ at once.
-  return family, model, run(params, x)
+  return family, model, run(variables, x)
 
 
 def test_forward_features_and_head(family_outputs):
@@ -84,7 +88,8 @@ def test_forward_features_and_head(family_outputs):
     np.testing.assert_allclose(out['pre_logits'], pooled, atol=1e-6)
   else:  # NHWC map, final-normed; pooled by the mean over H, W.
     np.testing.assert_allclose(feats, last, atol=1e-6)
-    np.testing.assert_allclose(out['pre_logits'], feats.mean(axis=(1, 2)), atol=1e-5)
+    if family != 'maxvit':  # MaxViT's pre-logits are its head's tanh(Linear(LN(mean))) (test_maxvit).
+      np.testing.assert_allclose(out['pre_logits'], feats.mean(axis=(1, 2)), atol=1e-5)
 
 
 def test_per_stage_features(family_outputs):
@@ -120,7 +125,8 @@ def _trace(model, size):
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   variables = model_utils.abstract_variables(model, x)
   with nn.intercept_methods(record):
-    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=True, rngs={'dropout': jax.random.key(0)}))(
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=True, rngs={'dropout': jax.random.key(0)},
+                                                    mutable=['batch_stats'] if 'batch_stats' in v else False))(
         variables, x)
   return seen, str(jaxpr)
 
@@ -139,7 +145,7 @@ def test_drop_path_rate_override(traced):
   rates = [m.rate for _, m in modules if isinstance(m, layers.DropPath)]
   overrides = FAMILIES[family][1]
   depth = sum(overrides.get('depths', ())) or overrides.get('num_layers') or overrides['num_blocks']
-  assert len(rates) == 2 * depth  # The attention (token-mixing) and MLP branch of every block.
+  assert len(rates) == DROP_PATHS_PER_BLOCK.get(family, 2) * depth  # E.g. the attention and MLP branches.
   assert max(rates) == pytest.approx(0.4) and min(rates) == (0.4 if family == 'mixer' else 0.0)
   assert rates == sorted(rates)
 
@@ -182,8 +188,12 @@ def _gelu_kinds(jaxpr):
 
 def test_gelu_flavour(traced):
   """Official JAX ViT / hybrids / Mixer: tanh GELU by default (exact with gelu_approximate=False, as timm);
-  DeiT, Swin, PVTv2, MViTv2 (PyTorch-born): exact erf GELU."""
+  DeiT, Swin, PVTv2, MViTv2, MaxViT (PyTorch-born): exact erf GELU (MaxViT's one tanh is its pre-logits
+  activation; its TF-weights variants use the tanh GELU, test_maxvit)."""
   family, _, jaxpr = traced
+  if family == 'maxvit':
+    assert len(re.findall(r'\btanh\b', jaxpr)) == 1
+    jaxpr = jaxpr.replace('tanh', 'pre_logits_act')
   if family in ('vit', 'hybrid', 'mixer'):
     assert _gelu_kinds(jaxpr) == {'exact': False, 'tanh': True}
     exact = _trace(_model(family, gelu_approximate=False), FAMILIES[family][2])[1]

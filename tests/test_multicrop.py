@@ -78,6 +78,7 @@ def views():
   return tf.map_fn(make, seeds, fn_output_signature=(tf.float32, tf.float32))
 
 
+@pytest.mark.slow  # The 60 traced multi-crop draws take ~20-50 s on the shared 2-core CPU.
 def test_multicrop_shapes_range_and_grey_probability(views):
   glob, local = views
   assert glob.shape == (60, 2, 12, 12, 3) and local.shape == (60, 4, 6, 6, 3)

@@ -149,3 +149,27 @@ def test_accumulation_gives_the_same_task_update(toy_task):
   _close(split[-1].extra, whole[-1].extra, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(float(split_metrics[0].compute()['loss']), float(whole_metrics[0].compute()['loss']),
                              rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_periodic_evaluators_run_when_due_and_reach_final_metrics(digits_data_dir, tmp_path, monkeypatch):
+  """config.evals.knn with every=2 in a 4-step run: it runs after steps 2 and 4 on the task's eval variables, and
+  its last scalars are in final_metrics.json."""
+  from vit_jax import evaluators  # pylint: disable=g-import-not-at-top
+  from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  ran = []
+  original = evaluators.run_periodic
+
+  def recording(*args, **kwargs):
+    scalars = original(*args, **kwargs)
+    if scalars:
+      ran.append((kwargs['step'], scalars))
+    return scalars
+
+  monkeypatch.setattr(evaluators, 'run_periodic', recording)
+  config = tiny_config(digits_data_dir, total_steps=4, log_every=2, eval_every=0, checkpoint_every=4,
+                       **{'optimizer.warmup_steps': 1})
+  config.evals.knn = ml_collections.ConfigDict({'type': 'knn', 'every': 2, 'k': 5})
+  final = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert [step for step, _ in ran] == [2, 4]
+  assert final['knn/top1'] == ran[-1][1]['knn/top1'] and 0.0 <= final['knn/top1'] <= 1.0

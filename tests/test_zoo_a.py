@@ -197,6 +197,16 @@ def test_drop_path_eps_gelu_and_padding(family):
       assert patchify or m.padding == tuple((k // 2, k // 2) for k in kernel), (path, m.padding)
 
 
+@pytest.mark.parametrize('family', sorted(TINY))
+def test_bfloat16_compute_keeps_float32_params_and_logits(family):
+  model = _model(family, dtype=jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((2, TINY[family][2], TINY[family][2], 3), jnp.float32)
+  variables = model_utils.abstract_variables(model, x)
+  assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  out = jax.eval_shape(model.apply, variables, x)
+  assert out.shape == (2, NUM_CLASSES) and out.dtype == jnp.float32
+
+
 @pytest.mark.parametrize('family, size, match', [
     ('convnext', 8, 'too small'), ('cait', 18, 'multiple of patch_size'), ('beit', 18, 'multiple of patch_size')])
 def test_bad_input_size_names_the_fix(family, size, match):

@@ -9,8 +9,8 @@
 `--evals` lists entries of config.evals by name, or evaluator types (knn, linear_probe, fewshot) run with their
 defaults; without it every entry of config.evals runs, or, if there is none, the kinds the task names as
 suiting it (`Task.evaluators`, e.g. DINO's k-NN and linear probe). `--config.evals.knn.k=10`-style overrides work
-with --config. Features are the model's pre-logits (vit_jax.evaluators.pre_logits_fn; DINO's: the backbone's class
-token). The last line printed is one JSON object:
+with --config. Features are the task's (`Task.feature_fn`: the model's pooled pre-logits; DINO's: the backbone's
+class token). The last line printed is one JSON object:
 {"source": ..., "step": ..., "NAME/METRIC": value, ...}.
 """
 from __future__ import annotations
@@ -51,15 +51,27 @@ def _tuples(value: Any) -> Any:
   return value
 
 
+def _overlay(config: ml_collections.ConfigDict, saved: dict[str, Any]) -> None:
+  """Writes the `saved` values over `config`, section by section (keys it lacks are added)."""
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+      _overlay(config[key], value)
+    else:
+      config[key] = value
+
+
 def workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a training run recorded in `workdir`/config.json."""
+  """The config a training run recorded in `workdir`/config.json, over today's defaults (so a run recorded before a
+  field existed reads it at its default)."""
   from etils import epath  # pylint: disable=g-import-not-at-top
-  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoint, config_schema  # pylint: disable=g-import-not-at-top
   path = epath.Path(workdir) / checkpoint.CONFIG_FILENAME
   if not path.exists():
     raise FileNotFoundError(f'{path} does not exist: --workdir must be a vit_jax training workdir. For a converted '
                             'checkpoint use --config, --model and --init_from instead.')
-  return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+  config = config_schema.base_config()
+  _overlay(config, _tuples(json.loads(path.read_text())))
+  return config
 
 
 def select_evaluators(config: ml_collections.ConfigDict, names: Optional[Sequence[str]]) -> dict[str, Any]:
@@ -126,7 +138,7 @@ def evaluate(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None
     run, variables = _load_converted(config)
     result = {'source': config.init_from, 'step': None}
   result.update(evaluators.run_evaluators(
-      chosen, feature_fn=evaluators.pre_logits_fn(run.model), variables=variables, dataset_config=config.dataset,
+      chosen, feature_fn=run.task.feature_fn(run.model), variables=variables, dataset_config=config.dataset,
       batch_size=batch_size or config.batch_size, mesh=run.mesh, num_classes=run.dataset_info.num_classes))
   return result
 

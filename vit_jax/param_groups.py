@@ -121,7 +121,8 @@ def _candidate_groupings() -> dict[str, facts.LayerGrouping]:
 def _detect_grouping(names: Sequence[str]) -> facts.LayerGrouping:
   """The registered grouping that recognises the most of `names` (as block, stage or stem parameters), the more
   specific one (more of its rules used) on a tie. Groupings that still tie must agree on every id; otherwise the
-  caller has to name the family."""
+  caller has to name the family. Families anchor their regexes ('^...') so that they do not claim another
+  family's parameters (e.g. MAE's decoder blocks, which are not ViT encoder blocks)."""
   def score(grouping):
     fired = [next((i for i, (rx, _) in enumerate(grouping.blocks) if re.search(rx, n)), None) for n in names]
     known = sum(f is not None or bool(re.search(grouping.stem, n)) for f, n in zip(fired, names))

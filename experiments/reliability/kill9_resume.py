@@ -14,7 +14,6 @@ anything differs.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -25,6 +24,7 @@ import sys
 import time
 
 import numpy as np
+from absl import app, flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TIME_FIELDS = ('train_seconds', 'resumed_from_step')
@@ -33,16 +33,18 @@ TASK_CONFIGS = {'classification': 'configs/default.py', 'dino': 'configs/dino_di
                 'mae': 'configs/mae_digits.py'}
 
 
-def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--task', choices=sorted(TASK_CONFIGS), default='classification')
-  parser.add_argument('--kills', type=int, default=10)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--steps', type=int, default=600)
-  parser.add_argument('--max_delay', type=float, default=8.0,
-                      help='kill uniform(0, max_delay) s after the attempt wrote its first new checkpoint')
-  parser.add_argument('--out', default='/tmp/vit_jax_kill9')
-  args = parser.parse_args()
+flags.DEFINE_enum('task', 'classification', sorted(TASK_CONFIGS), 'which task\'s digits config to run')
+flags.DEFINE_integer('kills', 10, 'how many times the run is killed', lower_bound=1)
+flags.DEFINE_integer('seed', 0, 'seed of the kill moments')
+flags.DEFINE_integer('steps', 600, 'train steps of the shortened schedule', lower_bound=1)
+flags.DEFINE_float('max_delay', 8.0, 'kill uniform(0, max_delay) s after the attempt wrote its first new checkpoint')
+flags.DEFINE_string('out', '/tmp/vit_jax_kill9', 'directory for the runs and logs (emptied first)')
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  args = flags.FLAGS
 
   out = pathlib.Path(args.out)
   shutil.rmtree(out, ignore_errors=True)
@@ -121,4 +123,4 @@ def main() -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  app.run(main)

@@ -7,26 +7,23 @@ from typing import Any, Iterable
 
 import ml_collections
 
-from vit_jax import checkpoint, evaluators, input_pipeline, optim, sharding, train
+from vit_jax import checkpoint, evaluators, input_pipeline, sharding, train
 from vit_jax.evaluators.fewshot import fewshot_errors
 
 
-def restore_params(config: ml_collections.ConfigDict, workdir: str, num_classes: int, step: int) -> tuple[Any, Any]:
-  """(model, params) of the run `config` at checkpoint `step` of `workdir`, restored without running an init."""
-  model = train.build_model(config, num_classes)
-  tx, _ = optim.create_optimizer(config.optimizer, config.total_steps)
-  abstract, _ = train.abstract_train_state(model, tx, image_size=config.dataset.image_size,
-                                           mesh=sharding.create_mesh(config.mesh),
-                                           rules=sharding.logical_rules(config.sharding_rules))
+def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int) -> tuple[Any, Any]:
+  """(model, params) of the run `config` at checkpoint `step` of `workdir`, restored without running an init
+  (the trainer's own set-up, `train.setup_run`, on shapes only)."""
+  run = train.setup_run(config, abstract=True)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   try:
     if step not in ckpt.all_steps():
       raise FileNotFoundError(f'{workdir} has no checkpoint at step {step} (has {ckpt.all_steps()}) for the few-shot '
                               'probe; rerun the sweep to finish this run.')
-    state = ckpt.restore(abstract, step=step)
+    state = ckpt.restore(run.state, step=step)
   finally:
     ckpt.close()
-  return model, state.params
+  return run.model, state.params
 
 
 def probe_run(config: ml_collections.ConfigDict, workdir: str, *, train_split: str, shots: Iterable[int],
@@ -34,7 +31,7 @@ def probe_run(config: ml_collections.ConfigDict, workdir: str, *, train_split: s
   """Few-shot errors of the final checkpoint of the run in `workdir`: probe fitted on `train_split`, tested on the
   run's eval split."""
   info = input_pipeline.get_dataset_info(config.dataset)
-  model, params = restore_params(config, workdir, info.num_classes, config.total_steps)
+  model, params = restore_params(config, workdir, config.total_steps)
   feature_fn, variables = evaluators.pre_logits_fn(model), {'params': params}
   kw = dict(batch_size=config.batch_size, mesh=sharding.create_mesh(config.mesh))
   train_set = evaluators.extract_features(feature_fn, variables, config.dataset, train_split, **kw)

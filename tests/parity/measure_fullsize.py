@@ -38,11 +38,14 @@ CASES = [  # timm name, our name, create_model overrides for timm's numerics
     ('convnext_tiny', 'convnext_t', {}),
     ('cait_xxs24_224', 'cait_xxs24', {}),
     ('beit_base_patch16_224', 'beit_b16', {}),
+    ('maxvit_tiny_tf_224', 'maxvit_t_tf_224', {}),
 ]
 # Families whose reference is not timm: (reference, our name, the builder of the randomised reference model, layout).
 OTHER_CASES = [
     ('transformers CvtForImageClassification (microsoft/cvt-13)', 'cvt_13', '_hf_cvt', 'hf'),
     ('transformers CvtForImageClassification (microsoft/cvt-21)', 'cvt_21', '_hf_cvt', 'hf'),
+    ('timm MaxxVit, maxvit_tiny_tf_224 cfg with MaxxVitCfg default numerics', 'maxvit_t', '_timm_maxvit_pytorch',
+     'timm'),
 ]
 
 
@@ -53,6 +56,16 @@ def _hf_cvt(name: str):
   kw = get_model_spec(name).kwargs
   return CvtForImageClassification(CvtConfig(
       num_labels=1000, embed_dim=list(kw['embed_dims']), depth=list(kw['depths']), num_heads=list(kw['num_heads'])))
+
+
+def _timm_maxvit_pytorch(name: str):
+  """timm's paper MaxViT of registry model `name` with PyTorch numerics (timm's MaxxVitCfg defaults instead of
+  its _tf_cfg(): symmetric padding, BN eps 1e-5, LN eps 1e-6, exact GELU, per-head qkv, Swin-style table)."""
+  import timm  # pylint: disable=g-import-not-at-top
+  size = {'maxvit_t': 'tiny', 'maxvit_s': 'small', 'maxvit_b': 'base'}[name]
+  return timm.create_model(f'maxvit_{size}_tf_224', pretrained=False, num_classes=1000, conv_padding='',
+                           conv_norm_eps=1e-5, conv_act_layer='gelu', transformer_norm_eps=1e-6,
+                           transformer_act_layer='gelu', transformer_head_first=True, transformer_rel_pos_type='bias')
 
 
 def _randomize_with_stats(model, seed: int) -> None:

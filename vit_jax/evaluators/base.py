@@ -78,6 +78,7 @@ def extract_features(feature_fn: FeatureFn, variables: Mapping[str, Any], datase
                      split: str, *, batch_size: int, mesh: jax.sharding.Mesh) -> Features:
   """Features and labels of every example of `split`, preprocessed as for evaluation (resize / centre crop, no
   augmentation); padding examples of the last batch are dropped. A collective when there are several processes."""
+  sharding.check_global_batch(batch_size, mesh)  # A clear error for a batch the mesh cannot split.
   ds_config = dataset_config.copy_and_resolve_references()
   ds_config.eval_split = split
   apply = _compiled(feature_fn, mesh)

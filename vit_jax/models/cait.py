@@ -106,11 +106,12 @@ class TalkingHeadAttention(nn.Module):
     qkv = qkv.reshape(b, n, 3, heads, dim // heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, Dh)
     q = q * jnp.asarray((dim // heads) ** -0.5, q.dtype)
-    logits = jnp.einsum('bqhd,bkhd->bqkh', q, k)  # Heads last: proj_l / proj_w act on that axis.
-    logits = _dense(heads, (None, None), dtype=self.dtype, name='proj_l')(logits)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=2).astype(self.dtype)
-    weights = _dense(heads, (None, None), dtype=self.dtype, name='proj_w')(weights)
-    weights = nn.Dropout(self.attn_drop_rate)(weights, deterministic=deterministic)
+    # Heads last, so that proj_l / proj_w (small (H, H) maps) mix that axis; the mixing and the softmax run in
+    # float32 whatever the compute dtype.
+    logits = jnp.einsum('bqhd,bkhd->bqkh', q, k).astype(jnp.float32)
+    logits = _dense(heads, (None, None), dtype=jnp.float32, name='proj_l')(logits)
+    weights = _dense(heads, (None, None), dtype=jnp.float32, name='proj_w')(jax.nn.softmax(logits, axis=2))
+    weights = nn.Dropout(self.attn_drop_rate)(weights.astype(self.dtype), deterministic=deterministic)
     out = jnp.einsum('bqkh,bkhd->bqhd', weights, v).reshape(b, n, dim)
     out = _dense(dim, ('heads', 'embed'), dtype=self.dtype, name='proj')(out)
     return nn.Dropout(self.proj_drop_rate)(out, deterministic=deterministic)

@@ -152,7 +152,8 @@ class ConvNeXt(layers.HierarchicalBackbone):
                       drop_path_rates=tuple(float(r) for r in dpr[starts[i]:starts[i + 1]]), remat=self.remat,
                       dtype=self.dtype)
         for i in range(n)]
-    self.head_norm = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, scale_init=logical(nn.initializers.ones, ('embed',)),
+    self.head_norm = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype,
+                                  scale_init=logical(nn.initializers.ones, ('embed',)),
                                   bias_init=logical(_zeros, ('embed',)))
     self.head_drop = nn.Dropout(self.drop_rate)
     if self.num_classes > 0:
@@ -188,12 +189,12 @@ class ConvNeXt(layers.HierarchicalBackbone):
     return x
 
   def forward_head(self, features: Array, *, pre_logits: bool = False, train: bool = False) -> Array:
-    """Mean over H and W, head LayerNorm, then (unless pre_logits) dropout and the classifier."""
+    """Mean over H and W, head LayerNorm, then (unless pre_logits) dropout and the classifier (float32 logits)."""
     x = self.head_norm(jnp.mean(features, axis=(1, 2)))
     if pre_logits:
       return x
     x = self.head_drop(x, deterministic=not train)
-    return self.head(x) if self.num_classes > 0 else x
+    return self.head(x).astype(jnp.float32) if self.num_classes > 0 else x
 
 
 # ----------------------------------------------------------------------------------------------------------------

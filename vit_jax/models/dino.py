@@ -13,7 +13,6 @@ torch's `F.interpolate(mode='bicubic', scale_factor=..., align_corners=False)`; 
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn

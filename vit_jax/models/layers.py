@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vit_jax.models import attention
 
@@ -30,6 +31,17 @@ BATCH_LENGTH_EMBED = ('batch', 'length', 'embed')
 
 
 _BOX_NAMES = contextvars.ContextVar('vit_jax_logical_partitioning', default=False)
+
+
+def per_stage(value: Any, n: int, name: str) -> tuple:
+  """One value per stage: a scalar repeated `n` times, or a sequence of exactly `n` values (a ValueError naming
+  the option otherwise)."""
+  if isinstance(value, (int, float, np.integer, np.floating)):
+    return (value.item() if isinstance(value, np.generic) else value,) * n
+  value = tuple(value)
+  if len(value) != n:
+    raise ValueError(f'{name} needs one value per stage ({n}) or a single value, got {value}.')
+  return value
 
 
 @contextlib.contextmanager

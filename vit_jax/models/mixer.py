@@ -176,6 +176,6 @@ def infer_image_size(state_dict: Mapping[str, np.ndarray], options: Mapping[str,
 
 FACTS = facts.register_family(facts.FamilyFacts(
     name='mixer', layouts={'timm': facts.ConversionTable(TIMM_RULES)},
-    grouping=facts.LayerGrouping(blocks=((r'(?:^|/)MixerBlock_(\d+)/', 'block1'),), stem=r'^stem(/|$)'),
+    grouping=facts.LayerGrouping(blocks=((r'^MixerBlock_(\d+)/', 'block1'),), stem=r'^stem(/|$)'),
     infer_image_size=infer_image_size,
     timm_numerics=lambda options: {'gelu_approximate': False}))  # timm's Mixer uses exact GELU.

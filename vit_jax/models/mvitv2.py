@@ -52,15 +52,6 @@ _PATCH = (7, 4, 3)  # patch_kernel, patch_stride, patch_padding.
 _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
 
-def _to_tuple(value, n: int, name: str) -> tuple:
-  if isinstance(value, (int, float)):
-    return (value,) * n
-  value = tuple(value)
-  if len(value) != n:
-    raise ValueError(f'{name} needs one value or one per stage ({n}), got {value}.')
-  return value
-
-
 def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
   return (size + 2 * pad - kernel) // stride + 1
 
@@ -281,7 +272,7 @@ class MultiScaleVisionTransformerV2(layers.HierarchicalBackbone):
     n = len(self.depths)
     dims = self.embed_dim if not isinstance(self.embed_dim, int) else tuple(self.embed_dim * 2 ** i for i in range(n))
     heads = self.num_heads if not isinstance(self.num_heads, int) else tuple(self.num_heads * 2 ** i for i in range(n))
-    return _to_tuple(dims, n, 'embed_dim'), _to_tuple(heads, n, 'num_heads')
+    return layers.per_stage(dims, n, 'embed_dim'), layers.per_stage(heads, n, 'num_heads')
 
   @property
   def num_features(self) -> int:

@@ -61,15 +61,6 @@ def _conv_init(groups: int = 1) -> nn.initializers.Initializer:
   return init
 
 
-def _to_tuple(value, n: int, name: str) -> tuple:
-  if isinstance(value, (int, float)):
-    return (value,) * n
-  value = tuple(value)
-  if len(value) != n:
-    raise ValueError(f'{name} needs one value or one per stage ({n}), got {value}.')
-  return value
-
-
 def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
   return (size + 2 * pad - kernel) // stride + 1
 
@@ -275,9 +266,9 @@ class PyramidVisionTransformerV2(layers.HierarchicalBackbone):
     n = len(self.depths)
     if len(self.embed_dims) != n:
       raise ValueError(f'depths {tuple(self.depths)} and embed_dims {tuple(self.embed_dims)} differ in length.')
-    heads = _to_tuple(self.num_heads, n, 'num_heads')
-    srs = _to_tuple(self.sr_ratios, n, 'sr_ratios')
-    mlps = _to_tuple(self.mlp_ratios, n, 'mlp_ratios')
+    heads = layers.per_stage(self.num_heads, n, 'num_heads')
+    srs = layers.per_stage(self.sr_ratios, n, 'sr_ratios')
+    mlps = layers.per_stage(self.mlp_ratios, n, 'mlp_ratios')
     dpr = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
     starts = np.cumsum((0,) + tuple(self.depths))
     self.patch_embed = OverlapPatchEmbed(7, 4, self.embed_dims[0], dtype=self.dtype)
@@ -298,7 +289,7 @@ class PyramidVisionTransformerV2(layers.HierarchicalBackbone):
   def stage_resolutions(self, height: int, width: int) -> list[tuple[int, int]]:
     """Per-stage feature-map (H, W); ValueError when a stage's spatial-reduction conv would leave no keys."""
     n = len(self.depths)
-    srs = _to_tuple(self.sr_ratios, n, 'sr_ratios')
+    srs = layers.per_stage(self.sr_ratios, n, 'sr_ratios')
     if height < 1 or width < 1:
       raise ValueError(f'Input size {height}x{width} is empty.')
     res, out = (height, width), []
@@ -315,7 +306,7 @@ class PyramidVisionTransformerV2(layers.HierarchicalBackbone):
     return out
 
   def _min_side(self) -> int:
-    srs = _to_tuple(self.sr_ratios, len(self.depths), 'sr_ratios')
+    srs = layers.per_stage(self.sr_ratios, len(self.depths), 'sr_ratios')
     for side in range(1, 1 << 16):
       r, ok = side, True
       for i, sr in enumerate(srs):

@@ -148,15 +148,6 @@ def merge_patches(x: Array) -> Array:
   return x.reshape(b, h // 2, w // 2, 4 * c)
 
 
-def _to_tuple(v: IntOrSeq, n: int, what: str) -> tuple[int, ...]:
-  if isinstance(v, (int, np.integer)):
-    return (int(v),) * n
-  v = tuple(int(i) for i in v)
-  if len(v) != n:
-    raise ValueError(f'{what} needs one value per stage ({n}), got {v}.')
-  return v
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Layers.
 # ----------------------------------------------------------------------------------------------------------------
@@ -420,7 +411,7 @@ class SwinTransformer(layers.HierarchicalBackbone):
     n = len(self.depths)
     if len(self.num_heads) != n:
       raise ValueError(f'depths {tuple(self.depths)} and num_heads {tuple(self.num_heads)} differ in length.')
-    windows = _to_tuple(self.window_size, n, 'window_size')
+    windows = layers.per_stage(self.window_size, n, 'window_size')
     pretrained = self._pretrained_windows()
     dpr = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
     starts = np.cumsum((0,) + tuple(self.depths))
@@ -456,7 +447,7 @@ class SwinTransformer(layers.HierarchicalBackbone):
   def _axis_geometry(self, side: int):
     """[(resolution, window, shift)] per stage for one axis, or a string describing the first problem."""
     p, n = self.patch_size, len(self.depths)
-    windows = _to_tuple(self.window_size, n, 'window_size')
+    windows = layers.per_stage(self.window_size, n, 'window_size')
     if side % p:
       return f'{side} is not divisible by patch_size {p}.'
     res, out = side // p, []
@@ -498,7 +489,7 @@ class SwinTransformerV2(SwinTransformer):
   _version: ClassVar[int] = 2
 
   def _pretrained_windows(self) -> tuple[int, ...]:
-    return _to_tuple(self.pretrained_window_size, len(self.depths), 'pretrained_window_size')
+    return layers.per_stage(self.pretrained_window_size, len(self.depths), 'pretrained_window_size')
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -451,7 +451,7 @@ TIMM_RULES: tuple[facts.Rule, ...] = (
 )
 
 GROUPING = facts.LayerGrouping(
-    blocks=((r'(?:^|/)encoderblock_(\d+)/', 'block1'),),
+    blocks=((r'^Transformer/encoderblock_(\d+)/', 'block1'),),
     stem=r'^(embedding|cls|dist|Transformer/posembed_input|conv_root|gn_root|block\d+/unit\d+)(/|$)')
 
 

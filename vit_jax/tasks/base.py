@@ -2,7 +2,8 @@
 
 `vit_jax/train.py` runs the same loop for every task; `config.task.name` picks the task (`vit_jax.tasks.get_task`).
 The loop owns everything generic: the mesh and shardings, the optimizer update, gradient accumulation, remat and
-dtype (model options), the non-finite guard, the params' EMA, checkpoints, exact resume, preemption and `init_from`.
+dtype (model options), the non-finite guard, the EMA (params and batch_stats), checkpoints, exact resume, preemption
+and `init_from`.
 A task declares only what is specific to its objective:
 
   config      `config_defaults()`: the task's own fields, under `config.task.<name>` (the schema adds them, so
@@ -33,14 +34,14 @@ A task declares only what is specific to its objective:
 
 Rules for `loss`: it returns `(mean_loss, outputs, model_state)`. `mean_loss` is the scalar to differentiate;
 `outputs` maps names to per-example arrays (leading axis = the micro-batch) or to scalars (averaged over
-micro-batches), and must hold 'loss' (what the non-finite guard and the train metrics read); `model_state` is the
+micro-batches), and must hold 'loss' (what the non-finite guard and the train metrics read) and no 'mask' (clu
+reads that name as the metrics' mask); `model_state` is the
 updated non-param collections (`ctx.apply(..., train=True)` returns it; pass `ctx.model_state` through when the
 model has none). Randomness comes only from `rng` (a function of seed and step), so a resumed run repeats it.
 """
 from __future__ import annotations
 
 import abc
-import dataclasses
 from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import flax

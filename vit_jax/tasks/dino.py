@@ -192,13 +192,14 @@ class Dino(base.Task):
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, model: Any, dataset_info: Any) -> Dino:
-    c = config.task.dino
+    dino = config.task.dino
     return cls(out_dim=model.out_dim, total_steps=config.total_steps,
                steps_per_epoch=max(dataset_info.num_train_examples // config.batch_size, 1),
-               student_temp=c.student_temp, teacher_temp=c.teacher_temp, warmup_teacher_temp=c.warmup_teacher_temp,
-               warmup_teacher_temp_epochs=c.warmup_teacher_temp_epochs, momentum_teacher=c.momentum_teacher,
-               center_momentum=c.center_momentum, freeze_last_layer_epochs=c.freeze_last_layer_epochs,
-               clip_grad=c.clip_grad)
+               student_temp=dino.student_temp, teacher_temp=dino.teacher_temp,
+               warmup_teacher_temp=dino.warmup_teacher_temp,
+               warmup_teacher_temp_epochs=dino.warmup_teacher_temp_epochs, momentum_teacher=dino.momentum_teacher,
+               center_momentum=dino.center_momentum, freeze_last_layer_epochs=dino.freeze_last_layer_epochs,
+               clip_grad=dino.clip_grad)
 
   # ------------------------------------------------------------------------------------------------ state
   @classmethod
