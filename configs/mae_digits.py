@@ -1,7 +1,7 @@
 """A tiny MAE on the offline digits dataset (16 px, 4x4 patches: 16 tokens, 4 visible): the SSL smoke job.
 
-Runs in a couple of minutes on a CPU; the pretrained encoder fine-tunes a `vit_pico`-sized classifier with
---config.init_from=WORKDIR --config.model.name=vit_pico --config.model.classifier=gap_fc_norm.
+Offline, on a CPU. The pretrained encoder initialises a classifier of the same widths (`vit_pico`: patch_size=4,
+exact GELU) with --config.init_from=WORKDIR --config.model.classifier=gap_fc_norm (or 'token').
 """
 from vit_jax import recipes
 

@@ -240,5 +240,6 @@ def test_layer_decay_grouping():
   assert depth == 2
   assert ids['embedding/kernel'] == ids['cls'] == 0
   assert ids['Transformer/encoderblock_1/MlpBlock_0/Dense_0/kernel'] == 2
-  assert ids['Transformer/encoder_norm/scale'] == ids['Decoder/encoderblock_0/LayerNorm_0/scale'] == 3
+  assert ids['Transformer/encoder_norm/scale'] == ids['Decoder/decoderblock_0/LayerNorm_0/scale'] == 3
   assert ids['mask_token'] == ids['decoder_pred/kernel'] == 3
+  assert param_groups.layer_ids(names) == (ids, depth)  # The names alone find the same numbering.

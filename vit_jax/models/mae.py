@@ -6,8 +6,9 @@ the patches, and a light decoder that reconstructs the pixels of the others (fac
 
 The encoder is vit.py's `Encoder` (same parameter names as the ViT classifier: `embedding`, `cls`,
 `Transformer/encoderblock_i/...`, `Transformer/encoder_norm`), so its weights fine-tune a `vit_*` model directly
-(`backbone_params` adds the position table). The decoder is `decoder_embed`, `mask_token`, `Decoder` (blocks and
-its final norm `Decoder/encoder_norm`) and `decoder_pred`. Both fixed 2-D sin-cos position tables
+(`backbone_params` adds the position table). The decoder is `decoder_embed`, `mask_token`, `Decoder` (blocks
+`Decoder/decoderblock_i`, named apart from the encoder's so that layer groupings never count them as encoder
+blocks, and its final norm `Decoder/encoder_norm`) and `decoder_pred`. Both fixed 2-D sin-cos position tables
 (`posemb_sincos_2d_mae`, MAE's get_2d_sincos_pos_embed) are constants recomputed from the geometry, not
 parameters: they are frozen in the official code, and the registered counts are the official trainable counts.
 """
@@ -161,7 +162,7 @@ class MaskedAutoencoderViT(nn.Module):
                                   bias_init=layers.logical(nn.initializers.zeros, ('embed',)))
     self.mask_token = self.param('mask_token', token, (1, 1, self.decoder_hidden_size), jnp.float32)
     self.decoder = vit.Encoder(num_layers=self.decoder_num_layers, mlp_dim=self.decoder_mlp_dim,
-                               num_heads=self.decoder_num_heads, name='Decoder', **blocks)
+                               num_heads=self.decoder_num_heads, block_name='decoderblock', name='Decoder', **blocks)
     self.decoder_pred = nn.Dense(p * p * 3, name='decoder_pred',
                                  **{**dense, 'kernel_init': layers.logical(xavier(), ('embed', None))},
                                  bias_init=layers.logical(nn.initializers.zeros, (None,)))
@@ -282,7 +283,7 @@ OFFICIAL_LAYOUT = facts.ConversionTable(
            *_block_rules(_B, r'Transformer/encoderblock_\1/'),
            (r'norm', 'Transformer/encoder_norm', 'norm'),
            (r'decoder_embed', 'decoder_embed', 'linear'),
-           *_block_rules(_D, r'Decoder/encoderblock_\1/'),
+           *_block_rules(_D, r'Decoder/decoderblock_\1/'),
            (r'decoder_norm', 'Decoder/encoder_norm', 'norm'),
            (r'decoder_pred', 'decoder_pred', 'linear')],
     # The fixed sin-cos tables: our model recomputes them (`posemb_sincos_2d_mae`).

@@ -174,6 +174,7 @@ class Encoder(nn.Module):
   scan_layers: bool = False
   attention_impl: str = 'einsum'
   final_norm: bool = True
+  block_name: str = 'encoderblock'  # Blocks are `{block_name}_{i}` (MAE's decoder: 'decoderblock').
 
   @nn.compact
   def __call__(self, x: Array, *, grid: tuple[int, int], train: bool = False, intermediates: bool = False):
@@ -193,11 +194,11 @@ class Encoder(nn.Module):
                         variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                         in_axes=(nn.broadcast, 0), length=self.num_layers,
                         metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = scanned(name='encoderblock', **block)(x, not train, jnp.asarray(dpr, jnp.float32))
+      x, _ = scanned(name=self.block_name, **block)(x, not train, jnp.asarray(dpr, jnp.float32))
     else:
       block_cls = layers.remat(Encoder1DBlock, self.remat, static_argnums=(2,))
       for i in range(self.num_layers):
-        x = block_cls(drop_path_rate=float(dpr[i]), name=f'encoderblock_{i}', **block)(x, not train)
+        x = block_cls(drop_path_rate=float(dpr[i]), name=f'{self.block_name}_{i}', **block)(x, not train)
         outs.append(x)
     if self.final_norm:
       x = layers.layer_norm('encoder_norm', epsilon=self.layer_norm_eps, dtype=self.dtype)(x)
