@@ -85,6 +85,12 @@ class StepContext:
     return self.apply_fn(variables, *args, train=train, rngs=rngs, **kwargs), dict(self.model_state)
 
 
+def model_family(config: ml_collections.ConfigDict) -> str:
+  """The registry family of config.model.name (it owns the layer grouping the optimizer uses)."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  return models.get_model_spec(config.model.name).family
+
+
 def model_state_of(state: Any) -> dict[str, Any]:
   """The non-param collections a train state holds ({'batch_stats': ...} or {})."""
   return {} if getattr(state, 'batch_stats', None) is None else {'batch_stats': state.batch_stats}
@@ -140,9 +146,10 @@ class Task(abc.ABC):
 
   def create_optimizer(self, config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
                                                                           optax.Schedule]:
-    """(optimizer, learning-rate schedule) of the run."""
+    """(optimizer, learning-rate schedule) of the run; layer decay numbers the layers by the model family's own
+    grouping (`FamilyFacts.grouping`)."""
     from vit_jax import optim  # pylint: disable=g-import-not-at-top
-    return optim.create_optimizer(config.optimizer, config.total_steps)
+    return optim.create_optimizer(config.optimizer, config.total_steps, family=model_family(config))
 
   # ------------------------------------------------------------------------------------------------- step
   def prepare_batch(self, ctx: StepContext, batch: Batch, rng: jax.Array) -> Batch:

@@ -222,7 +222,7 @@ class Dino(base.Task):
     freeze_last_layer_epochs epochs (its gradient zeroed before the optimizer and its update after, so it gets
     neither moments nor weight decay)."""
     from vit_jax import optim  # pylint: disable=g-import-not-at-top
-    tx, schedule = optim.create_optimizer(config.optimizer, config.total_steps)
+    tx, schedule = optim.create_optimizer(config.optimizer, config.total_steps, family=base.model_family(config))
     freeze = self.freeze_last_layer_epochs * self.steps_per_epoch
     parts = [clip_per_parameter(self.clip_grad)] if self.clip_grad else []
     if freeze:
