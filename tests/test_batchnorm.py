@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from vit_jax import checkpoint, config_schema, finetune, metrics, optim, sharding, train
-from vit_jax.models import layers, registry
+from vit_jax.models import facts, layers, registry
 from tests.test_reliability import _assert_bitwise_equal, _hook_iterator, _same_metrics
 from tests.test_train import tiny_config
 
@@ -49,9 +49,12 @@ class TinyBN(nn.Module):
 
 @pytest.fixture(scope='module', autouse=True)
 def tiny_bn_model():
+  # Every registered model's family has facts (init_from reads them); this one needs none beyond its name.
+  facts.register_family(facts.FamilyFacts(name='test_batchnorm'))
   registry.register_model(NAME, TinyBN, family='test_batchnorm', image_size=IMAGE)
   yield NAME
   registry._REGISTRY.pop(NAME)  # pylint: disable=protected-access
+  facts._FAMILIES.pop('test_batchnorm')  # pylint: disable=protected-access
 
 
 def _mesh(shape, n):

@@ -296,9 +296,18 @@ GROUPING = facts.LayerGrouping(blocks=((r'^blocks_(\d+)/', 'block1'),), stem=r'^
 def resize_params(path: str, value: np.ndarray, shape: tuple, context: facts.ResizeContext) -> Optional[np.ndarray]:
   """A bias table of another patch grid, fitted to `shape` by `resize_table`; None for every other parameter."""
   del context  # Always PyTorch's bicubic, as the official BEiT / Swin fine-tuning.
-  if not path.endswith('/relative_position_bias_table'):
+  if not path.endswith('/relative_position_bias_table') or value.ndim != 2 or len(shape) != 2:
     return None
+  if not (_is_beit_rows(value.shape[0]) and _is_beit_rows(shape[0])):
+    return None  # Not BEiT's (2g-1)^2 + 3 layout (e.g. a Swin table of the same name, tried by a family-less load).
   return resize_table(value, shape[0])
+
+
+def _is_beit_rows(rows: int) -> bool:
+  """Whether `rows` = (2g-1)^2 + CLASS_ROWS for some g >= 1. (An odd square is never also an odd square plus 3, so
+  this tells BEiT's tables from Swin's.)"""
+  side = int(round(np.sqrt(max(rows - CLASS_ROWS, 0))))
+  return rows > CLASS_ROWS and side * side == rows - CLASS_ROWS and side % 2 == 1
 
 
 def infer_image_size(state_dict: Mapping[str, np.ndarray], options: Mapping[str, Any]) -> Optional[int]:
