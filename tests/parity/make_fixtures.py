@@ -173,6 +173,17 @@ def _randomize(model, seed: int) -> None:
         p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.ndim == 1 else 0.1))
 
 
+def randomize_running_stats(model, g) -> None:
+  """Random BatchNorm running statistics (mean ~ N(0, 0.2^2), var in [0.5, 1.5)) drawn from generator `g`, so
+  that converted `batch_stats` matter in eval-mode parity."""
+  import torch  # pylint: disable=g-import-not-at-top
+  for name, b in model.named_buffers():
+    if name.endswith('running_mean'):
+      b.copy_(0.2 * torch.randn(b.shape, generator=g))
+    elif name.endswith('running_var'):
+      b.copy_(0.5 + torch.rand(b.shape, generator=g))
+
+
 def make(family: str, seed: int = 0) -> None:
   import torch  # pylint: disable=g-import-not-at-top
   from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top

@@ -64,11 +64,7 @@ def _randomize(model, seed: int) -> None:
         p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
       else:
         p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.ndim == 1 else 0.1))
-    for name, b in model.named_buffers():
-      if name.endswith('running_mean'):
-        b.copy_(0.2 * torch.randn(b.shape, generator=g))
-      elif name.endswith('running_var'):
-        b.copy_(0.5 + torch.rand(b.shape, generator=g))
+    make_fixtures.randomize_running_stats(model, g)
 
 
 def make(name: str, seed: int = 0) -> None:

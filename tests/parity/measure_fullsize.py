@@ -72,12 +72,8 @@ def _randomize_with_stats(model, seed: int) -> None:
   """make_fixtures' randomisation plus random BatchNorm running statistics (so converted batch_stats matter)."""
   import torch  # pylint: disable=g-import-not-at-top
   make_fixtures._randomize(model, seed)  # pylint: disable=protected-access
-  g = torch.Generator().manual_seed(seed + 1)
-  for key, buf in model.named_buffers():
-    if key.endswith('running_mean'):
-      buf.copy_(0.2 * torch.randn(buf.shape, generator=g))
-    elif key.endswith('running_var'):
-      buf.copy_(0.5 + torch.rand(buf.shape, generator=g))
+  with torch.no_grad():
+    make_fixtures.randomize_running_stats(model, torch.Generator().manual_seed(seed + 1))
 
 
 def main(argv: list[str]) -> None:

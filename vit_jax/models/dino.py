@@ -23,45 +23,14 @@ import numpy as np
 from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
+from vit_jax.models import resize
 from vit_jax.models import vit
 
 Array = jax.Array
 
-_CUBIC_A = -0.75  # torch's (and OpenCV's) bicubic convolution coefficient.
-
-
-def _cubic_weights(t: np.ndarray) -> np.ndarray:
-  """Keys' cubic convolution weights of the 4 taps at offsets -1, 0, 1, 2 for fractional positions t: (..., 4)."""
-  a = _CUBIC_A
-
-  def near(x):  # |x| <= 1
-    return ((a + 2) * x - (a + 3)) * x * x + 1
-
-  def far(x):  # 1 < |x| < 2
-    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-  return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
-
-
 def bicubic_matrix(in_size: int, scale_factor: float) -> np.ndarray:
-  """(out_size, in_size) matrix of torch's 1-D bicubic resampling by `scale_factor` (align_corners=False).
-
-  As torch: out_size = floor(in_size * scale_factor); output i samples source position (i + 0.5) / scale_factor
-  - 0.5 (the given factor, not in/out); the 4 taps are clamped to the border.
-  """
-  if scale_factor <= 0:
-    raise ValueError(f'scale_factor must be positive, got {scale_factor}.')
-  out_size = int(math.floor(in_size * scale_factor))
-  if out_size < 1:
-    raise ValueError(f'Resizing {in_size} by scale_factor {scale_factor} leaves no output sample; use a larger '
-                     'scale factor.')
-  src = (np.arange(out_size) + 0.5) / scale_factor - 0.5
-  start = np.floor(src)
-  weights = _cubic_weights(src - start)
-  taps = np.clip(start[:, None].astype(np.int64) + np.arange(-1, 3)[None], 0, in_size - 1)
-  matrix = np.zeros((out_size, in_size), np.float64)
-  for k in range(4):
-    np.add.at(matrix, (np.arange(out_size), taps[:, k]), weights[:, k])
-  return matrix
+  """(out_size, in_size) matrix of torch's 1-D bicubic resampling by `scale_factor` (align_corners=False)."""
+  return resize.torch_bicubic_matrix_by_scale(in_size, scale_factor)
 
 
 def torch_bicubic_resize(x: Array, scale_factor: tuple[float, float]) -> Array:

@@ -54,6 +54,7 @@ from vit_jax.models import attention
 from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
+from vit_jax.models import resize
 from vit_jax.models.layers import DropPath
 
 Array = jax.Array
@@ -536,21 +537,6 @@ _TIMM_RULES = (  # (timm key regex, our path, kind); see vit_jax.models.facts.Ru
 _TIMM_IGNORE = (r'.*\.num_batches_tracked', r'.*\.rel_pos\.(relative_position_index|height_lookup|width_lookup)')
 
 
-def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """(out_size, in_size) weights of PyTorch's F.interpolate(mode='bicubic', align_corners=False) along one axis:
-  Keys' cubic with a = -0.75 at source x = (i + 0.5) * in / out - 0.5, taps clamped to the border."""
-  a = -0.75
-  def weight(d):  # d = |distance| in source pixels, < 2.
-    return ((a + 2) * d - (a + 3)) * d * d + 1 if d <= 1 else ((d - 5) * d + 8) * d * a - 4 * a
-  m = np.zeros((out_size, in_size), np.float64)
-  for i in range(out_size):
-    x = (i + 0.5) * in_size / out_size - 0.5
-    x0 = math.floor(x)
-    for tap in range(x0 - 1, x0 + 3):
-      m[i, min(max(tap, 0), in_size - 1)] += weight(abs(x - tap))
-  return m
-
-
 def resize_rel_table(table: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   """A relative-position bias table fitted to another partition size: each head's (2P-1, 2P'-1) offset grid
   resized with PyTorch's bicubic (as the official Swin / timm fine-tuning at a new window).
@@ -559,7 +545,8 @@ def resize_rel_table(table: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   """
   table = np.asarray(table)
   if table.ndim == 3 and len(shape) == 3 and table.shape[0] == shape[0]:
-    mh, mw = torch_bicubic_matrix(table.shape[1], shape[1]), torch_bicubic_matrix(table.shape[2], shape[2])
+    mh = resize.torch_bicubic_matrix(table.shape[1], shape[1])
+    mw = resize.torch_bicubic_matrix(table.shape[2], shape[2])
     return np.einsum('ph,nhw,qw->npq', mh, table.astype(np.float64), mw).astype(table.dtype)
   if table.ndim == 2 and len(shape) == 2 and table.shape[1] == shape[1]:
     old, new = math.isqrt(table.shape[0]), math.isqrt(shape[0])

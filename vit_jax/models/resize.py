@@ -16,24 +16,42 @@ import scipy.ndimage
 _log = logging.getLogger(__name__)
 
 
-def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """(out_size, in_size) matrix of PyTorch's bicubic resize along one axis (F.interpolate(mode='bicubic'),
-  align_corners=False, no antialias): Keys cubic with a = -0.75, source x = (i + 0.5) * in / out - 0.5, taps
-  clamped to the border: the official Swin loader's bias-table resize. jax.image.resize's 'bicubic' is a different
-  kernel (a = -0.5, PIL-style, as torch's antialias=True bicubic that timm uses for position embeddings)."""
+def _torch_bicubic_rows(in_size: int, src: np.ndarray) -> np.ndarray:
+  """(len(src), in_size) rows of Keys' cubic convolution (a = -0.75, torch's) sampling the source positions `src`,
+  the 4 taps clamped to the border."""
   a = -0.75
   def near(t):  # |t| <= 1
     return ((a + 2) * t - (a + 3)) * t * t + 1
   def far(t):  # 1 < |t| < 2
     return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
-  m = np.zeros((out_size, in_size), np.float64)
-  for i in range(out_size):
-    x = (i + 0.5) * in_size / out_size - 0.5
-    x0 = int(np.floor(x))
-    t = x - x0
-    for k, w in ((-1, far(t + 1)), (0, near(t)), (1, near(1 - t)), (2, far(2 - t))):
-      m[i, min(max(x0 + k, 0), in_size - 1)] += w
+  start = np.floor(src)
+  t = src - start
+  weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+  taps = np.clip(start[:, None].astype(np.int64) + np.arange(-1, 3)[None], 0, in_size - 1)
+  m = np.zeros((len(src), in_size), np.float64)
+  for k in range(4):
+    np.add.at(m, (np.arange(len(src)), taps[:, k]), weights[:, k])
   return m
+
+
+def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) matrix of PyTorch's bicubic resize along one axis (F.interpolate(mode='bicubic', size=...),
+  align_corners=False, no antialias): source x = (i + 0.5) * in / out - 0.5: the official Swin loader's bias-table
+  resize. jax.image.resize's 'bicubic' is a different kernel (a = -0.5, PIL-style, as torch's antialias=True
+  bicubic that timm uses for position embeddings)."""
+  return _torch_bicubic_rows(in_size, (np.arange(out_size) + 0.5) * in_size / out_size - 0.5)
+
+
+def torch_bicubic_matrix_by_scale(in_size: int, scale_factor: float) -> np.ndarray:
+  """The same resize as torch's F.interpolate(mode='bicubic', scale_factor=...): out_size = floor(in * scale) and
+  output i samples (i + 0.5) / scale_factor - 0.5 (the given factor, not in / out), as DINO's position tables."""
+  if scale_factor <= 0:
+    raise ValueError(f'scale_factor must be positive, got {scale_factor}.')
+  out_size = int(math.floor(in_size * scale_factor))
+  if out_size < 1:
+    raise ValueError(f'Resizing {in_size} by scale_factor {scale_factor} leaves no output sample; use a larger '
+                     'scale factor.')
+  return _torch_bicubic_rows(in_size, (np.arange(out_size) + 0.5) / scale_factor - 0.5)
 
 
 def resize_grid(grid: np.ndarray, new_hw: tuple[int, int], method: str) -> np.ndarray:
