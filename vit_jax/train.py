@@ -326,8 +326,11 @@ def periodic_evaluators(config: ml_collections.ConfigDict,
     return None
   from vit_jax import evaluators  # pylint: disable=g-import-not-at-top
   feature_fn = run.task.feature_fn(run.model)
+  entries = evaluators.build_evaluators(config.evals)  # Once: the step loop only asks whether one is due.
 
   def run_due(step: int, state: TrainState) -> dict[str, float]:
+    if not any(e.is_due(step, config.total_steps) for e in entries.values()):
+      return {}
     return evaluators.run_periodic(config.evals, step=step, total_steps=config.total_steps, feature_fn=feature_fn,
                                    variables=run.task.eval_variables(state), dataset_config=config.dataset,
                                    batch_size=config.batch_size, mesh=run.mesh,
