@@ -140,11 +140,6 @@ def get_family(name: str) -> FamilyFacts:
                      'imported from vit_jax/models/__init__.py.') from None
 
 
-def has_family(name: str) -> bool:
-  """Whether family `name` has registered facts."""
-  return name in _FAMILIES
-
-
 def known_families() -> list[str]:
   """Sorted names of the families with registered facts."""
   return sorted(_FAMILIES)
