@@ -7,7 +7,8 @@ modules look the facts up by the registry's family name and never name a family 
   `infer_image_size`, `timm_numerics` and the classifier names (`heads`, `ConversionTable.source_heads`);
 - `vit_jax.param_groups` reads `grouping` (layer ids for layer-wise lr decay and freezing);
 - `vit_jax.flops` reads `forward_macs` (analytic count; absent -> XLA's cost analysis);
-- `vit_jax.pretrained` reads `resize` (fitting tables of another geometry when fine-tuning at a new resolution).
+- `vit_jax.pretrained` reads `resize` (fitting tables of another geometry when fine-tuning at a new resolution);
+- `vit_jax.deploy` reads `fold` (BatchNorm folding and branch re-parameterisation for inference).
 
 Adding a family is its model file (with its facts) plus one import line in vit_jax/models/__init__.py.
 """
@@ -108,6 +109,10 @@ class FamilyFacts:
   # Model options -> create_model overrides that reproduce the reference numerics (e.g. exact GELU).
   timm_numerics: Callable[[Mapping[str, Any]], dict] = _no_numerics
   heads: Sequence[str] = ('head',)  # Our top-level classifier modules (re-initialised for a new class count).
+  # (model options, variables) -> (deploy-form options, deploy-form variables): the same registry model built for
+  # inference (BatchNorm folded into the preceding linear/conv, parallel branches merged into one conv) and its
+  # variables, giving the same logits. None -> the family has nothing to fold (vit_jax.deploy returns it as is).
+  fold: Optional[Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[dict, dict]]] = None
 
   def __post_init__(self):
     if not self.name or not isinstance(self.name, str):
