@@ -52,6 +52,8 @@ class ShortFormatter(py_logging.Formatter):
 def configure_logging(verbosity: int = 0) -> None:
   """Console logging for a run: vit_jax's INFO, everyone's warnings and errors; `verbosity` >= 1 shows every
   library's INFO too (absl's --verbosity flag, e.g. `--verbosity=1`), with absl's full record prefix."""
+  logging.use_absl_handler()  # Already done by absl.app.run; needed when a library caller (or a test) calls this.
+  logging.set_verbosity(verbosity)
   handler = logging.get_absl_handler()
   for f in [f for f in handler.filters if isinstance(f, OwnInfoFilter)]:
     handler.removeFilter(f)

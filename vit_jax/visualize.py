@@ -132,7 +132,7 @@ def is_hierarchical(model: nn.Module) -> bool:
 def model_grad_cam(model: nn.Module, variables: Any, image: Array, label: Optional[int] = None) -> tuple[Array, int]:
   """(Grad-CAM map (h, w) on the last stage, class) of a hierarchical model for one (H, W, 3) image; the class is
   the predicted one unless `label` is given."""
-  acts = model.apply(variables, image[None], train=False, method=lambda m, x: m.forward_intermediates(x)[-1])[0]
+  acts = model.apply(variables, image[None], method=lambda m, x: m.forward_intermediates(x, train=False)[-1])[0]
   head = lambda a: model.apply(variables, a[None], method=lambda m, f: m.forward_head(m.final_norm(f)))[0]
   if label is None:
     label = int(jnp.argmax(head(acts)))
