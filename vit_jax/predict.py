@@ -166,6 +166,13 @@ def format_result(result: dict[str, Any]) -> str:
   return f'{result["file"]}: {entries}'
 
 
+def write_json_lines(results: Sequence[dict[str, Any]], path: str) -> None:
+  """One JSON object per predicted image: {"file", "top_k": [{"label", "name", "prob"}]}."""
+  with open(path, 'w') as f:
+    for result in results:
+      f.write(json.dumps(result) + '\n')
+
+
 def define_flags() -> None:
   """The command line's flags (defined only when run as a program)."""
   flags.DEFINE_string('workdir', None, 'A training workdir: predict with its latest checkpoint.')
@@ -214,9 +221,7 @@ def main(argv: Sequence[str]) -> None:
   for result in results:
     print(format_result(result))
   if FLAGS.json:
-    with open(FLAGS.json, 'w') as f:
-      for result in results:
-        f.write(json.dumps(result) + '\n')
+    write_json_lines(results, FLAGS.json)
   print(f'{len(results)} image(s) predicted, {len(skipped)} skipped (not decodable).', flush=True)
   if not results:
     sys.exit(1)
