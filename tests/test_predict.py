@@ -1,4 +1,5 @@
 """Predict on a trained workdir, and the console output of the run that trained it."""
+import contextlib
 import io
 import json
 import logging as py_logging
@@ -20,12 +21,14 @@ def trained(digits_data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('run'))
   config = tiny_config(digits_data_dir, total_steps=4, log_every=2, eval_every=4, checkpoint_every=2,
                        **{'optimizer.warmup_steps': 1})
-  handler = logging.get_absl_handler().python_handler
-  stream, buffer = handler.stream, io.StringIO()
+  buffer = io.StringIO()
   console.configure_logging(0)
-  handler.stream = buffer
+  handler = logging.get_absl_handler().python_handler
+  stream = handler.stream
+  handler.stream = buffer  # Where absl writes after flag parsing; before it, absl writes to sys.stderr.
   try:
-    train.train_and_evaluate(config, workdir)
+    with contextlib.redirect_stderr(buffer):
+      train.train_and_evaluate(config, workdir)
   finally:
     handler.stream = stream
   return workdir, config, buffer.getvalue()
