@@ -8,8 +8,10 @@ as int32 (b,).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+import contextlib
 import dataclasses
 import difflib
+import io
 import logging
 import math
 import os
@@ -98,12 +100,29 @@ def _prepare_once(builder: tfds.core.DatasetBuilder,
                   rebuild: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core.DatasetBuilder:
   """Prepares `builder` on process 0 while the others wait (data_dir must be shared in multi-host runs)."""
   if jax.process_index() == 0:
-    builder.download_and_prepare()
+    with _quiet_tfds():
+      builder.download_and_prepare()
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f'vit_jax_prepare_{builder.name}')
     if jax.process_index() != 0:
       builder = rebuild()  # Re-reads the now prepared dataset's info.
   return builder
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+  """Without absl --verbosity >= 1: no TFDS progress bars or printed banners while it prepares a dataset (our
+  own log lines say what is being prepared and where)."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  if absl_logging.get_verbosity() >= 1:
+    yield
+    return
+  tfds.disable_progress_bar()
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds.enable_progress_bar()
 
 
 def _num_examples(builder: tfds.core.DatasetBuilder, split: Any, field: str) -> int:
@@ -230,6 +249,20 @@ def _resize_small_and_center_crop(image: tf.Tensor, size: int, crop_fraction: fl
 def _normalize(image: tf.Tensor) -> tf.Tensor:
   """[0, 255] -> [-1, 1], as the official ViT."""
   return image / 127.5 - 1.0
+
+
+def eval_preprocess(image: tf.Tensor, dataset_config: ml_collections.ConfigDict) -> tf.Tensor:
+  """The eval transform of one decoded image (uint8 (h, w, 1|3|4)): RGB, resize the shorter side to
+  image_size / eval_crop_fraction, central image_size crop, [-1, 1]. Shared by eval, predict and visualize."""
+  image = _resize_small_and_center_crop(_to_rgb(image), dataset_config.image_size, dataset_config.eval_crop_fraction)
+  return _normalize(image)
+
+
+def class_names(dataset_config: ml_collections.ConfigDict) -> list[str] | None:
+  """The label names of the configured dataset (TFDS metadata; an image folder's class folders), or None when its
+  label feature has no names."""
+  names = _get_builder(dataset_config).info.features['label'].names
+  return list(names) if names else None
 
 
 def _check_image_config(dataset_config: ml_collections.ConfigDict) -> None:
@@ -379,13 +412,13 @@ def create_eval_iterator(dataset_config: ml_collections.ConfigDict, *, global_ba
   largest_part = max(builder.info.splits[s].num_examples
                      for s in tfds.even_splits(split, n=process_count))
   num_batches = math.ceil(largest_part / local_batch)
-  size, fraction = dataset_config.image_size, dataset_config.eval_crop_fraction
+  size = dataset_config.image_size
   decode = _decode_fn(builder)
 
   def preprocess(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     example = decode(example)
-    image = _resize_small_and_center_crop(_to_rgb(example['image']), size, fraction)
-    return {'image': _normalize(image), 'label': tf.cast(example['label'], tf.int32)}
+    return {'image': eval_preprocess(example['image'], dataset_config),
+            'label': tf.cast(example['label'], tf.int32)}
 
   ds = builder.as_dataset(split=subsplit, shuffle_files=False, decoders=_decoders())
   ds = ds.map(preprocess, num_parallel_calls=_AUTOTUNE).batch(local_batch).prefetch(_AUTOTUNE)

@@ -40,7 +40,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imports after flag parsing keep `--help` fast and TF out of the way until needed.
   import jax  # pylint: disable=g-import-not-at-top
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  from vit_jax import console, train  # pylint: disable=g-import-not-at-top
+
+  console.configure_logging(flags.FLAGS.verbosity)  # Library INFO logs off unless --verbosity=1 or more.
 
   if _MULTIHOST.value or _COORDINATOR.value:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -24,8 +24,8 @@ from clu import periodic_actions
 from etils import epath
 from flax.training import train_state
 
-from vit_jax import (checkpoint, config_schema, ema, finetune, guards, input_pipeline, metrics, models, preemption,
-                     sharding, tasks)
+from vit_jax import (checkpoint, config_schema, console, ema, finetune, guards, input_pipeline, labels, metrics,
+                     models, preemption, sharding, tasks)
 from vit_jax.tasks import base as task_base
 from vit_jax.tasks import classification
 
@@ -353,6 +353,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                config.dtype)
   # Only a config that builds its model and state may claim the workdir, so a typo never blocks the fixed rerun.
   resuming = checkpoint.claim_workdir(workdir, config)
+  labels.record_class_names(workdir, config.dataset)  # For predict/visualize on machines without the dataset.
 
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   # The iterator's position is part of every checkpoint, so a resumed run draws exactly the batches it would have.
@@ -402,6 +403,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
   monitor = guards.NonFiniteMonitor(config.on_nonfinite, workdir)
   last_saved = start_step if restored is not None else None
+  progress = console.TrainConsole(total_steps=config.total_steps, start_step=start_step, batch_size=config.batch_size,
+                                  workdir=workdir, writer=writer, checkpoint_dir=str(ckpt.directory),
+                                  is_main=jax.process_index() == 0)
 
   def record(step: int, scalars: dict[str, float]) -> None:
     """Writes scalars to TensorBoard and keeps them for final_metrics.json."""
@@ -422,15 +426,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           monitor.check(last_saved)
           scalars = metrics.to_scalars(loop.train_metrics, 'train', num_classes=info.num_classes)
           record(step, scalars)
+          progress.train(step, scalars)
           loop.nonfinite_updates += int(scalars['train_nonfinite_updates'])
           loop.train_metrics = None
         if has_eval and ((config.eval_every and step % config.eval_every == 0) or is_last):
           monitor.check(last_saved)
-          record(step, run_eval(state, new_eval_iter()))
+          eval_scalars = run_eval(state, new_eval_iter())
+          record(step, eval_scalars)
+          progress.eval(step, eval_scalars)
         scalars = run_evaluators(step, state) if run_evaluators is not None else {}  # Only those due now.
         if scalars:
           monitor.check(last_saved)
           record(step, scalars)
+          progress.eval(step, scalars)
         stop = preempted(step) and not is_last
         if step % config.checkpoint_every == 0 or is_last or stop:
           monitor.check(last_saved)  # Never save a non-finite state (stop mode).
@@ -457,5 +465,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tmp = final_path.parent / f'{final_path.name}.tmp'
     tmp.write_text(json.dumps(final, indent=2, sort_keys=True))
     tmp.rename(final_path)  # Atomic: a kill -9 never leaves a truncated final_metrics.json.
-  logging.info('Final metrics: %s', final)
+  progress.summary(final, str(final_path))
   return final
