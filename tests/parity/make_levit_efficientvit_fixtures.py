@@ -3,13 +3,13 @@
 
     python tests/parity/make_levit_efficientvit_fixtures.py [levit efficientvit_m]
 
-Tiny configurations of timm's classes at 32 px:
-  levit          LevitDistilled, embed_dim (16, 24), key_dim 8, heads (2, 3), one block per stage, timm's stride-8
+Tiny configurations of timm's classes:
+  levit          (32 px, batch 2) LevitDistilled, embed_dim (16, 24), key_dim 8, heads (2, 3), one block per stage, timm's stride-8
                  stem (stem_type 's8' = our patch_size 8, three convs): map 4x4, attention downsampling to 2x2,
                  both heads (head, head_dist);
-  efficientvit_m EfficientVitMsra, embed_dim (16, 24, 32), key_dim 4, heads (2, 2, 2), depth (1, 1, 1), windows
-                 (2, 2, 2), kernels (5, 3): maps 4, 2, 1; stage 0 runs its 4x4 map as four 2x2 windows (the
-                 window partition), the later stages one window each.
+  efficientvit_m (48 px, batch 1) EfficientVitMsra, embed_dim (16, 24, 32), key_dim 4, heads (2, 2, 2), depth
+                 (1, 1, 1), windows (2, 2, 2), kernels (5, 3): maps 3, 2, 1; stage 0 pads its 3x3 map to four 2x2
+                 windows (partition, zero padding, crop), the later stages attend in one window each.
 Every parameter is randomised (norm weights around 1, attention-bias tables included), and so are the BatchNorm
 running statistics (make_fixtures.randomize_running_stats), so eval-mode BatchNorm is checked with non-trivial
 statistics. Files, as make_fixtures.py: {name}.safetensors (timm state dict), {name}.npz (input_nhwc, logits),
@@ -28,7 +28,7 @@ import make_fixtures  # noqa: E402  pylint: disable=g-import-not-at-top
 
 OUT_DIR = make_fixtures.OUT_DIR
 NUM_CLASSES = 5
-SIZE = 32
+SIZES = {'levit': (32, 2), 'efficientvit_m': (48, 1)}  # name: (image size, batch)
 # name: (timm module, class, timm kwargs, our registry name, our overrides)
 CONFIGS = {
     'levit': ('timm.models.levit', 'LevitDistilled',
@@ -63,20 +63,21 @@ def make(name: str, seed: int = 0) -> None:
   import torch  # pylint: disable=g-import-not-at-top
   from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
   module, cls_name, tkw, model, overrides = CONFIGS[name]
+  size, batch = SIZES[name]
   torch.manual_seed(seed)
-  tmodel = getattr(importlib.import_module(module), cls_name)(img_size=SIZE, num_classes=NUM_CLASSES, **tkw)
+  tmodel = getattr(importlib.import_module(module), cls_name)(img_size=size, num_classes=NUM_CLASSES, **tkw)
   tmodel.eval()
   randomize(tmodel, seed)
-  x = np.random.default_rng(seed).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+  x = np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
   with torch.no_grad():
     logits = tmodel(torch.from_numpy(x)).numpy()
   sd = {k: v.detach().contiguous().clone() for k, v in tmodel.state_dict().items()}
   base = os.path.join(OUT_DIR, name)
   save_file(sd, base + '.safetensors')
   np.savez(base + '.npz', input_nhwc=x.transpose(0, 2, 3, 1), logits=logits)
-  meta = dict(timm_class=f'{module}.{cls_name}', timm_kwargs=dict(img_size=SIZE, num_classes=NUM_CLASSES, **tkw),
+  meta = dict(timm_class=f'{module}.{cls_name}', timm_kwargs=dict(img_size=size, num_classes=NUM_CLASSES, **tkw),
               timm_version=__import__('timm').__version__, torch_version=torch.__version__, seed=seed, model=model,
-              model_overrides=overrides, image_size=SIZE, num_classes=NUM_CLASSES)
+              model_overrides=overrides, image_size=size, num_classes=NUM_CLASSES)
   with open(base + '.json', 'w') as f:
     json.dump(meta, f, indent=2, sort_keys=True, default=list)
     f.write('\n')

@@ -28,7 +28,7 @@ the same parameter count as timm's fused model.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -86,10 +86,12 @@ class ConvNorm(nn.Module):
 
 
 class Stem(nn.Module):
-  """`convs` 3x3 stride-2 ConvNorms (widths out_dim / 2^(convs-1) .. out_dim), Hardswish between them (timm
-  Stem16 for convs=4)."""
+  """`convs` 3x3 stride-2 ConvNorms (widths out_dim / 2^(convs-1) .. out_dim) with `act` between them (timm LeViT
+  Stem16 for convs=4 with Hardswish; EfficientViT-M's PatchEmbedding with ReLU)."""
   out_dim: int
   convs: int
+  act: Callable[[Array], Array] = jax.nn.hard_swish
+  inner_name: str = 'linear'
   deploy: bool = False
   dtype: Any = jnp.float32
 
@@ -97,9 +99,9 @@ class Stem(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     for i in range(self.convs):
       if i:
-        x = jax.nn.hard_swish(x)
+        x = self.act(x)
       x = ConvNorm(self.out_dim // 2 ** (self.convs - 1 - i), kernel_size=3, stride=2, deploy=self.deploy,
-                   dtype=self.dtype, name=f'conv{i + 1}')(x, train)
+                   dtype=self.dtype, inner_name=self.inner_name, name=f'conv{i + 1}')(x, train)
     return x
 
 
