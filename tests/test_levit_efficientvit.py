@@ -21,6 +21,7 @@ from tests import model_utils
 from vit_jax import convert
 from vit_jax import deploy
 from vit_jax import finetune
+from vit_jax.models import efficientvit_msra
 from vit_jax.models import levit
 from vit_jax.models import registry
 
@@ -34,13 +35,20 @@ COUNTS = {
     'levit_128s': (7_777_058, 7_756_466), 'levit_128': (9_213_936, 9_188_864),
     'levit_192': (10_947_069, 10_918_613), 'levit_256': (18_893_876, 18_856_276),
     'levit_384': (39_128_836, 39_074_100),
+    'efficientvit_m0': (2_349_436, 2_334_916), 'efficientvit_m1': (2_980_560, 2_964_256),
+    'efficientvit_m2': (4_187_554, 4_168_338), 'efficientvit_m3': (6_900_722, 6_875_890),
+    'efficientvit_m4': (8_804_228, 8_776_340), 'efficientvit_m5': (12_473_772, 12_436_260),
 }
-QUICK = ('levit_128s',)  # The others' folded counts are slow-marked (eval_shape of a full-size model each).
+QUICK = ('levit_128s', 'efficientvit_m0')  # The others' folded counts are slow-marked (eval_shape of a full-size model each).
 
 # family: (registry name, tiny overrides, image size, per-stage (stride, width))
 TINY = {
     'levit': ('levit_128s', dict(embed_dim=(16, 24), key_dim=8, num_heads=(2, 3), depth=(1, 1), patch_size=8), 32,
               [(8, 16), (16, 24)]),
+    # Windows of 2 on maps 4, 2, 1: stage 0 attends in four windows, the others in one.
+    'efficientvit_m': ('efficientvit_m0', dict(embed_dim=(8, 16, 16), key_dim=4, num_heads=(2, 2, 2),
+                                               depth=(1, 1, 1), window_size=2, kernels=(5, 3), patch_size=8), 32,
+                       [(8, 8), (16, 16), (32, 16)]),
 }
 
 
@@ -105,7 +113,7 @@ def outputs(request):
   family = request.param
   name, overrides, size, _ = TINY[family]
   model, remat = _model(family), _model(family, remat=True)
-  xla = _model(family, attention_impl='xla')
+  xla = _model(family, attention_impl='xla') if family == 'levit' else model  # EfficientViT-M: cascaded only.
   x = model_utils.images(2, size)
   variables = _random_variables(model, size)
   folded_model, folded = deploy.fold_for_inference(name, variables, num_classes=NUM_CLASSES,
@@ -161,6 +169,18 @@ def test_folded_logits_match(outputs):
   np.testing.assert_allclose(out['folded'], out['head'], atol=1e-5, rtol=1e-5)
 
 
+def test_efficientvit_window_partition_round_trip():
+  """A 5x4 map zero-padded at the bottom/right to 6x6 (four 3x3 windows per image) and cropped back."""
+  x = jnp.arange(1, 1 + 2 * 5 * 4 * 2, dtype=jnp.float32).reshape(2, 5, 4, 2)
+  windows, padded = efficientvit_msra.window_partition(x, 3)
+  assert windows.shape == (8, 3, 3, 2) and padded == (6, 6)
+  np.testing.assert_array_equal(windows[0], x[0, :3, :3])
+  np.testing.assert_array_equal(windows[1][:, :1], x[0, :3, 3:])
+  np.testing.assert_array_equal(windows[2][:2], x[0, 3:, :3])
+  assert float(windows.sum()) == float(x.sum()) and int((windows == 0).sum()) == 2 * (36 - 20) * 2
+  np.testing.assert_array_equal(efficientvit_msra.window_reverse(windows, 3, padded, (5, 4)), x)
+
+
 def test_deploy_form_refuses_training_and_missing_statistics():
   model = _model('levit', deploy=True)
   x = jnp.zeros((1, 32, 32, 3))
@@ -189,7 +209,7 @@ def test_logits_match_timm_and_fold(family):
   """Converted timm weights (with running statistics) reproduce timm's float32 eval logits within 1e-5, and so
   does the folded deploy form."""
   meta, overrides, io, sd = _fixture(family)
-  variables = convert.timm_to_params(meta['model'], sd, model_overrides=overrides)
+  variables = convert.timm_to_params(meta['model'], sd, model_overrides=overrides, image_size=meta['image_size'])
   assert set(variables) == {'params', 'batch_stats'}
   model = registry.create_model(meta['model'], num_classes=meta['num_classes'], **overrides)
   folded_model, folded = deploy.fold_for_inference(meta['model'], variables, num_classes=meta['num_classes'],
@@ -245,6 +265,9 @@ def test_levit_bias_tables_resize_to_a_new_resolution():
 MAIN_OVERRIDES = {  # On the default config's 16 px digits; model.patch_size (4) is the stem stride: maps 4, 2.
     'levit': ['--config.model.name=levit_128s', '--config.model.embed_dim=(8, 16)', '--config.model.key_dim=4',
               '--config.model.num_heads=(2, 2)', '--config.model.depth=(1, 1)'],
+    'efficientvit_m': ['--config.model.name=efficientvit_m0', '--config.model.embed_dim=(8, 16)',
+                       '--config.model.key_dim=4', '--config.model.num_heads=(2, 2)', '--config.model.depth=(1, 1)',
+                       '--config.model.window_size=2', '--config.model.kernels=(3, 3)'],
 }
 
 
