@@ -371,9 +371,12 @@ TIMM_RULES: tuple[facts.Rule, ...] = (
     (r'head\.bn', 'head_norm', 'batchnorm'),
     (r'head\.linear', 'head', 'linear'),
 )
-# timm's group_matcher: the patch embedding is layer 0; a stage's downsampling goes with its first block.
+# timm's group_matcher: the patch embedding is layer 0; a stage's downsampling goes with its first block. The
+# cascaded attention ('mixer/attn/') has its own rule: PVTv2 and MViTv2 share the stages_/blocks_/patch_embed
+# names, and param_groups tells groupings that fit equally well apart by the number of rules they use.
 GROUPING = facts.LayerGrouping(
-    blocks=((r'^stages_(\d+)/blocks_(\d+)/', 'block2'), (r'^stages_(\d+)/downsample/', 'before')),
+    blocks=((r'^stages_(\d+)/blocks_(\d+)/mixer/attn/', 'block2'), (r'^stages_(\d+)/blocks_(\d+)/', 'block2'),
+            (r'^stages_(\d+)/downsample/', 'before')),
     stem=r'^patch_embed/')
 
 
