@@ -9,7 +9,7 @@ arithmetic the families share, so the maths of folding lives in one place:
 - `pad_kernel_to`: a 1x1 (or smaller) conv kernel placed at the centre of a kxk one, to sum branches;
 - `identity_kernel`: the conv kernel that maps x to x (the skip branch of a re-parameterisable block);
 - `fold_batchnorm_before`: y = BN(x) @ W + b (a BatchNorm-then-linear classifier) becomes x @ W' + b';
-- `fold_layer_norm_pairs`: every (layer, BatchNorm) sibling pair of a params tree folded by `fold_batchnorm`.
+- `fold_batchnorm_pairs`: every (layer, BatchNorm) sibling pair of a params tree folded by `fold_batchnorm`.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def fold_batchnorm_before(kernel: Array, bias: Optional[Array], *, scale: Option
   return kernel * s[:, None], t @ kernel + b
 
 
-def fold_layer_norm_pairs(params: Mapping[str, Any], stats: Mapping[str, Any], *, layer: str, norm: str,
+def fold_batchnorm_pairs(params: Mapping[str, Any], stats: Mapping[str, Any], *, layer: str, norm: str,
                           epsilon: float) -> dict:
   """`params` with every module holding a `layer` child (Dense/Conv kernel, optional bias) followed by a `norm`
   child (BatchNorm scale/bias; running mean/var at the same path in `stats`) rewritten as `layer` alone, with the
@@ -84,10 +84,10 @@ def fold_layer_norm_pairs(params: Mapping[str, Any], stats: Mapping[str, Any], *
                                     var=sub_stats[norm]['var'], epsilon=epsilon)
       rest = {k: v for k, v in value.items() if k not in (layer, norm)}
       rest_stats = {k: v for k, v in sub_stats.items() if k != norm}
-      out[key] = {**fold_layer_norm_pairs(rest, rest_stats, layer=layer, norm=norm, epsilon=epsilon),
+      out[key] = {**fold_batchnorm_pairs(rest, rest_stats, layer=layer, norm=norm, epsilon=epsilon),
                   layer: {'kernel': kernel, 'bias': bias}}
     else:
-      out[key] = fold_layer_norm_pairs(value, sub_stats, layer=layer, norm=norm, epsilon=epsilon)
+      out[key] = fold_batchnorm_pairs(value, sub_stats, layer=layer, norm=norm, epsilon=epsilon)
   return out
 
 

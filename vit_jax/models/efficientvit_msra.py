@@ -402,7 +402,7 @@ def fold(options: Mapping[str, Any], variables: Mapping[str, Any]) -> tuple[dict
         params['head']['kernel'], params['head']['bias'], scale=norm['scale'], offset=norm['bias'],
         mean=stats['head_norm']['mean'], var=stats.pop('head_norm')['var'], epsilon=BN_EPS)
     params['head'] = {'kernel': kernel, 'bias': bias}
-  folded = deploy.fold_layer_norm_pairs(params, stats, layer='conv', norm='bn', epsilon=BN_EPS)
+  folded = deploy.fold_batchnorm_pairs(params, stats, layer='conv', norm='bn', epsilon=BN_EPS)
   return {**options, 'deploy': True}, {'params': folded}
 
 

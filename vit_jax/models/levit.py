@@ -496,7 +496,7 @@ def fold(options: Mapping[str, Any], variables: Mapping[str, Any]) -> tuple[dict
           mean=stats[norm]['mean'], var=stats[norm]['var'], epsilon=BN_EPS)
       params[head] = {'kernel': kernel, 'bias': bias}
       del params[norm], stats[norm]
-  folded = deploy.fold_layer_norm_pairs(params, stats, layer='linear', norm='bn', epsilon=BN_EPS)
+  folded = deploy.fold_batchnorm_pairs(params, stats, layer='linear', norm='bn', epsilon=BN_EPS)
   return {**options, 'deploy': True}, {'params': folded}
 
 
