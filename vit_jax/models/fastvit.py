@@ -312,6 +312,7 @@ class FastViT(nn.Module):
   pos_embs: Sequence[bool] = (False,) * 4  # A 7x7 conditional positional encoding at the start of the stage.
   downsamples: Sequence[bool] = (False, True, True, True)
   repmixer_kernel_size: int = 3
+  patch_size: int = 4  # The stem's stride: 4 (two stride-2 convs, the paper) or 2 (its depthwise conv at stride 1).
   head_dim: int = 32
   cls_ratio: float = 2.0
   layer_scale_init_value: float = 1e-5
@@ -334,6 +335,9 @@ class FastViT(nn.Module):
       if len(getattr(self, name)) != n:
         raise ValueError(f'FastViT {name} {tuple(getattr(self, name))} needs one entry per stage (depths '
                          f'{tuple(self.depths)}).')
+    if self.patch_size not in (2, 4):
+      raise ValueError(f'FastViT patch_size={self.patch_size}: the stem strides by 4 (the paper) or 2 (its '
+                       'depthwise conv at stride 1); set model.patch_size to 4 or 2.')
     bad = [m for m in self.token_mixers if m not in TOKEN_MIXERS]
     if bad:
       raise ValueError(f'Unknown FastViT token mixer(s) {bad}; expected {TOKEN_MIXERS}.')
@@ -347,7 +351,7 @@ class FastViT(nn.Module):
     dims, mode = tuple(self.embed_dims), dict(inference_mode=self.inference_mode, dtype=self.dtype)
     self.stem = [
         MobileOneBlock(dims[0], 3, stride=2, name='stem_0', **mode),
-        MobileOneBlock(dims[0], 3, stride=2, groups=dims[0], name='stem_1', **mode),
+        MobileOneBlock(dims[0], 3, stride=self.patch_size // 2, groups=dims[0], name='stem_1', **mode),
         MobileOneBlock(dims[0], 1, name='stem_2', **mode)]
     shared = dict(kernel=self.repmixer_kernel_size, head_dim=self.head_dim,
                   layer_scale_init_value=self.layer_scale_init_value, drop=self.proj_drop_rate,
@@ -377,8 +381,8 @@ class FastViT(nn.Module):
     return outs
 
   def forward_intermediates(self, images: Array, *, train: bool = False, norm: bool = False) -> list[Array]:
-    """Per-stage NHWC outputs (strides 4, 8, 16, 32). FastViT has no norm on the maps (`norm` is accepted for
-    the shared API and changes nothing; final_conv belongs to forward_features, as in timm)."""
+    """Per-stage NHWC outputs (strides 4, 8, 16, 32 at patch_size 4). FastViT has no norm on the maps (`norm` is
+    accepted for the shared API and changes nothing; final_conv belongs to forward_features, as in timm)."""
     del norm
     return self._stages(images, train)
 
