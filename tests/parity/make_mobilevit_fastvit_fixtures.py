@@ -13,6 +13,13 @@ eval-mode BatchNorm and the re-parameterisation are checked with non-trivial sta
             and 3x3 convs). Also saved: timm's `reparameterize_model` of it (fastvit_reparam.safetensors) and its
             logits ('logits_reparam'), the deploy form timm ships.
 
+  mobilevit / mobilevitv2
+            timm ByobNet with timm's mobilevit (v1) / mobilevitv2 block configs, 48 px: stem 8, widths
+            8/8/16/16/24, inverted-residual depths 1/2/1/1/1, global blocks of depth 1/2/1 in stages 2-4 (v1
+            transformer widths 16/24/16, 4 heads; v2 half the stage width), patch 2. Stage maps 24, 24, 12, 6,
+            3, 2: stage 3's 3x3 map is resized to 4x4 around its global block (v1, back to 3x3) or at its input
+            (v2, kept), as timm does for maps that are not a multiple of the patch.
+
 Files, as make_fixtures.py: {name}.safetensors (timm state dict), {name}.npz (input_nhwc, logits, ...),
 {name}.json (timm class and kwargs, our model name and overrides).
 """
@@ -47,9 +54,36 @@ def _timm_fastvit():
   return model, 'timm.models.fastvit.FastVit', kwargs
 
 
+# MobileViT: a ByobNet of timm's own mobilevit block configs, 5 stages of widths 8/8/16/16/24 (stem 8).
+_MOBILEVIT_OURS = dict(stem_width=8, widths=(8, 8, 16, 16, 24), ir_depths=(1, 2, 1, 1, 1),
+                       transformer_depths=(0, 0, 1, 2, 1), drop_path_rate=0.0)
+
+
+def _timm_mobilevit(version: int):
+  from timm.models import byobnet, mobilevit  # pylint: disable=g-import-not-at-top
+  ir = mobilevit._inverted_residual_block  # pylint: disable=protected-access
+  if version == 1:
+    mvit = lambda c, dim, depth: mobilevit._mobilevit_block(  # pylint: disable=protected-access
+        d=1, c=c, s=2, transformer_dim=dim, transformer_depth=depth, patch_size=2, br=2.0)
+    blocks = (ir(d=1, c=8, s=1, br=2.0), ir(d=2, c=8, s=2, br=2.0), mvit(16, 16, 1), mvit(16, 24, 2), mvit(24, 16, 1))
+    extra = dict(num_features=40)
+  else:
+    mvit = lambda c, depth: mobilevit._mobilevitv2_block(d=1, c=c, s=2, transformer_depth=depth)  # pylint: disable=protected-access
+    blocks = (ir(d=1, c=8, s=1, br=2.0), ir(d=2, c=8, s=2, br=2.0), mvit(16, 1), mvit(16, 2), mvit(24, 1))
+    extra = {}
+  cfg = byobnet.ByoModelCfg(blocks=blocks, stem_chs=8, stem_type='3x3', stem_pool='', downsample='',
+                            act_layer='silu', **extra)
+  model = byobnet.ByobNet(cfg, num_classes=NUM_CLASSES)
+  return model, 'timm.models.byobnet.ByobNet', dict(version=version, cfg=repr(cfg), num_classes=NUM_CLASSES)
+
+
 # name: (builder of (timm model, class name, kwargs), image size, our registry name, our overrides, deploy form)
 CONFIGS = {
     'fastvit': (_timm_fastvit, 48, 'fastvit_sa12', _FASTVIT_OURS, True),
+    'mobilevit': (lambda: _timm_mobilevit(1), 48, 'mobilevit_xxs',
+                  dict(_MOBILEVIT_OURS, transformer_dims=(0, 0, 16, 24, 16), expand_ratio=2.0, final_width=40),
+                  False),
+    'mobilevitv2': (lambda: _timm_mobilevit(2), 48, 'mobilevitv2_050', _MOBILEVIT_OURS, False),
 }
 
 
