@@ -8,8 +8,8 @@ every parameter random and every BatchNorm running statistic random (make_fixtur
 eval-mode BatchNorm and the re-parameterisation are checked with non-trivial statistics:
 
   fastvit   timm FastVit, 48 px: widths 8/16/32/64, depths 1/1/1/1, MLP ratios 3/3/3/2, RepMixer stages 0-2
-            (stage 0 without downsampling), an attention stage 3 (2 heads of 32) after a 7x7 conditional positional encoding,
-            final_conv to 128 with squeeze-excitation. Stage maps 12, 6, 3, 2 (odd sizes through the strided 7x7
+            (stage 0 without downsampling), an attention stage 3 (2 heads of 32) after a 7x7 conditional
+            positional encoding, final_conv to 128 with squeeze-excitation. Stage maps 12, 6, 3, 2 (odd sizes through the strided 7x7
             and 3x3 convs). Also saved: timm's `reparameterize_model` of it (fastvit_reparam.safetensors) and its
             logits ('logits_reparam'), the deploy form timm ships.
 
@@ -68,7 +68,8 @@ def _timm_mobilevit(version: int):
     blocks = (ir(d=1, c=8, s=1, br=2.0), ir(d=2, c=8, s=2, br=2.0), mvit(16, 16, 1), mvit(16, 24, 2), mvit(24, 16, 1))
     extra = dict(num_features=40)
   else:
-    mvit = lambda c, depth: mobilevit._mobilevitv2_block(d=1, c=c, s=2, transformer_depth=depth)  # pylint: disable=protected-access
+    mvit = lambda c, depth: mobilevit._mobilevitv2_block(  # pylint: disable=protected-access
+        d=1, c=c, s=2, transformer_depth=depth)
     blocks = (ir(d=1, c=8, s=1, br=2.0), ir(d=2, c=8, s=2, br=2.0), mvit(16, 1), mvit(16, 2), mvit(24, 1))
     extra = {}
   cfg = byobnet.ByoModelCfg(blocks=blocks, stem_chs=8, stem_type='3x3', stem_pool='', downsample='',
