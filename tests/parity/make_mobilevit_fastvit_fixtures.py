@@ -10,8 +10,9 @@ eval-mode BatchNorm and the re-parameterisation are checked with non-trivial sta
   fastvit   timm FastVit, 48 px: widths 8/16/32/64, depths 1/1/1/1, MLP ratios 3/3/3/2, RepMixer stages 0-2
             (stage 0 without downsampling), an attention stage 3 (2 heads of 32) after a 7x7 conditional
             positional encoding, final_conv to 128 with squeeze-excitation. Stage maps 12, 6, 3, 2 (odd sizes
-            through the strided 7x7 and 3x3 convs). Also saved: timm's `reparameterize_model` of it (fastvit_reparam.safetensors) and its
-            logits ('logits_reparam'), the deploy form timm ships.
+            through the strided 7x7 and 3x3 convs). Also saved: timm's `reparameterize_model` of it
+            (fastvit_reparam.safetensors), its logits ('logits_reparam') and parameter count, the deploy form
+            timm ships.
 
   mobilevit / mobilevitv2
             timm ByobNet with timm's mobilevit (v1) / mobilevitv2 block configs, 48 px: stem 8, widths
