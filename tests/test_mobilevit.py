@@ -1,5 +1,5 @@
 """MobileViT v1 and v2: exact timm counts, timm layout, unfold / fold and PyTorch's bilinear resize, parity with
-BatchNorm running statistics, layer grouping, init_from and the main job.
+BatchNorm running statistics, BatchNorm folding, layer grouping, init_from and the main job.
 
 Parity with timm's logits runs on the committed fixtures of tests/parity/make_mobilevit_fastvit_fixtures.py (tiny
 timm ByobNets of timm's mobilevit / mobilevitv2 blocks, random weights and statistics, a 3x3 map resized around
@@ -18,6 +18,7 @@ from flax import traverse_util
 
 from tests import model_utils
 from vit_jax import convert
+from vit_jax import deploy
 from vit_jax import finetune
 from vit_jax import param_groups
 from vit_jax.models import mobilevit
@@ -121,12 +122,14 @@ def tiny(request):
   meta, overrides, io, sd = _fixture(request.param)
   variables = convert.timm_to_params(meta['model'], sd, model_overrides=overrides)
   model = registry.create_model(meta['model'], num_classes=5, **overrides)
+  folded_model, folded = deploy.fold_for_inference(meta['model'], variables, num_classes=5, **overrides)
 
   @jax.jit
-  def run(variables, x):
+  def run(variables, folded, x):
     train, updated = model.apply(variables, x, train=True, mutable=['batch_stats'])
-    return dict(eval=model.apply(variables, x), train=train, stats=updated['batch_stats'])
-  return request.param, model, variables, io, run(variables, jnp.asarray(io['input_nhwc']))
+    return dict(eval=model.apply(variables, x), train=train, stats=updated['batch_stats'],
+                folded=folded_model.apply(folded, x), folded_params=folded['params'])
+  return request.param, model, variables, io, run(variables, folded, jnp.asarray(io['input_nhwc']))
 
 
 def test_timm_parity(tiny):
@@ -134,6 +137,20 @@ def test_timm_parity(tiny):
   conv; v2: separable linear attention, GroupNorm; both: a 3x3 map resized as timm does)."""
   _, _, _, io, out = tiny
   assert np.abs(np.asarray(out['eval']) - io['logits']).max() <= 1e-5
+
+
+def test_folded_model_matches_unfolded(tiny):
+  """fold_for_inference folds every BatchNorm into its conv (inference_mode=True): the same logits, no statistics,
+  and C fewer parameters per BatchNorm of C channels (timm has no fused MobileViT: its count is the train count)."""
+  _, _, variables, _, out = tiny
+  assert np.abs(np.asarray(out['folded']) - np.asarray(out['eval'])).max() <= 1e-5
+  channels = sum(v.size for v in jax.tree.leaves(variables['batch_stats'])) // 2
+  count = lambda t: sum(v.size for v in jax.tree.leaves(t))
+  assert count(out['folded_params']) == count(variables['params']) - channels
+  flat = traverse_util.flatten_dict(out['folded_params'], sep='/')
+  assert flat['stem/conv/bias'].shape == (8,) and not any('/bn/' in k for k in flat)
+  with pytest.raises(ValueError, match='running statistics'):
+    mobilevit.fold_batchnorms({}, {'params': variables['params']})
 
 
 def test_batch_norm_statistics(tiny):

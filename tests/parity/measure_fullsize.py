@@ -39,6 +39,12 @@ CASES = [  # timm name, our name, create_model overrides for timm's numerics
     ('cait_xxs24_224', 'cait_xxs24', {}),
     ('beit_base_patch16_224', 'beit_b16', {}),
     ('maxvit_tiny_tf_224', 'maxvit_t_tf_224', {}),
+    ('fastvit_t8', 'fastvit_t8', {}),
+    ('fastvit_sa12', 'fastvit_sa12', {}),
+    ('mobilevit_xxs', 'mobilevit_xxs', {}),
+    ('mobilevit_s', 'mobilevit_s', {}),
+    ('mobilevitv2_050', 'mobilevitv2_050', {}),
+    ('mobilevitv2_200', 'mobilevitv2_200', {}),
 ]
 # Families whose reference is not timm: (reference, our name, the builder of the randomised reference model, layout).
 OTHER_CASES = [

@@ -26,7 +26,7 @@ exact softmax. Parameter names mirror timm's ('.' -> '/', list index i -> '_i', 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -90,21 +90,25 @@ def fold(x: Array, patch: int, size: tuple[int, int]) -> Array:
 
 
 class ConvNormAct(nn.Module):
-  """timm ConvNormAct: conv (no bias, symmetric padding k // 2) -> BatchNorm -> SiLU (unless act=False)."""
+  """timm ConvNormAct: conv (no bias, symmetric padding k // 2) -> BatchNorm -> SiLU (unless act=False).
+
+  folded=True: the deploy form, a conv with bias (the BatchNorm folded in by `fold_batchnorms`)."""
   features: int
   kernel: int = 1
   stride: int = 1
   groups: int = 1
   act: bool = True
+  folded: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     p = self.kernel // 2
     x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                padding=((p, p), (p, p)), feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
+                padding=((p, p), (p, p)), feature_group_count=self.groups, use_bias=self.folded, dtype=self.dtype,
                 name='conv')(x)
-    x = layers.torch_batch_norm('bn', train=train, dtype=self.dtype)(x)
+    if not self.folded:
+      x = layers.torch_batch_norm('bn', train=train, dtype=self.dtype)(x)
     return nn.silu(x) if self.act else x
 
 
@@ -115,14 +119,16 @@ class InvertedResidual(nn.Module):
   stride: int = 1
   expand_ratio: float = 4.0
   drop_path: float = 0.0
+  inference_mode: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     mid = make_divisible(x.shape[-1] * self.expand_ratio)
-    y = ConvNormAct(mid, 1, dtype=self.dtype, name='conv1_1x1')(x, train)
-    y = ConvNormAct(mid, 3, self.stride, groups=mid, dtype=self.dtype, name='conv2_kxk')(y, train)
-    y = ConvNormAct(self.features, 1, act=False, dtype=self.dtype, name='conv3_1x1')(y, train)
+    cna = dict(folded=self.inference_mode, dtype=self.dtype)
+    y = ConvNormAct(mid, 1, name='conv1_1x1', **cna)(x, train)
+    y = ConvNormAct(mid, 3, self.stride, groups=mid, name='conv2_kxk', **cna)(y, train)
+    y = ConvNormAct(self.features, 1, act=False, name='conv3_1x1', **cna)(y, train)
     y = DropPath(self.drop_path)(y, deterministic=not train)
     return x + y if self.stride == 1 and x.shape[-1] == self.features else y
 
@@ -219,11 +225,13 @@ class MobileViTBlock(nn.Module):
   num_heads: int = 4
   mlp_ratio: float = 2.0
   drop_path: float = 0.0
+  inference_mode: bool = False
   dtype: Any = jnp.float32
   attention_impl: str = 'einsum'
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
+    cna = dict(folded=self.inference_mode, dtype=self.dtype)
     p = self.patch_size
     b, h, w, c = x.shape
     size = (-(-h // p) * p, -(-w // p) * p)  # The next multiples of the patch.
@@ -231,7 +239,7 @@ class MobileViTBlock(nn.Module):
     if v2 and size != (h, w):
       x = resize_bilinear(x, size, align_corners=True)
     shortcut = x
-    y = ConvNormAct(c, 3, groups=c if v2 else 1, dtype=self.dtype, name='conv_kxk')(x, train)
+    y = ConvNormAct(c, 3, groups=c if v2 else 1, name='conv_kxk', **cna)(x, train)
     y = nn.Conv(self.transformer_dim, (1, 1), use_bias=False, dtype=self.dtype, name='conv_1x1')(y)
     if not v2 and size != (h, w):
       y = resize_bilinear(y, size, align_corners=False)
@@ -249,10 +257,10 @@ class MobileViTBlock(nn.Module):
     y = fold(y, p, size)
     if not v2 and size != (h, w):
       y = resize_bilinear(y, (h, w), align_corners=False)
-    y = ConvNormAct(self.features, 1, act=not v2, dtype=self.dtype, name='conv_proj')(y, train)
+    y = ConvNormAct(self.features, 1, act=not v2, name='conv_proj', **cna)(y, train)
     if v2:
       return y
-    return ConvNormAct(self.features, 3, dtype=self.dtype, name='conv_fusion')(
+    return ConvNormAct(self.features, 3, name='conv_fusion', **cna)(
         jnp.concatenate([shortcut, y], axis=-1), train)
 
 
@@ -267,6 +275,7 @@ class MobileViTStage(nn.Module):
   block_kwargs: Any = None  # dict of MobileViTBlock fields shared by every block (version, patch_size, ...).
   expand_ratio: float = 4.0
   remat: Any = False
+  inference_mode: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -274,12 +283,12 @@ class MobileViTStage(nn.Module):
     ir_cls = layers.remat(InvertedResidual, self.remat, static_argnums=(2,))
     for j in range(self.ir_depth):
       x = ir_cls(self.features, self.stride if j == 0 else 1, self.expand_ratio, self.drop_path_rates[j],
-                 dtype=self.dtype, name=f'blocks_{j}')(x, train)
+                 self.inference_mode, dtype=self.dtype, name=f'blocks_{j}')(x, train)
     if self.transformer_depth:
       block_cls = layers.remat(MobileViTBlock, self.remat, static_argnums=(2,))
       x = block_cls(self.features, self.transformer_dim, self.transformer_depth,
-                    drop_path=self.drop_path_rates[-1], dtype=self.dtype, **dict(self.block_kwargs or {}),
-                    name=f'blocks_{self.ir_depth}')(x, train)
+                    drop_path=self.drop_path_rates[-1], inference_mode=self.inference_mode, dtype=self.dtype,
+                    **dict(self.block_kwargs or {}), name=f'blocks_{self.ir_depth}')(x, train)
     return x
 
 
@@ -304,6 +313,7 @@ class MobileViT(nn.Module):
   num_heads: int = 4
   mlp_ratio: float = 2.0
   final_width: int = 320  # v1's final 1x1 conv (num_features); 0: none (v2).
+  inference_mode: bool = False  # Deploy form: every conv + BatchNorm as one conv with bias (FACTS.fold).
   drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
@@ -340,15 +350,15 @@ class MobileViT(nn.Module):
     starts = np.cumsum([0] + per_stage)
     shared = dict(version=self.version, patch_size=self.patch_size, num_heads=self.num_heads,
                   mlp_ratio=self.mlp_ratio, attention_impl=self.attention_impl)
-    self.stem = ConvNormAct(self.stem_width, 3, 2, dtype=self.dtype)
+    self.stem = ConvNormAct(self.stem_width, 3, 2, folded=self.inference_mode, dtype=self.dtype)
     self.stages = [
         MobileViTStage(self.widths[i], self.strides[i], self.ir_depths[i], self.transformer_depths[i],
                        self._transformer_dim(i) if self.transformer_depths[i] else 0,
                        tuple(float(r) for r in dpr[starts[i]:starts[i + 1]]), shared, self.expand_ratio,
-                       self.remat, self.dtype, name=f'stages_{i}')
+                       self.remat, self.inference_mode, self.dtype, name=f'stages_{i}')
         for i in range(n)]
     if self.final_width:
-      self.final_conv = ConvNormAct(self.final_width, 1, dtype=self.dtype)
+      self.final_conv = ConvNormAct(self.final_width, 1, folded=self.inference_mode, dtype=self.dtype)
     self.head_drop = nn.Dropout(self.drop_rate)
     if self.num_classes > 0:
       self.head = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_trunc_normal, bias_init=_zeros)
@@ -416,6 +426,41 @@ _V2_RULES = _COMMON + (
     (_TR + r'\.mlp\.(?P<l>fc1|fc2)', _OT + r'/mlp/\g<l>', 'conv'),
 )
 _IGNORE = (r'.*\.num_batches_tracked',)
+
+
+def _fold_tree(params: Any, stats: Any) -> tuple[dict, dict]:
+  """Every {'conv': {kernel}, 'bn': ...} pair (a ConvNormAct) becomes {'conv': {kernel, bias}}."""
+  from vit_jax import deploy  # pylint: disable=g-import-not-at-top  (deploy imports the registry: no cycle)
+  if set(params) == {'conv', 'bn'} and 'kernel' in params['conv']:
+    bn, bs = params['bn'], stats['bn']
+    kernel, bias = deploy.fold_batchnorm(params['conv']['kernel'], None, scale=bn['scale'], offset=bn['bias'],
+                                         mean=bs['mean'], var=bs['var'], epsilon=1e-5)
+    return {'conv': {'kernel': kernel, 'bias': bias}}, {}
+  out_p, out_s = {}, {}
+  for name, sub in params.items():
+    if isinstance(sub, Mapping) and any(isinstance(v, Mapping) for v in sub.values()):
+      p, s = _fold_tree(sub, stats.get(name, {}))
+    else:
+      p, s = sub, stats.get(name, {})
+    out_p[name] = p
+    if s:
+      out_s[name] = s
+  return out_p, out_s
+
+
+def fold_batchnorms(options: Mapping[str, Any], variables: Mapping[str, Any]) -> tuple[dict, dict]:
+  """FamilyFacts.fold: every BatchNorm folded into its conv (inference_mode=True), the same logits. timm has no
+  fused MobileViT (its reparameterize_model leaves the model as is), so this form has fewer parameters than any
+  timm form: each BatchNorm's 2C become the conv's C biases."""
+  if options.get('inference_mode'):
+    return dict(options), dict(variables)
+  if 'batch_stats' not in variables:
+    raise ValueError('MobileViT folding needs the BatchNorm running statistics: pass {"params": ..., '
+                     '"batch_stats": ...} (what model.init / convert.timm_to_params return).')
+  params, stats = _fold_tree(variables['params'], variables['batch_stats'])
+  assert not stats, f'BatchNorm statistics left after folding: {list(stats)}'
+  return {**options, 'inference_mode': True}, {'params': jax.tree.map(lambda a: jnp.asarray(a, jnp.float32),
+                                                                      params)}
 _GROUPING = facts.LayerGrouping(blocks=((r'^stages_(\d+)/blocks_(\d+)/', 'block2'),), stem=r'^stem/')
 
 FACTS_V1 = facts.register_family(facts.FamilyFacts(
@@ -424,6 +469,7 @@ FACTS_V1 = facts.register_family(facts.FamilyFacts(
     grouping=_GROUPING,
     forward_macs=None,  # XLA's cost analysis.
     heads=('head',),
+    fold=fold_batchnorms,
 ))
 FACTS_V2 = facts.register_family(facts.FamilyFacts(
     name='mobilevitv2',
@@ -431,6 +477,7 @@ FACTS_V2 = facts.register_family(facts.FamilyFacts(
     grouping=_GROUPING,
     forward_macs=None,
     heads=('head',),
+    fold=fold_batchnorms,
 ))
 
 
