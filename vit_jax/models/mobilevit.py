@@ -22,6 +22,10 @@ Maps whose side is not a multiple of the patch are resized to the next multiple 
 unfolding, align_corners=False, and back after folding; v2: at the block's input, align_corners=True, and kept),
 as timm does. Numerics are PyTorch's: symmetric padding, BatchNorm eps 1e-5 (statistics in `batch_stats`), SiLU,
 exact softmax. Parameter names mirror timm's ('.' -> '/', list index i -> '_i', stage block j -> blocks_j).
+
+Deploy form: `inference_mode=True` has every conv + BatchNorm as one conv with bias; `fold_batchnorms` (the
+families' FamilyFacts.fold, vit_jax.deploy.fold_for_inference) turns trained variables into it. timm ships no
+fused MobileViT, so this form has C fewer parameters per BatchNorm of C channels than timm's (only) count.
 """
 from __future__ import annotations
 
