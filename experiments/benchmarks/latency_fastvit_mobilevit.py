@@ -37,7 +37,12 @@ def _ours(name: str):
   size = get_model_spec(name).image_size
   model = create_model(name, num_classes=1000)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, size, size, 3)), jnp.float32)
-  variables = jax.jit(model.init)(jax.random.key(0), x)
+  # Random variables of the model's shapes (no compiled init: slow on a small CPU); positive BatchNorm variances.
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+  rng = np.random.default_rng(0)
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, s: jnp.asarray(np.abs(rng.normal(size=s.shape)) + 0.5 if 'var' in jax.tree_util.keystr(path)
+                                  else 0.05 * rng.normal(size=s.shape), s.dtype), shapes)
   folded_model, folded = deploy.fold_for_inference(name, variables, num_classes=1000)
   apply = jax.jit(lambda v, x: folded_model.apply(v, x, train=False))
   apply(folded, x).block_until_ready()
