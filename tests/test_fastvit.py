@@ -159,7 +159,8 @@ def test_folded_model_matches_unfolded_and_timm_deploy_form(tiny):
   assert {k.rsplit('/', 2)[-2] for k in stats} == {'bn', 'norm'}
   assert all('/mlp/conv/bn/' in k or k.endswith(('norm/mean', 'norm/var')) for k in stats)
   # Folding a deploy form is the identity; train-form params without statistics are refused.
-  assert fastvit.fold({'inference_mode': True}, tiny['folded'])[1] is not None
+  options, again = fastvit.fold({'inference_mode': True}, tiny['folded'])
+  assert options == {'inference_mode': True} and again['params'] is tiny['folded']['params']
   with pytest.raises(ValueError, match='running statistics'):
     fastvit.fold({}, {'params': tiny['variables']['params']})
 

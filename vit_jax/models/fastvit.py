@@ -486,7 +486,7 @@ def _fused_mobileone(params: Mapping[str, Any], stats: Mapping[str, Any], *, siz
   return kernel, bias
 
 
-def _fold_tree(params: Mapping[str, Any], stats: Mapping[str, Any], path: str) -> tuple[dict, dict]:
+def _fold_tree(params: Mapping[str, Any], stats: Mapping[str, Any]) -> tuple[dict, dict]:
   """Deploy-form (params, batch_stats) of one module subtree: every re-parameterisable module (recognised by its
   branch names) becomes {'reparam_conv': {kernel, bias}}; the rest is copied."""
   from vit_jax import deploy  # pylint: disable=g-import-not-at-top
@@ -519,7 +519,7 @@ def _fold_tree(params: Mapping[str, Any], stats: Mapping[str, Any], path: str) -
   out_p, out_s = {}, {}
   for name, sub in params.items():
     if isinstance(sub, Mapping) and any(isinstance(v, Mapping) for v in sub.values()):
-      p, s = _fold_tree(sub, stats.get(name, {}), f'{path}/{name}')
+      p, s = _fold_tree(sub, stats.get(name, {}))
     else:  # A leaf module (conv, dense, norm, layer scale): copied with its statistics.
       p, s = sub, stats.get(name, {})
     out_p[name] = p
@@ -539,7 +539,7 @@ def fold(options: Mapping[str, Any], variables: Mapping[str, Any]) -> tuple[dict
   if 'batch_stats' not in variables:
     raise ValueError('FastViT folding needs the BatchNorm running statistics: pass {"params": ..., '
                      '"batch_stats": ...} (what model.init / convert.timm_to_params return).')
-  params, stats = _fold_tree(variables['params'], variables['batch_stats'], '')
+  params, stats = _fold_tree(variables['params'], variables['batch_stats'])
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
   return {**options, 'inference_mode': True}, {'params': params, 'batch_stats': stats}
 
