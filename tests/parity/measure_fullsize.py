@@ -44,6 +44,12 @@ CASES = [  # timm name, our name, create_model overrides for timm's numerics
     ('levit_384', 'levit_384', {}),
     ('efficientvit_m0', 'efficientvit_m0', {}),
     ('efficientvit_m5', 'efficientvit_m5', {}),
+    ('fastvit_t8', 'fastvit_t8', {}),
+    ('fastvit_sa12', 'fastvit_sa12', {}),
+    ('mobilevit_xxs', 'mobilevit_xxs', {}),
+    ('mobilevit_s', 'mobilevit_s', {}),
+    ('mobilevitv2_050', 'mobilevitv2_050', {}),
+    ('mobilevitv2_200', 'mobilevitv2_200', {}),
 ]
 # Families whose reference is not timm: (reference, our name, the builder of the randomised reference model, layout).
 OTHER_CASES = [
