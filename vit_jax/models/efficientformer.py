@@ -102,14 +102,14 @@ class Attention(nn.Module):
     b, n, dim = x.shape
     if n != self.resolution ** 2:
       raise ValueError(f'EfficientFormer attention has a {self.resolution}x{self.resolution} bias table but got '
-                       f'{n} tokens. Fix: feed images of {32 * self.resolution} px, or build the model with '
-                       f'attn_resolution = (image size) / 32.')
+                       f'{n} tokens. Fix: feed images whose last stage map is {self.resolution}x{self.resolution}, '
+                       'or build the model with attn_resolution = the side of that map.')
     val_dim = int(self.attn_ratio * self.key_dim)
     qkv = _dense(self.num_heads * (2 * self.key_dim + val_dim), dtype=self.dtype, name='qkv')(x)
     qkv = qkv.reshape(b, n, self.num_heads, 2 * self.key_dim + val_dim)
     q, k, v = jnp.split(qkv, [self.key_dim, 2 * self.key_dim], axis=-1)
     biases = self.param('attention_biases', _zeros, (self.num_heads, self.resolution ** 2))
-    bias = biases[:, jnp.asarray(attention_bias_index(self.resolution))]  # (heads, N, N)
+    bias = jnp.asarray(biases)[:, attention_bias_index(self.resolution)]  # (heads, N, N)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (self.key_dim ** -0.5) + bias.astype(q.dtype)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, n, self.num_heads * val_dim)
@@ -213,8 +213,10 @@ class Downsample(nn.Module):
 
 
 class Stem(nn.Module):
-  """conv 3x3 s2 -> BN -> ReLU -> conv 3x3 s2 -> BN -> ReLU (timm Stem4; BatchNorms folded in deploy form)."""
+  """conv 3x3 s2 -> BN -> ReLU -> conv 3x3 s(stride / 2) -> BN -> ReLU (timm Stem4 at stride 4; BatchNorms
+  folded in deploy form)."""
   out_dim: int
+  stride: int = 4
   deploy: bool = False
   dtype: Any = jnp.float32
 
@@ -222,7 +224,7 @@ class Stem(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     x = _conv(self.out_dim // 2, 3, stride=2, dtype=self.dtype, name='conv1')(x)
     x = nn.relu(_norm_or_identity(self.deploy, 'norm1', train, self.dtype)(x))
-    x = _conv(self.out_dim, 3, stride=2, dtype=self.dtype, name='conv2')(x)
+    x = _conv(self.out_dim, 3, stride=self.stride // 2, dtype=self.dtype, name='conv2')(x)
     return nn.relu(_norm_or_identity(self.deploy, 'norm2', train, self.dtype)(x))
 
 
@@ -266,7 +268,8 @@ class EfficientFormerStage(nn.Module):
 class EfficientFormer(nn.Module):
   """EfficientFormer (v1) classifier on NHWC images (timm `EfficientFormer`, always with the distillation head).
 
-  The last stage map must be attn_resolution x attn_resolution (7 at 224 px: inputs of 32 x attn_resolution px).
+  The last stage map must be attn_resolution x attn_resolution (7 at 224 px: inputs of 32 x attn_resolution px,
+  or 16 x attn_resolution px with patch_size 2).
   drop_path_rate grows linearly over all blocks (timm); drop_rate is dropout before the heads. num_classes=0: the
   logits are the pooled pre-logits. `deploy=True` is the BatchNorm-folded inference form (see the module doc).
   """
@@ -274,6 +277,7 @@ class EfficientFormer(nn.Module):
   depths: Sequence[int] = (3, 2, 6, 4)
   embed_dims: Sequence[int] = (48, 96, 224, 448)
   num_vit: int = 1
+  patch_size: int = 4  # The stem's stride: 4 (the paper, timm), or 2 (second conv unstrided) for small images.
   mlp_ratio: float = 4.0
   pool_size: int = 3
   layer_scale_init: float = 1e-5
@@ -296,6 +300,8 @@ class EfficientFormer(nn.Module):
     if len(self.embed_dims) != n:
       raise ValueError(f'depths {tuple(self.depths)} and embed_dims {tuple(self.embed_dims)} differ in length; give '
                        'one width per stage.')
+    if self.patch_size not in (2, 4):
+      raise ValueError(f'patch_size={self.patch_size}: EfficientFormer\'s stem strides by 4 (the reference) or 2.')
     if not 1 <= self.num_vit:
       raise ValueError(f'num_vit={self.num_vit}: EfficientFormer needs at least one attention (3-D) block in its '
                        'last stage (its head normalises and pools tokens).')
@@ -304,7 +310,7 @@ class EfficientFormer(nn.Module):
     block = dict(mlp_ratio=self.mlp_ratio, pool_size=self.pool_size, layer_scale_init=self.layer_scale_init)
     attn = dict(key_dim=self.attn_key_dim, num_heads=self.attn_heads, attn_ratio=self.attn_ratio,
                 resolution=self.attn_resolution)
-    self.stem = Stem(self.embed_dims[0], self.deploy, dtype=self.dtype)
+    self.stem = Stem(self.embed_dims[0], self.patch_size, self.deploy, dtype=self.dtype)
     self.stages = [
         EfficientFormerStage(self.embed_dims[i], self.depths[i], downsample=i > 0,
                              num_vit=self.num_vit if i == n - 1 else 0,
@@ -319,9 +325,11 @@ class EfficientFormer(nn.Module):
       self.head_dist = _dense(self.num_classes, dtype=self.dtype, name='head_dist')
 
   def stage_resolutions(self, height: int, width: int) -> list[tuple[int, int]]:
-    """(H, W) of every stage map: the stem's two and each downsample's stride-2 3x3 convs (padding 1) round up."""
+    """(H, W) of every stage map: the stem's and each downsample's stride-2 3x3 convs (padding 1) round up."""
     half = lambda n: -(-n // 2)  # ceil(n / 2): a 3x3 stride-2 conv with padding 1.
-    h, w = half(half(height)), half(half(width))
+    h, w = half(height), half(width)
+    if self.patch_size == 4:
+      h, w = half(h), half(w)
     out = [(h, w)]
     for _ in range(len(self.depths) - 1):
       h, w = half(h), half(w)
@@ -332,8 +340,9 @@ class EfficientFormer(nn.Module):
     last = self.stage_resolutions(height, width)[-1]
     r = self.attn_resolution
     if last != (r, r):
+      side = 8 * self.patch_size * r
       raise ValueError(f'Input {height}x{width} gives a {last[0]}x{last[1]} last stage, but this EfficientFormer\'s '
-                       f'attention bias table is for {r}x{r}. Fix: use {32 * r}x{32 * r} images, or build the model '
+                       f'attention bias table is for {r}x{r}. Fix: use {side}x{side} images, or build the model '
                        'with attn_resolution for your size (converted tables are resized to it).')
 
   def _stages(self, images: Array, train: bool) -> list[Array]:
@@ -424,7 +433,7 @@ def _infer_image_size(state_dict: Any, options: Mapping[str, Any]) -> Optional[i
   """The input size whose last stage map is the model's attn_resolution (a checkpoint table of another size is
   resized to it)."""
   del state_dict
-  return 32 * int(options.get('attn_resolution', 7))
+  return 8 * int(options.get('patch_size', 4)) * int(options.get('attn_resolution', 7))
 
 
 # BatchNorm -> the conv it follows, by the BatchNorm's module name.
