@@ -8,6 +8,9 @@ Tiny configurations of timm's classes, every parameter and BatchNorm running sta
                             3x3 and its attention modules are rebuilt as timm Attention(resolution=3, key_dim=8,
                             num_heads=2, attn_ratio=2) (timm fixes 7x7 / 8 heads of 32 otherwise);
   efficientformer_allvit    the same with num_vit=2 >= the last depth: flatten first, only 3-D blocks (l7's layout).
+  efficientvit_mit          timm EfficientVit (B), widths (4, 8, 16, 16, 24), depths (1, 2, 1, 1, 2), head_dim 8,
+                            head widths (32, 40), 64 px: a stem DSConv, a residual and a lone strided MBConv stage,
+                            attention stages of 2 and 3 heads (one and two EfficientViT blocks).
 Files, as make_fixtures.py: {name}.safetensors (timm state dict), {name}.npz (input_nhwc, logits), {name}.json
 (timm class and kwargs, our model name and overrides).
 """
@@ -29,13 +32,20 @@ _EF_ATTN = dict(key_dim=8, num_heads=2, attn_ratio=2, resolution=3)
 _EF_TIMM = dict(depths=(1, 1, 1, 2), embed_dims=(8, 16, 16, 24))
 _EF_OURS = dict(depths=(1, 1, 1, 2), embed_dims=(8, 16, 16, 24), attn_key_dim=8, attn_heads=2, attn_ratio=2.0,
                 attn_resolution=3, drop_path_rate=0.0)
+_EV = dict(widths=(4, 8, 16, 16, 24), depths=(1, 2, 1, 1, 2), head_dim=8, head_widths=(32, 40))
 # name: (builder, timm kwargs, image size, our registry name, our overrides)
 CONFIGS = {
     'efficientformer': ('_timm_efficientformer', dict(_EF_TIMM, num_vit=1), 96, 'efficientformer_l1',
                         dict(_EF_OURS, num_vit=1)),
     'efficientformer_allvit': ('_timm_efficientformer', dict(_EF_TIMM, num_vit=2), 96, 'efficientformer_l7',
                                dict(_EF_OURS, num_vit=2)),
+    'efficientvit_mit': ('_timm_efficientvit', _EV, 64, 'efficientvit_b0', _EV),
 }
+
+
+def _timm_efficientvit(kwargs):
+  from timm.models import efficientvit_mit  # pylint: disable=g-import-not-at-top
+  return efficientvit_mit.EfficientVit(num_classes=NUM_CLASSES, **kwargs)
 
 
 def _timm_efficientformer(kwargs):
