@@ -234,13 +234,15 @@ class Stem(nn.Module):
   """conv 3x3 s2 -> BN -> Hardswish, then `depth` residual DSConvs (timm Stem)."""
   width: int
   depth: int
+  stride: int = 2
   drop_path_rates: tuple[float, ...] = ()
   deploy: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    x = ConvNormAct(self.width, 3, 2, act=True, deploy=self.deploy, dtype=self.dtype, name='in_conv')(x, train)
+    x = ConvNormAct(self.width, 3, self.stride, act=True, deploy=self.deploy, dtype=self.dtype, name='in_conv')(
+        x, train)
     for j in range(self.depth):
       y = DSConv(self.width, self.deploy, dtype=self.dtype, name=f'res{j}')(x, train)
       rate = self.drop_path_rates[j] if self.drop_path_rates else 0.0
@@ -255,6 +257,7 @@ class EfficientVit(nn.Module):
   num_features is the pre-logits width head_widths[1]. num_classes=0: the logits are the pre-logits.
   """
   num_classes: int = 1000
+  patch_size: int = 2  # The stem conv's stride: 2 (the paper, timm), or 1 for small images.
   widths: Sequence[int] = (8, 16, 32, 64, 128)
   depths: Sequence[int] = (1, 2, 2, 2, 2)
   head_dim: int = 16
@@ -275,13 +278,16 @@ class EfficientVit(nn.Module):
     if len(self.widths) != 5 or len(self.depths) != 5:
       raise ValueError(f'EfficientViT-B takes 5 widths and depths (stem + 4 stages), got widths {tuple(self.widths)} '
                        f'and depths {tuple(self.depths)}.')
+    if self.patch_size not in (1, 2):
+      raise ValueError(f'patch_size={self.patch_size}: EfficientViT-B\'s stem conv strides by 2 (the reference) or 1.')
     if len(self.head_widths) != 2:
       raise ValueError(f'head_widths needs (conv width, pre-logits width), got {tuple(self.head_widths)}.')
     # Drop-path rates over the blocks with a shortcut: the stem's DSConvs, then each stage's unstrided blocks.
     residual = [self.depths[0]] + [d if i >= 2 else d - 1 for i, d in enumerate(self.depths[1:])]
     dpr = [float(r) for r in np.linspace(0.0, self.drop_path_rate, max(sum(residual), 1))]
     starts = np.cumsum([0] + residual)
-    self.stem = Stem(self.widths[0], self.depths[0], tuple(dpr[:residual[0]]), self.deploy, dtype=self.dtype)
+    self.stem = Stem(self.widths[0], self.depths[0], self.patch_size, tuple(dpr[:residual[0]]), self.deploy,
+                     dtype=self.dtype)
     stages = []
     for i in range(4):
       rates = dpr[starts[i + 1]:starts[i + 2]]
@@ -310,7 +316,7 @@ class EfficientVit(nn.Module):
     return outs
 
   def forward_intermediates(self, images: Array, *, train: bool = False, norm: bool = False) -> list[Array]:
-    """The 4 stages' NHWC maps (strides 4, 8, 16, 32). EfficientViT has no norm on the last map (its BatchNorm is
+    """The 4 stages' NHWC maps (strides 4, 8, 16, 32 with patch_size 2). EfficientViT has no norm on the last map (its BatchNorm is
     in the head, after a conv), so `norm` changes nothing; it is accepted for the shared API."""
     del norm
     return self._stages(images, train)
