@@ -437,7 +437,7 @@ def _infer_image_size(state_dict: Any, options: Mapping[str, Any]) -> Optional[i
 
 
 # BatchNorm -> the conv it follows, by the BatchNorm's module name.
-_FOLD_INTO = {'norm1': ('conv1', 'fc1'), 'norm2': ('conv2', 'fc2'), 'norm': ('conv',)}
+_FOLD_INTO = {'norm1': ('conv1', 'fc1'), 'norm2': ('conv2', 'fc2'), 'norm': ('conv',), 'bn': ('conv',)}
 
 
 def fold_batchnorms(params: Mapping[str, Any], batch_stats: Mapping[str, Any], epsilon: float) -> dict:
@@ -498,3 +498,431 @@ for _size, (_depths, _dims, _num_vit, _count) in _V1.items():
   registry.register_model(f'efficientformer_{_size}', EfficientFormer, family='efficientformer', image_size=224,
                           num_params=_count, timm_name=f'efficientformer_{_size}.snap_dist_in1k', depths=_depths,
                           embed_dims=_dims, num_vit=_num_vit)
+
+
+# ================================================================================================================
+# EfficientFormer V2 (Li et al. 2023, "Rethinking Vision Transformers for MobileNet Size and Speed"), laid out like
+# timm's `efficientformer_v2.py`.
+#
+#   stem: (conv 3x3 s2 -> BN -> GELU) x 2                                                      stride 4
+#   stages 1-3 start with conv 3x3 s2 -> BN; stage 3's adds attention downsampling (below)     strides 8, 16, 32
+#   block: [x + ls1 * Attention2d(x)] (the last num_vit blocks of stages 2 and 3), then
+#          x + ls2 * BN(fc2(GELU(BN(dw3x3(GELU(BN(fc1(x))))))))          (1x1 -> depthwise 3x3 -> 1x1, all biased)
+#   head: BatchNorm of the last map -> mean -> (head + head_dist) / 2
+#
+# Attention2d (8 heads, key dim 32, value dim 128 per head): q, k, v are 1x1 conv + BN; a depthwise 3x3 conv + BN
+# of v ("v_local") is added to the attention output; the logits get the per-head bias table (absolute offsets on
+# the attention map, as v1) and are mixed across heads by a 1x1 conv before and after the softmax (talking heads);
+# output GELU -> 1x1 conv + BN. In stage 2 the block attends on a map halved by a depthwise 3x3 stride-2 conv + BN
+# and upsamples the result bilinearly (x2) back. Stage 3's downsampling adds Attention2dDownsample: queries from the
+# stride-2 grid (depthwise 3x3 s2 conv + 1x1-strided subsample, then 1x1 conv + BN; key dim 16), keys and values
+# from the full map, bias indexed by |query - key| on the full-resolution grid, v_local strided, no talking heads.
+#
+# The bias tables follow img_size (default 224: 7x7, and 14x14 for the downsampling attention); every BatchNorm
+# has eps 1e-5. Deploy form: every BatchNorm folded into its conv, the final one into a per-channel affine.
+# ================================================================================================================
+
+
+def upsample2_bilinear(x: Array) -> Array:
+  """PyTorch's nn.Upsample(scale_factor=2, mode='bilinear') (align_corners=False) on an NHWC map."""
+  def matrix(n: int) -> np.ndarray:
+    src = np.maximum((np.arange(2 * n) + 0.5) / 2 - 0.5, 0.0)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, n - 1)
+    frac = src - lo
+    m = np.zeros((2 * n, n), np.float32)
+    m[np.arange(2 * n), lo] += 1 - frac
+    m[np.arange(2 * n), hi] += frac
+    return m
+  mh, mw = matrix(x.shape[1]), matrix(x.shape[2])
+  return jnp.einsum('ph,bhwc,qw->bpqc', jnp.asarray(mh, x.dtype), x, jnp.asarray(mw, x.dtype))
+
+
+def downsample_bias_index(resolution: int) -> np.ndarray:
+  """(N2, N) index into a (heads, resolution**2) table: |q - k| * (resolution, 1) between the stride-2 query grid
+  (rows and columns 0, 2, 4, ...) and every key position (timm's Attention2dDownsample)."""
+  k = np.stack(np.meshgrid(np.arange(resolution), np.arange(resolution), indexing='ij')).reshape(2, -1)
+  q = np.stack(np.meshgrid(np.arange(0, resolution, 2), np.arange(0, resolution, 2), indexing='ij')).reshape(2, -1)
+  rel = np.abs(q[:, :, None] - k[:, None, :])
+  return rel[0] * resolution + rel[1]
+
+
+class ConvBN(nn.Module):
+  """conv (bias; PyTorch padding ((stride - 1) + (kernel - 1)) // 2) -> BatchNorm -> optional GELU (timm ConvNorm /
+  ConvNormAct with EfficientFormerV2's settings); the BatchNorm is folded into the conv in deploy form."""
+  features: int
+  kernel: int = 1
+  stride: int = 1
+  groups: int = 1
+  act: bool = False
+  deploy: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    pad = ((self.stride - 1) + (self.kernel - 1)) // 2
+    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
+                padding=((pad, pad), (pad, pad)), feature_group_count=self.groups, dtype=self.dtype,
+                kernel_init=_trunc_normal, bias_init=_zeros, name='conv')(x)
+    x = _norm_or_identity(self.deploy, 'bn', train, self.dtype)(x)
+    return nn.gelu(x, approximate=False) if self.act else x
+
+
+class Attention2d(nn.Module):
+  """EfficientFormerV2 attention on an NHWC map (timm Attention2d); see the section doc. `resolution` is the side
+  of the map it attends on (after the optional stride-2 conv)."""
+  key_dim: int = 32
+  num_heads: int = 8
+  attn_ratio: float = 4.0
+  resolution: int = 7
+  stride: Optional[int] = None
+  deploy: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    b, _, _, dim = x.shape
+    conv = lambda f, name, **kw: ConvBN(f, deploy=self.deploy, dtype=self.dtype, name=name, **kw)
+    if self.stride is not None:
+      x = conv(dim, 'stride_conv', kernel=3, stride=self.stride, groups=dim)(x, train)
+    h, w = x.shape[1:3]
+    if (h, w) != (self.resolution, self.resolution):
+      raise ValueError(f'EfficientFormerV2 attention has a {self.resolution}x{self.resolution} bias table but got a '
+                       f'{h}x{w} map. Fix: build the model with img_size = the input size.')
+    n, heads, d = h * w, self.num_heads, int(self.attn_ratio * self.key_dim)
+    q = conv(heads * self.key_dim, 'q')(x, train).reshape(b, n, heads, self.key_dim)
+    k = conv(heads * self.key_dim, 'k')(x, train).reshape(b, n, heads, self.key_dim)
+    v = conv(heads * d, 'v')(x, train)
+    v_local = conv(heads * d, 'v_local', kernel=3, groups=heads * d)(v, train)
+    biases = self.param('attention_biases', _zeros, (heads, n))
+    bias = jnp.asarray(biases)[:, attention_bias_index(self.resolution)].transpose(1, 2, 0)  # (N, N, heads)
+    attn = jnp.einsum('bnhd,bmhd->bnmh', q, k) * (self.key_dim ** -0.5) + bias.astype(q.dtype)
+    head_mix = lambda name: nn.Conv(heads, (1, 1), dtype=self.dtype, kernel_init=_trunc_normal, bias_init=_zeros,
+                                    name=name)
+    attn = head_mix('talking_head1')(attn)
+    attn = jax.nn.softmax(attn.astype(jnp.float32), axis=2).astype(v.dtype)
+    attn = head_mix('talking_head2')(attn)
+    out = jnp.einsum('bnmh,bmhd->bnhd', attn, v.reshape(b, n, heads, d)).reshape(b, h, w, heads * d) + v_local
+    if self.stride is not None:
+      out = upsample2_bilinear(out)
+    return conv(dim, 'proj')(nn.gelu(out, approximate=False), train)
+
+
+class LocalGlobalQuery(nn.Module):
+  """Queries on the stride-2 grid: proj(dw3x3_s2(x) + x[::2, ::2]) (timm LocalGlobalQuery)."""
+  features: int
+  deploy: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    c = x.shape[-1]
+    local = nn.Conv(c, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), feature_group_count=c, dtype=self.dtype,
+                    kernel_init=_trunc_normal, bias_init=_zeros, name='local')(x)
+    return ConvBN(self.features, deploy=self.deploy, dtype=self.dtype, name='proj')(local + x[:, ::2, ::2], train)
+
+
+class Attention2dDownsample(nn.Module):
+  """Stride-2 attention from the full map to its stride-2 grid (timm Attention2dDownsample); `resolution` is the
+  input map's side."""
+  out_dim: int
+  key_dim: int = 16
+  num_heads: int = 8
+  attn_ratio: float = 4.0
+  resolution: int = 14
+  deploy: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    b, h, w, _ = x.shape
+    if (h, w) != (self.resolution, self.resolution):
+      raise ValueError(f'EfficientFormerV2 downsampling attention has a {self.resolution}x{self.resolution} bias '
+                       f'table but got a {h}x{w} map. Fix: build the model with img_size = the input size.')
+    heads, d = self.num_heads, int(self.attn_ratio * self.key_dim)
+    conv = lambda f, name, **kw: ConvBN(f, deploy=self.deploy, dtype=self.dtype, name=name, **kw)
+    q = LocalGlobalQuery(heads * self.key_dim, self.deploy, dtype=self.dtype, name='q')(x, train)
+    h2, w2 = q.shape[1:3]
+    q = q.reshape(b, h2 * w2, heads, self.key_dim)
+    k = conv(heads * self.key_dim, 'k')(x, train).reshape(b, h * w, heads, self.key_dim)
+    v = conv(heads * d, 'v')(x, train)
+    v_local = conv(heads * d, 'v_local', kernel=3, stride=2, groups=heads * d)(v, train)
+    biases = self.param('attention_biases', _zeros, (heads, h * w))
+    bias = jnp.asarray(biases)[:, downsample_bias_index(self.resolution)]  # (heads, N2, N)
+    attn = jnp.einsum('bnhd,bmhd->bhnm', q, k) * (self.key_dim ** -0.5) + bias.astype(q.dtype)
+    attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = jnp.einsum('bhnm,bmhd->bnhd', attn, v.reshape(b, h * w, heads, d)).reshape(b, h2, w2, heads * d)
+    return conv(self.out_dim, 'proj')(nn.gelu(out + v_local, approximate=False), train)
+
+
+class DownsampleV2(nn.Module):
+  """conv 3x3 s2 + BN, plus (stage 3) the downsampling attention (timm efficientformer_v2 Downsample)."""
+  out_dim: int
+  use_attn: bool = False
+  attn_kwargs: Any = None
+  deploy: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    out = ConvBN(self.out_dim, 3, 2, deploy=self.deploy, dtype=self.dtype, name='conv')(x, train)
+    if self.use_attn:
+      out = out + Attention2dDownsample(self.out_dim, **dict(self.attn_kwargs or {}), deploy=self.deploy,
+                                        dtype=self.dtype, name='attn')(x, train)
+    return out
+
+
+class EfficientFormerV2Block(nn.Module):
+  """[x + ls1 * Attention2d(x)], then x + ls2 * ConvMlp(x) with the depthwise mid conv (timm
+  EfficientFormerV2Block)."""
+  mlp_ratio: float = 4.0
+  use_attn: bool = False
+  attn_kwargs: Any = None
+  layer_scale_init: float = 1e-5
+  drop_path: float = 0.0
+  deploy: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    dim = x.shape[-1]
+    drop = DropPath(self.drop_path)
+    if self.use_attn:
+      y = Attention2d(**dict(self.attn_kwargs or {}), deploy=self.deploy, dtype=self.dtype, name='token_mixer')(
+          x, train)
+      x = x + drop(y * _layer_scale(self, 'ls1', dim, self.layer_scale_init).astype(x.dtype), deterministic=not train)
+    hidden = int(dim * self.mlp_ratio)
+    conv = lambda f, name, **kw: ConvBN(f, deploy=self.deploy, dtype=self.dtype, name=name, **kw)
+    y = conv(hidden, 'fc1', act=True)(x, train)
+    y = conv(hidden, 'mid', kernel=3, groups=hidden, act=True)(y, train)
+    y = conv(dim, 'fc2')(y, train)
+    return x + drop(y * _layer_scale(self, 'ls2', dim, self.layer_scale_init).astype(x.dtype),
+                    deterministic=not train)
+
+
+class ChannelAffine(nn.Module):
+  """x * scale + bias per channel: an inference BatchNorm with its statistics folded in (deploy form)."""
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],))
+    bias = self.param('bias', _zeros, (x.shape[-1],))
+    return x * scale.astype(x.dtype) + bias.astype(x.dtype)
+
+
+class EfficientFormerV2(nn.Module):
+  """EfficientFormerV2 classifier on NHWC images (timm `EfficientFormerV2`, with the distillation head).
+
+  img_size sizes the attention bias tables (as timm) and must be the input size. mlp_ratios: one value, one per
+  stage, or per stage one per block. num_classes=0: the logits are the pooled pre-logits. `deploy=True`: the
+  BatchNorm-folded inference form.
+  """
+  num_classes: int = 1000
+  depths: Sequence[int] = (2, 2, 6, 4)
+  embed_dims: Sequence[int] = (32, 48, 96, 176)
+  mlp_ratios: Any = 4.0
+  num_vit: int = 2
+  img_size: int = 224
+  layer_scale_init: float = 1e-5
+  attn_key_dim: int = 32
+  attn_heads: int = 8
+  attn_ratio: float = 4.0
+  downsample_key_dim: int = 16
+  drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  deploy: bool = False
+  dtype: Any = jnp.float32
+  remat: Union[bool, str] = False
+
+  @property
+  def num_features(self) -> int:
+    return int(self.embed_dims[-1])
+
+  def stage_resolutions(self) -> list[int]:
+    """Sides of the 4 stage maps for img_size (stem / 4, then each stride-2 conv rounds up)."""
+    side = -(-(-(-self.img_size // 2)) // 2)
+    out = [side]
+    for _ in range(len(self.depths) - 1):
+      side = -(-side // 2)
+      out.append(side)
+    return out
+
+  def setup(self):
+    n = len(self.depths)
+    if n != 4 or len(self.embed_dims) != 4:
+      raise ValueError(f'EfficientFormerV2 has 4 stages; got depths {tuple(self.depths)} and embed_dims '
+                       f'{tuple(self.embed_dims)}.')
+    res = self.stage_resolutions()
+    if res[2] % 2:
+      raise ValueError(f'img_size={self.img_size} gives a {res[2]}x{res[2]} stage-2 map; its strided attention '
+                       'upsamples by 2, so the map must be even. Fix: use an img_size that is a multiple of 32.')
+    ratios = self.mlp_ratios if isinstance(self.mlp_ratios, (tuple, list)) else (self.mlp_ratios,) * n
+    dpr = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
+    starts = np.cumsum((0,) + tuple(self.depths))
+    attn = dict(key_dim=self.attn_key_dim, num_heads=self.attn_heads, attn_ratio=self.attn_ratio)
+    self.stem_conv1 = ConvBN(self.embed_dims[0] // 2, 3, 2, act=True, deploy=self.deploy, dtype=self.dtype)
+    self.stem_conv2 = ConvBN(self.embed_dims[0], 3, 2, act=True, deploy=self.deploy, dtype=self.dtype)
+    stages = []
+    for i in range(n):
+      stage_ratios = layers.per_stage(ratios[i], self.depths[i], f'mlp_ratios[{i}]')
+      block_attn = dict(attn, resolution=-(-res[i] // 2) if i == 2 else res[i], stride=2 if i == 2 else None)
+      stages.append(EfficientFormerV2Stage(
+          out_dim=self.embed_dims[i], depth=self.depths[i], downsample=i > 0, downsample_attn=i >= 3,
+          downsample_kwargs=dict(key_dim=self.downsample_key_dim, num_heads=self.attn_heads,
+                                 attn_ratio=self.attn_ratio, resolution=res[i - 1] if i else res[0]),
+          mlp_ratios=tuple(float(r) for r in stage_ratios),
+          first_attn=self.depths[i] - self.num_vit if i >= 2 else self.depths[i], attn_kwargs=block_attn,
+          layer_scale_init=self.layer_scale_init,
+          drop_path_rates=tuple(float(r) for r in dpr[starts[i]:starts[i + 1]]), deploy=self.deploy,
+          remat=self.remat, dtype=self.dtype, name=f'stages_{i}'))
+    self.stages = stages
+    # A BatchNorm whose mode is chosen per call (torch numerics: eps 1e-5, momentum 0.1 = flax's 0.9).
+    self.norm = (ChannelAffine() if self.deploy else
+                 nn.BatchNorm(momentum=0.9, epsilon=BN_EPS, dtype=self.dtype, axis_name=None))
+    self.head_drop = nn.Dropout(self.drop_rate)
+    if self.num_classes > 0:
+      self.head = _dense(self.num_classes, dtype=self.dtype, name='head')
+      self.head_dist = _dense(self.num_classes, dtype=self.dtype, name='head_dist')
+
+  def _final_norm(self, x: Array, train: bool) -> Array:
+    if self.deploy:
+      return self.norm(x)
+    return self.norm(x, use_running_average=not train)
+
+  def _stages(self, images: Array, train: bool) -> list[Array]:
+    if images.ndim != 4:
+      raise ValueError(f'Expected NHWC images, got shape {images.shape}.')
+    if images.shape[1:3] != (self.img_size, self.img_size):
+      raise ValueError(f'Input {images.shape[1]}x{images.shape[2]} does not match this EfficientFormerV2\'s '
+                       f'img_size {self.img_size} (its attention bias tables are sized by it). Fix: build the model '
+                       'with img_size = your input size (converted tables are resized to it).')
+    x = self.stem_conv2(self.stem_conv1(images, train), train)
+    outs = []
+    for stage in self.stages:
+      x = stage(x, train)
+      outs.append(x)
+    return outs
+
+  def forward_intermediates(self, images: Array, *, train: bool = False, norm: bool = False) -> list[Array]:
+    """Per-stage NHWC maps (strides 4, 8, 16, 32); norm=True applies the final BatchNorm to the last one."""
+    outs = self._stages(images, train)
+    if norm:
+      outs[-1] = self._final_norm(outs[-1], train)
+    return outs
+
+  def forward_features(self, images: Array, *, train: bool = False) -> Array:
+    """The final-normed last-stage map, NHWC (timm's forward_features)."""
+    return self._final_norm(self._stages(images, train)[-1], train)
+
+  def forward_head(self, features: Array, *, pre_logits: bool = False, train: bool = False) -> Array:
+    """Mean over H, W, dropout, then (unless pre_logits) the mean of the class and distillation heads."""
+    x = self.head_drop(jnp.mean(features, axis=(1, 2)), deterministic=not train)
+    if pre_logits or self.num_classes == 0:
+      return x
+    return ((self.head(x) + self.head_dist(x)) / 2).astype(jnp.float32)
+
+  def __call__(self, images: Array, *, train: bool = False) -> Array:
+    return self.forward_head(self.forward_features(images, train=train), train=train)
+
+
+class EfficientFormerV2Stage(nn.Module):
+  """Optional downsampling, then `depth` blocks; blocks first_attn.. attend."""
+  out_dim: int
+  depth: int
+  downsample: bool
+  downsample_attn: bool = False
+  downsample_kwargs: Any = None
+  mlp_ratios: tuple[float, ...] = ()
+  first_attn: int = 0
+  attn_kwargs: Any = None
+  layer_scale_init: float = 1e-5
+  drop_path_rates: tuple[float, ...] = ()
+  deploy: bool = False
+  remat: Union[bool, str] = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    if self.downsample:
+      x = DownsampleV2(self.out_dim, self.downsample_attn, self.downsample_kwargs, self.deploy, dtype=self.dtype,
+                       name='downsample')(x, train)
+    block = layers.remat(EfficientFormerV2Block, self.remat, static_argnums=(2,))
+    for j in range(self.depth):
+      x = block(self.mlp_ratios[j], j >= self.first_attn, self.attn_kwargs, self.layer_scale_init,
+                self.drop_path_rates[j] if self.drop_path_rates else 0.0, self.deploy, dtype=self.dtype,
+                name=f'blocks_{j}')(x, train)
+    return x
+
+
+_V2_CONV_UNITS = r'(conv|q|k|v|v_local|proj|stride_conv|fc1|mid|fc2)'
+V2_TIMM_RULES: tuple[facts.Rule, ...] = (
+    (r'stem\.(conv[12])\.conv', r'stem_\1/conv', 'conv'),
+    (r'stem\.(conv[12])\.bn', r'stem_\1/bn', 'batchnorm'),
+    (r'stages\.(\d+)\.downsample\.conv\.conv', r'stages_\1/downsample/conv/conv', 'conv'),
+    (r'stages\.(\d+)\.downsample\.conv\.bn', r'stages_\1/downsample/conv/bn', 'batchnorm'),
+    (r'stages\.(\d+)\.downsample\.attn\.q\.local', r'stages_\1/downsample/attn/q/local', 'conv'),
+    (r'stages\.(\d+)\.downsample\.attn\.q\.proj\.conv', r'stages_\1/downsample/attn/q/proj/conv', 'conv'),
+    (r'stages\.(\d+)\.downsample\.attn\.q\.proj\.bn', r'stages_\1/downsample/attn/q/proj/bn', 'batchnorm'),
+    (r'stages\.(\d+)\.downsample\.attn\.(k|v|v_local|proj)\.conv', r'stages_\1/downsample/attn/\2/conv', 'conv'),
+    (r'stages\.(\d+)\.downsample\.attn\.(k|v|v_local|proj)\.bn', r'stages_\1/downsample/attn/\2/bn', 'batchnorm'),
+    (r'stages\.(\d+)\.downsample\.attn\.attention_biases', r'stages_\1/downsample/attn/attention_biases',
+     'rel_table'),
+    (_TB + r'token_mixer\.' + _V2_CONV_UNITS + r'\.conv', _OB + r'token_mixer/\3/conv', 'conv'),
+    (_TB + r'token_mixer\.' + _V2_CONV_UNITS + r'\.bn', _OB + r'token_mixer/\3/bn', 'batchnorm'),
+    (_TB + r'token_mixer\.(talking_head[12])', _OB + r'token_mixer/\3', 'conv'),
+    (_TB + r'token_mixer\.attention_biases', _OB + 'token_mixer/attention_biases', 'rel_table'),
+    (_TB + r'mlp\.' + _V2_CONV_UNITS + r'\.conv', _OB + r'\3/conv', 'conv'),
+    (_TB + r'mlp\.' + _V2_CONV_UNITS + r'\.bn', _OB + r'\3/bn', 'batchnorm'),
+    (_TB + r'ls([12])\.gamma', _OB + r'ls\3', 'raw'),
+    (r'norm', 'norm', 'batchnorm'),
+    (r'(head|head_dist)', r'\1', 'linear'),
+)
+
+
+def _fold_v2(options: Mapping[str, Any], variables: Mapping[str, Any]) -> tuple[dict, dict]:
+  """FamilyFacts.fold for V2: BatchNorms into their convs, the final BatchNorm into a per-channel affine."""
+  if options.get('deploy'):
+    return dict(options), dict(variables)
+  stats = dict(variables.get('batch_stats', {}))
+  final = stats.pop('norm')
+  params = dict(fold_batchnorms(variables['params'], stats, BN_EPS))
+  norm = params.pop('norm')
+  s = norm['scale'] / jnp.sqrt(jnp.asarray(final['var']) + BN_EPS)
+  params['norm'] = {'scale': s, 'bias': norm['bias'] - jnp.asarray(final['mean']) * s}
+  return {**options, 'deploy': True}, {'params': params}
+
+
+def _infer_image_size_v2(state_dict: Any, options: Mapping[str, Any]) -> Optional[int]:
+  """The model's img_size (its tables are sized by it); a checkpoint of another size is resized to it."""
+  del state_dict
+  return int(options.get('img_size', 224))
+
+
+V2_FACTS = facts.register_family(facts.FamilyFacts(
+    name='efficientformerv2',
+    layouts={'timm': facts.ConversionTable(V2_TIMM_RULES, _TIMM_IGNORE, source_heads=('head', 'head_dist'))},
+    grouping=facts.LayerGrouping(blocks=((r'^stages_(\d+)/blocks_(\d+)/', 'block2'),
+                                         (r'^stages_(\d+)/downsample/', 'before')),
+                                 stem=r'^stem_conv[12]/'),
+    forward_macs=None,  # XLA's cost analysis.
+    resize=_resize,
+    infer_image_size=_infer_image_size_v2,
+    heads=('head', 'head_dist'),
+    fold=_fold_v2,
+))
+
+# timm 1.0.31 counts at 224 px; drop_path_rate as timm's constructors (0, 0, 0.02, 0.1).
+_V2 = {  # our name: (depths, widths, mlp_ratios, num_vit, drop_path_rate, count)
+    's0': ((2, 2, 6, 4), (32, 48, 96, 176), (4, 4, (4, 3, 3, 3, 4, 4), (4, 3, 3, 4)), 2, 0.0, 3_600_256),
+    's1': ((3, 3, 9, 6), (32, 48, 120, 224), (4, 4, (4, 4, 3, 3, 3, 3, 4, 4, 4), (4, 4, 3, 3, 4, 4)), 2, 0.0,
+           6_185_560),
+    's2': ((4, 4, 12, 8), (32, 64, 144, 288),
+           (4, 4, (4, 4, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4), (4, 4, 3, 3, 3, 3, 4, 4)), 4, 0.02, 12_710_112),
+    'l': ((5, 5, 15, 10), (40, 80, 192, 384),
+          (4, 4, (4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4), (4, 4, 4, 3, 3, 3, 3, 4, 4, 4)), 6, 0.1, 26_322_288),
+}
+for _size, (_depths, _dims, _ratios, _num_vit, _dpr, _count) in _V2.items():
+  registry.register_model(f'efficientformerv2_{_size}', EfficientFormerV2, family='efficientformerv2',
+                          image_size=224, num_params=_count, timm_name=f'efficientformerv2_{_size}.snap_dist_in1k',
+                          depths=_depths, embed_dims=_dims, mlp_ratios=_ratios, num_vit=_num_vit,
+                          drop_path_rate=_dpr)
