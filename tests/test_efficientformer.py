@@ -1,4 +1,4 @@
-"""EfficientFormer v1: timm counts (unfolded and BatchNorm-folded), timm layout, parity with timm's logits on the
+"""EfficientFormer v1 and v2: timm counts (unfolded and BatchNorm-folded), timm layout, parity with timm's logits on the
 committed fixtures (BatchNorm running statistics included), deploy folding, the attention bias table (index and
 resize), the model API, BatchNorm in training, init_from converted weights, and the main job on digits.
 
@@ -299,3 +299,101 @@ def test_main_job_trains_efficientformer_on_digits(digits_data_dir, tmp_path):
   model = registry.create_model('efficientformer_l1', num_classes=10, **MAIN_OVERRIDES)
   assert final['num_params'] == model_utils.count_params(model, 16)
   assert b'batch_stats' in (workdir / 'checkpoints' / '3' / 'default' / '_METADATA').read_bytes()
+
+
+# == EfficientFormer V2 ===============================================================================================
+
+# timm 1.0.31 counts; folded: less every conv-following BatchNorm's weight and bias (the final BatchNorm becomes a
+# per-channel affine of the same size).
+V2_COUNTS = {'efficientformerv2_s0': (3_600_256, 3_551_296), 'efficientformerv2_s1': (6_185_560, 6_115_096),
+             'efficientformerv2_s2': (12_710_112, 12_588_896), 'efficientformerv2_l': (26_322_288, 26_126_632)}
+
+
+@pytest.mark.parametrize('name', [pytest.param('efficientformerv2_s0')] + [
+    pytest.param(n, marks=pytest.mark.slow) for n in ('efficientformerv2_s1', 'efficientformerv2_s2',
+                                                      'efficientformerv2_l')])
+def test_v2_folded_param_counts(name):
+  count, folded = V2_COUNTS[name]
+  spec = registry.get_model_spec(name)
+  assert spec.num_params == count and spec.timm_name == name + '.snap_dist_in1k' and spec.image_size == 224
+  assert model_utils.count_params(registry.create_model(name, num_classes=1000, deploy=True), 224) == folded
+
+
+def test_v2_timm_layout_full_size():
+  """efficientformerv2_s0 at 224 px: stage 2's strided attention attends on 7x7 (table 49), stage 3's downsampling
+  attention reads the 14x14 map (table 196), stage 3's blocks attend on 7x7; value width 4 x key dim per head."""
+  model = registry.create_model('efficientformerv2_s0', num_classes=1000)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+  p = {k: v.shape for k, v in _flat(shapes['params']).items()}
+  stats = {k: v.shape for k, v in _flat(shapes['batch_stats']).items()}
+  t = 'stages_2/blocks_4/token_mixer/'
+  assert p[t + 'attention_biases'] == (8, 49) and p[t + 'stride_conv/conv/kernel'] == (3, 3, 1, 96)
+  assert p[t + 'q/conv/kernel'] == (1, 1, 96, 256) and p[t + 'v/conv/kernel'] == (1, 1, 96, 1024)
+  assert p[t + 'v_local/conv/kernel'] == (3, 3, 1, 1024) and p[t + 'talking_head1/kernel'] == (1, 1, 8, 8)
+  assert 'stages_2/blocks_3/token_mixer/q/conv/kernel' not in p  # Only the last num_vit = 2 blocks attend.
+  d = 'stages_3/downsample/attn/'
+  assert p[d + 'attention_biases'] == (8, 196) and p[d + 'q/local/kernel'] == (3, 3, 1, 96)
+  assert p[d + 'q/proj/conv/kernel'] == (1, 1, 96, 128) and p[d + 'proj/conv/kernel'] == (1, 1, 512, 176)
+  assert p['stages_3/blocks_3/token_mixer/attention_biases'] == (8, 49)
+  assert p['stages_2/blocks_1/mid/conv/kernel'] == (3, 3, 1, 288)  # mlp ratio 3 (s0's stage 2, block 1).
+  assert stats['norm/mean'] == (176,) and stats['stem_conv1/bn/var'] == (16,)
+
+
+@pytest.fixture(scope='module')
+def tiny_v2():
+  sd, x, logits, name, overrides = _fixture('efficientformerv2')
+  model = registry.create_model(name, num_classes=5, **overrides)
+  variables = convert.timm_to_params(name, sd, model_overrides=overrides)
+  folded_model, folded = deploy.fold_for_inference(name, variables, num_classes=5, **overrides)
+
+  @jax.jit
+  def run(variables, folded, x):
+    train, updated = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    return dict(eval=model.apply(variables, x), train=train, stats=updated['batch_stats'],
+                stages=model.apply(variables, x, norm=True, method='forward_intermediates'),
+                features=model.apply(variables, x, method='forward_features'), folded=folded_model.apply(folded, x))
+  return model, variables, folded, x, logits, run(variables, folded, jnp.asarray(x))
+
+
+def test_v2_timm_parity_and_folding(tiny_v2):
+  """Eval mode with running statistics: max |logit diff| <= 1e-5 in float32; the folded model (no batch_stats,
+  the final BatchNorm an affine) gives the same logits within 1e-5."""
+  _, variables, folded, _, logits, out = tiny_v2
+  diff = float(np.abs(np.asarray(out['eval']) - logits).max())
+  print(f'\n[parity] efficientformerv2: max |logit diff| vs timm = {diff:.2e}')
+  assert diff <= 1e-5
+  assert set(folded) == {'params'} and set(folded['params']['norm']) == {'scale', 'bias'}
+  np.testing.assert_allclose(np.asarray(out['folded']), np.asarray(out['eval']), atol=1e-5, rtol=0)
+  assert not any(k.endswith('/bn/scale') for k in _flat(folded['params']))
+  assert [s.shape for s in out['stages']] == [(1, 24, 24, 8), (1, 12, 12, 16), (1, 6, 6, 16), (1, 3, 3, 24)]
+  np.testing.assert_allclose(out['stages'][-1], out['features'], atol=1e-6)
+  assert not np.allclose(out['train'], out['eval'], atol=1e-3)
+  assert jax.tree.structure(out['stats']) == jax.tree.structure(variables['batch_stats'])
+
+
+def test_v2_tables_follow_img_size_through_convert():
+  """Converting the 96 px fixture for img_size 128 resizes all three kinds of table (stage 2's strided attention
+  3x3 -> 4x4, the downsampling attention 6x6 -> 8x8, stage 3's 3x3 -> 4x4)."""
+  sd, _, _, name, overrides = _fixture('efficientformerv2')
+  variables = convert.timm_to_params(name, sd, model_overrides={**overrides, 'img_size': 128})
+  p = _flat(variables['params'])
+  assert p['stages_2/blocks_1/token_mixer/attention_biases'].shape == (2, 16)
+  assert p['stages_3/downsample/attn/attention_biases'].shape == (2, 64)
+  assert p['stages_3/blocks_1/token_mixer/attention_biases'].shape == (2, 16)
+  np.testing.assert_allclose(p['stages_3/downsample/attn/attention_biases'],
+                             efficientformer.resize_attention_biases(
+                                 sd['stages.3.downsample.attn.attention_biases'], (2, 64)), atol=1e-6)
+
+
+def test_v2_pieces_by_hand():
+  """torch's bilinear x2 (align_corners=False) and the downsampling attention's |query - key| index."""
+  x = jnp.asarray([0.0, 1.0, 3.0]).reshape(1, 1, 3, 1)
+  up = np.asarray(efficientformer.upsample2_bilinear(jnp.broadcast_to(x, (1, 2, 3, 1))))[0, 0, :, 0]
+  np.testing.assert_allclose(up, [0, 0.25, 0.75, 1.5, 2.5, 3])
+  index = efficientformer.downsample_bias_index(3)  # Queries at (0, 0), (0, 2), (2, 0), (2, 2).
+  assert index.shape == (4, 9) and index[0, 4] == 1 * 3 + 1 and index[3, 0] == 2 * 3 + 2 and index[1, 2] == 0
+  model = registry.create_model('efficientformerv2_s0', num_classes=5, **_fixture('efficientformerv2')[4])
+  with pytest.raises(ValueError, match='img_size'):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  with pytest.raises(ValueError, match='even'):
+    jax.eval_shape(model.clone(img_size=80).init, jax.random.key(0), jnp.zeros((1, 80, 80, 3)))
