@@ -397,3 +397,29 @@ def test_v2_pieces_by_hand():
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   with pytest.raises(ValueError, match='even'):
     jax.eval_shape(model.clone(img_size=80).init, jax.random.key(0), jnp.zeros((1, 80, 80, 3)))
+
+
+V2_MAIN_OVERRIDES = {'patch_size': 2, 'img_size': 16, 'depths': (1, 1, 1, 1), 'embed_dims': (8, 8, 16, 16),
+                     'mlp_ratios': 2.0, 'num_vit': 1, 'attn_key_dim': 8, 'attn_heads': 2, 'attn_ratio': 2.0,
+                     'downsample_key_dim': 4}  # 16 px digits: maps 8, 4, 2 (attends on 1x1), 1.
+
+
+@pytest.mark.slow
+def test_main_job_trains_efficientformerv2_on_digits(digits_data_dir, tmp_path):
+  """The main job trains efficientformerv2_s0 at tiny width for 3 steps, BatchNorm statistics checkpointed."""
+  workdir = tmp_path / 'run'
+  cmd = [sys.executable, '-m', 'vit_jax.main', f'--config={ROOT}/configs/default.py', f'--workdir={workdir}',
+         f'--config.dataset.data_dir={digits_data_dir}', '--config.total_steps=3', '--config.batch_size=16',
+         '--config.log_every=1', '--config.eval_every=3', '--config.checkpoint_every=3',
+         '--config.optimizer.warmup_steps=1', '--config.model.name=efficientformerv2_s0',
+         *[f'--config.model.{k}={v}' for k, v in V2_MAIN_OVERRIDES.items()]]
+  env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / 'final_metrics.json') as f:
+    final = json.load(f)
+  assert final['step'] == 3 and all(np.isfinite(v) for v in final.values())
+  assert 0 < final['train_loss'] < 10 and 0 <= final['eval_accuracy'] <= 1
+  model = registry.create_model('efficientformerv2_s0', num_classes=10, **V2_MAIN_OVERRIDES)
+  assert final['num_params'] == model_utils.count_params(model, 16)
+  assert b'batch_stats' in (workdir / 'checkpoints' / '3' / 'default' / '_METADATA').read_bytes()

@@ -39,6 +39,9 @@ CASES = [  # timm name, our name, create_model overrides for timm's numerics
     ('cait_xxs24_224', 'cait_xxs24', {}),
     ('beit_base_patch16_224', 'beit_b16', {}),
     ('maxvit_tiny_tf_224', 'maxvit_t_tf_224', {}),
+    ('efficientformer_l1', 'efficientformer_l1', {}),
+    ('efficientformerv2_s0', 'efficientformerv2_s0', {}),
+    ('efficientvit_b0', 'efficientvit_b0', {}),
 ]
 # Families whose reference is not timm: (reference, our name, the builder of the randomised reference model, layout).
 OTHER_CASES = [

@@ -723,6 +723,7 @@ class EfficientFormerV2(nn.Module):
   mlp_ratios: Any = 4.0
   num_vit: int = 2
   img_size: int = 224
+  patch_size: int = 4  # The stem's stride: 4 (the paper, timm), or 2 (second conv unstrided) for small images.
   layer_scale_init: float = 1e-5
   attn_key_dim: int = 32
   attn_heads: int = 8
@@ -739,8 +740,10 @@ class EfficientFormerV2(nn.Module):
     return int(self.embed_dims[-1])
 
   def stage_resolutions(self) -> list[int]:
-    """Sides of the 4 stage maps for img_size (stem / 4, then each stride-2 conv rounds up)."""
-    side = -(-(-(-self.img_size // 2)) // 2)
+    """Sides of the 4 stage maps for img_size (stem / patch_size, then each stride-2 conv rounds up)."""
+    side = -(-self.img_size // 2)
+    if self.patch_size == 4:
+      side = -(-side // 2)
     out = [side]
     for _ in range(len(self.depths) - 1):
       side = -(-side // 2)
@@ -752,6 +755,8 @@ class EfficientFormerV2(nn.Module):
     if n != 4 or len(self.embed_dims) != 4:
       raise ValueError(f'EfficientFormerV2 has 4 stages; got depths {tuple(self.depths)} and embed_dims '
                        f'{tuple(self.embed_dims)}.')
+    if self.patch_size not in (2, 4):
+      raise ValueError(f'patch_size={self.patch_size}: EfficientFormerV2\'s stem strides by 4 (the reference) or 2.')
     res = self.stage_resolutions()
     if res[2] % 2:
       raise ValueError(f'img_size={self.img_size} gives a {res[2]}x{res[2]} stage-2 map; its strided attention '
@@ -761,7 +766,8 @@ class EfficientFormerV2(nn.Module):
     starts = np.cumsum((0,) + tuple(self.depths))
     attn = dict(key_dim=self.attn_key_dim, num_heads=self.attn_heads, attn_ratio=self.attn_ratio)
     self.stem_conv1 = ConvBN(self.embed_dims[0] // 2, 3, 2, act=True, deploy=self.deploy, dtype=self.dtype)
-    self.stem_conv2 = ConvBN(self.embed_dims[0], 3, 2, act=True, deploy=self.deploy, dtype=self.dtype)
+    self.stem_conv2 = ConvBN(self.embed_dims[0], 3, self.patch_size // 2, act=True, deploy=self.deploy,
+                             dtype=self.dtype)
     stages = []
     for i in range(n):
       stage_ratios = layers.per_stage(ratios[i], self.depths[i], f'mlp_ratios[{i}]')
