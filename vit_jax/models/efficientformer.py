@@ -1,5 +1,5 @@
 """EfficientFormer (Li et al. 2022, "EfficientFormer: Vision Transformers at MobileNet Speed"), laid out like timm's
-`efficientformer.py`.
+`efficientformer.py`; EfficientFormerV2 (its own family, 'efficientformerv2') is in the second half of this file.
 
 A 4-stage pyramid of "MetaBlocks" on NHWC maps, with a few attention blocks on the flattened last stage:
 
