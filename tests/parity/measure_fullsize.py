@@ -50,6 +50,9 @@ CASES = [  # timm name, our name, create_model overrides for timm's numerics
     ('mobilevit_s', 'mobilevit_s', {}),
     ('mobilevitv2_050', 'mobilevitv2_050', {}),
     ('mobilevitv2_200', 'mobilevitv2_200', {}),
+    ('efficientformer_l1', 'efficientformer_l1', {}),
+    ('efficientformerv2_s0', 'efficientformerv2_s0', {}),
+    ('efficientvit_b0', 'efficientvit_b0', {}),
 ]
 # Families whose reference is not timm: (reference, our name, the builder of the randomised reference model, layout).
 OTHER_CASES = [
