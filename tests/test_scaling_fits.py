@@ -65,5 +65,5 @@ def test_zero_error_runs_are_reported_not_silently_dropped(tmp_path):
   results = json.loads((out / 'fits.json').read_text())
   assert results['zero_error_runs'] == ['r8'] and results['n_runs'] == 8
   assert 'r8' in (out / 'report.md').read_text().split('eval_error = 0')[1]
-  assert set(results['fits']['compute']['ci95_at_bound_fraction']) == set(laws.PARAM_NAMES)
+  assert set(results['fits']['compute']['ci95_open']) == set(laws.PARAM_NAMES)
   assert 'NaN' not in (out / 'fits.json').read_text()  # Standard JSON: missing intervals are null.

@@ -133,9 +133,9 @@ def plot_residuals(path: str, fits: dict[str, dict[str, Any]], extrapolation: Op
   fig, axes = plt.subplots(1, len(fits), figsize=(4.5 * len(fits), 4), squeeze=False)
   for ax, (axis, fit) in zip(axes[0], fits.items()):
     if 'a' in fit:
-      x, y = np.array(fit['frontier_x']), np.array(fit['frontier_y'])
+      x, y = np.array(fit['fitted_x']), np.array(fit['fitted_y'])
       resid = np.log(y / laws.power_law(x, fit['a'], fit['b'], fit['c'], fit['d']))
-      ax.scatter(x, resid, color='k', label='frontier (fitted)')
+      ax.scatter(x, resid, color='k', label='fitted runs')
       if axis == 'compute' and extrapolation is not None and 'points' in extrapolation:
         px = np.array([p['x'] for p in extrapolation['points']])
         pr = np.log([p['actual'] / p['predicted'] for p in extrapolation['points']])
