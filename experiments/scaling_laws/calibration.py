@@ -78,23 +78,22 @@ def table(rows: list[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
-_STUDIES = flags.DEFINE_integer('studies', 100, 'Synthetic studies per law, noise level and selection.')
-_NOISE = flags.DEFINE_list('noise', ['0.01', '0.03'], 'Relative noise levels (log-normal sigma).')
-_SELECTION = flags.DEFINE_list('selection', ['all', 'frontier'], "Runs each fit uses: 'all' or 'frontier'.")
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the synthetic noise.')
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   rows = []
-  for selection in _SELECTION.value:
+  for selection in flags.FLAGS.selection:
     for law in LAWS:
-      for noise in _NOISE.value:
-        rows.append(calibrate(law, _STUDIES.value, float(noise), selection, seed=_SEED.value))
+      for noise in flags.FLAGS.noise:
+        rows.append(calibrate(law, flags.FLAGS.studies, float(noise), selection, seed=flags.FLAGS.seed))
       print(table(rows[-1:]).splitlines()[-1], f'({rows[-1]["seconds_per_study"]:.2f} s a study)', flush=True)
   print(table(rows))
 
 
 if __name__ == '__main__':
+  # Defined here, not at import: the tests import this module next to fit.py, which has its own --seed.
+  flags.DEFINE_integer('studies', 100, 'Synthetic studies per law, noise level and selection.')
+  flags.DEFINE_list('noise', ['0.01', '0.03'], 'Relative noise levels (log-normal sigma).')
+  flags.DEFINE_list('selection', ['all', 'frontier'], "Runs each fit uses: 'all' or 'frontier'.")
+  flags.DEFINE_integer('seed', 0, 'Seed of the synthetic noise.')
   app.run(main)

@@ -22,10 +22,9 @@ from typing import Any
 from absl import app, flags
 import numpy as np
 
-from experiments.scaling_laws import intervals, laws, plots
+from experiments.scaling_laws import intervals, joint, laws, plots, report, shape_laws
 
 AXES = {'compute': 'train_flops', 'params': 'num_params', 'examples_seen': 'examples_seen'}
-AXIS_UNITS = {'compute': 'C (FLOPs)', 'params': 'N (parameters)', 'examples_seen': 'D (examples seen)'}
 
 
 def read_ledger(path: str) -> list[dict[str, Any]]:
@@ -112,64 +111,13 @@ def analyse(rows: list[dict[str, Any]], metric: str, *, samples: int = 200, hold
   x = np.array([r['train_flops'] for r in usable], np.float64)
   y = np.array([r[metric] for r in usable], np.float64)
   results['extrapolation'] = laws.extrapolation_check(x, y, holdout_fraction=holdout_fraction, runs=compute_runs)
+  try:
+    results['joint'], draws['joint'] = joint.analyse_joint(usable, metric, samples=samples, seed=seed)
+  except ValueError as e:  # Too few sizes or lengths: the report says why.
+    results['joint'] = {'skipped': str(e)}
+  if any(r.get('star_dim') for r in usable):
+    results['shapes'], draws['shapes'] = shape_laws.analyse_shapes(usable, metric, samples=samples, seed=seed)
   return results, draws
-
-
-def _fmt(v: float) -> str:
-  return f'{v:.4g}'
-
-
-def report_markdown(results: dict[str, Any], ledger_path: str) -> str:
-  """report.md: the fitted constants with their intervals, the extrapolation check, and the plots."""
-  metric = results['metric']
-  lines = [f'# Scaling-law report: {metric}', '',
-           f'Ledger: `{ledger_path}` ({results["n_runs"]} runs'
-           + (f'; dropped without a positive {metric}: {", ".join(results["dropped_runs"])}' if results['dropped_runs']
-              else '') + ').', '',
-           f'Law: {metric} = a * (x + d)^(-b) + c (Zhai et al. 2021), fitted by relative least squares '
-           f'({results["fits"]["compute"]["runs_fitted"]} runs for compute, the frontier for parameters and examples '
-           'seen). Intervals: 95% profile likelihood with the noise scale estimated from the residuals '
-           '(experiments/scaling_laws/calibration.py measures their coverage).', '',
-           '| x | runs fitted | a | b | c | d | RMS log residual |', '|---|---|---|---|---|---|---|']
-  for axis, fit in results['fits'].items():
-    if 'a' not in fit:
-      lines.append(f'| {AXIS_UNITS[axis]} | {fit["n_fitted"]} | skipped: {fit["skipped"]} | | | | |')
-      continue
-    cells = [_fmt(fit[k]) + (f' [{_fmt(fit["ci95"][k][0])}, {_fmt(fit["ci95"][k][1])}]'
-                             if math.isfinite(fit['ci95'][k][0]) else ' [no interval]') for k in laws.PARAM_NAMES]
-    lines.append(f'| {AXIS_UNITS[axis]} | {fit["n_fitted"]} ({fit["runs_fitted"]}) | ' + ' | '.join(cells) + f' | {fit["rmse_log"]:.3f} |')
-  lines.append('')
-  for axis, fit in results['fits'].items():
-    if 'warning' in fit:
-      lines.append(f'- {axis}: {fit["warning"]}')
-  if results['zero_error_runs']:
-    lines.append(f'- {len(results["zero_error_runs"])} runs reached {metric} = 0, which a log-space fit cannot use: '
-                 'they are left out, so the frontier is drawn through the runs they beat. Use a harder eval or a '
-                 f'finer metric (e.g. eval_loss). Runs: {", ".join(results["zero_error_runs"])}.')
-  c = results['fits']['compute']
-  if 'a' in c:
-    lines += ['', f'Compute law: **{metric} = {_fmt(c["a"])} · (C + {_fmt(c["d"])})^(-{c["b"]:.3f}) + {c["c"]:.4f}**'
-              f', b in [{c["ci95"]["b"][0]:.3f}, {c["ci95"]["b"][1]:.3f}], c in [{c["ci95"]["c"][0]:.4f}, '
-              f'{c["ci95"]["c"][1]:.4f}].']
-  e = results['extrapolation']
-  lines += ['', '## Extrapolation check', '',
-            f'Held out the {e["n_held_out_runs"]} highest-compute runs (C >= {_fmt(e["x_cut"])} FLOPs); fitted '
-            f'{"the frontier of " if e["runs"] == "frontier" else ""}the other {e["n_fit_runs"]}.', '']
-  if 'skipped' in e:
-    lines.append(f'Skipped: {e["skipped"]}')
-  else:
-    f = e['fit']
-    lines += [f'Fit without them: a={_fmt(f["a"])}, b={f["b"]:.3f}, c={f["c"]:.4f}, d={_fmt(f["d"])}.', '',
-              '| C (FLOPs) | actual | predicted | abs error | rel error |', '|---|---|---|---|---|']
-    lines += [f'| {_fmt(p["x"])} | {p["actual"]:.4f} | {p["predicted"]:.4f} | {p["abs_error"]:.4f} | '
-              f'{100 * p["rel_error"]:.1f}% |' for p in e['points']]
-    lines += ['', f'Mean absolute prediction error {e["mean_abs_error"]:.4f} '
-              f'({100 * e["mean_rel_error"]:.1f}% relative).']
-  lines += ['', '## Plots', '',
-            '![error vs compute](error_vs_compute.png)', '', '![error vs parameters](error_vs_params.png)', '',
-            '![error vs examples seen](error_vs_examples.png)', '', '![iso-FLOP curves](isoflop.png)', '',
-            '![residuals](residuals.png)', '']
-  return '\n'.join(lines)
 
 
 def _finite_or_null(tree: Any) -> Any:
@@ -198,8 +146,12 @@ def write_report(rows: list[dict[str, Any]], ledger_path: str, out: str, *, metr
                   fits['examples_seen'], draws['examples_seen'], color_key='num_params', color_label='parameters')
   results['isoflop'] = plots.plot_isoflop(os.path.join(out, 'isoflop.png'), usable, metric)
   plots.plot_residuals(os.path.join(out, 'residuals.png'), fits, results['extrapolation'])
+  if 'params' in results['joint']:
+    plots.plot_joint(os.path.join(out, 'joint.png'), usable, metric, results['joint'], draws['joint'])
+  if results.get('shapes', {}).get('dims'):
+    plots.plot_shapes(os.path.join(out, 'shapes.png'), results['shapes'])
   with open(os.path.join(out, 'report.md'), 'w') as f:
-    f.write(report_markdown(results, ledger_path))
+    f.write(report.report_markdown(results, ledger_path))
   with open(os.path.join(out, 'fits.json'), 'w') as f:
     json.dump(_finite_or_null(results), f, indent=2)
   return results
