@@ -71,7 +71,7 @@ def test_zero_error_runs_are_reported_not_silently_dropped(tmp_path):
 
 # --- Calibrated intervals, joint law, shape laws.
 
-from experiments.scaling_laws import calibration, intervals, joint, shape_laws  # noqa: E402
+from experiments.scaling_laws import calibration, intervals, joint, plots, shape_laws  # noqa: E402
 
 
 def test_profile_intervals_cover_the_truth_in_synthetic_studies():
@@ -138,8 +138,10 @@ def _star_ledger(seed=0, noise=0.005):
   return rows
 
 
-def test_shape_laws_recover_known_exponents():
+def test_shape_laws_recover_known_exponents(tmp_path):
   results, _ = shape_laws.analyse_shapes(_star_ledger(), 'eval_error', samples=0, seed=0)
+  plots.plot_shapes(str(tmp_path / 'shapes.png'), results)
+  assert (tmp_path / 'shapes.png').stat().st_size > 10_000
   for dim, law in TRUE_SHAPES.items():
     got = results['dims'][dim]
     assert abs(got['s'] / shape_laws.exponent(law) - 1) < 0.15, (dim, got['params'])

@@ -148,7 +148,7 @@ def write_report(rows: list[dict[str, Any]], ledger_path: str, out: str, *, metr
   plots.plot_residuals(os.path.join(out, 'residuals.png'), fits, results['extrapolation'])
   if 'params' in results['joint']:
     plots.plot_joint(os.path.join(out, 'joint.png'), usable, metric, results['joint'], draws['joint'])
-  if results.get('shapes', {}).get('dims'):
+  if any('params' in r for r in results.get('shapes', {}).get('dims', {}).values()):
     plots.plot_shapes(os.path.join(out, 'shapes.png'), results['shapes'])
   with open(os.path.join(out, 'report.md'), 'w') as f:
     f.write(report.report_markdown(results, ledger_path))

@@ -135,7 +135,7 @@ def report_markdown(results: dict[str, Any], ledger_path: str) -> str:
            ('residuals', 'residuals.png')]
   if 'params' in results.get('joint', {}):
     plots.insert(0, ('joint law: iso-loss contours and compute-optimal frontier', 'joint.png'))
-  if results.get('shapes', {}).get('dims'):
+  if any('params' in r for r in results.get('shapes', {}).get('dims', {}).values()):
     plots.insert(1, ('shape laws', 'shapes.png'))
   lines += ['## Plots', ''] + [f'![{title}]({name})\n' for title, name in plots]
   return '\n'.join(lines)
