@@ -63,8 +63,6 @@ def _profile_fn(problem: laws.Problem, z_hat: np.ndarray, name: str) -> tuple[Ca
       return problem.minimize(np.repeat(z_hat[None], len(t), 0), width=full, c=t)[1]
     return profile, consts['c'], 0.0, problem.c_max, lambda t: t
   a_rescaled = float(problem.solve(z_hat[0], z_hat[1] if problem.fit_d else 0.0)[0])
-  if a_rescaled <= 0:
-    raise ValueError('a = 0: the law has no power-law term, so a has no profile.')
   t_hat = np.log(a_rescaled)
 
   def profile(t):
@@ -77,6 +75,8 @@ def profile_interval(fit: laws.Fit, name: str, *, level: float = 0.95) -> Interv
   """The profile-likelihood interval of constant `name` ('a', 'b', 'c' or 'd') of `fit`."""
   if name == 'd' and not fit.fit_d:
     return Interval(0.0, 0.0, False, False)
+  if name == 'a' and fit.a <= 0:  # No power-law term: a has no profile (fit.py warns about a = 0).
+    return Interval(0.0, float('nan'), False, True)
   problem = laws.Problem(fit.x, fit.y, fit.fit_d)
   profile, t_hat, t_min, t_max, to_value = _profile_fn(problem, fit.z, name)
   limit = threshold(fit, level)
