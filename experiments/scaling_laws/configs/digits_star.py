@@ -5,7 +5,7 @@ each at 3 training lengths on the whole train split: 10 shapes x 3 lengths = 30 
 cooldown branches. Each run's fixed cost (compiling its train step, the final eval and few-shot probe) outweighs its
 steps here, so the study is sized by its number of runs: 30, against digits.py's 48 runs in 10 minutes on an idle
 2-core CPU, so about 7 minutes idle (scaled, not measured: on 2026-12-01 the machine never idled; at a load average of
-25-30 a run took 3.5-7 minutes, and 14 of the 30 finished in 65 minutes over three parallel lanes). Then the
+25-30 a run took 3.5-7 minutes, and 12 of the 30 finished in 65 minutes over up to three parallel lanes). Then the
 per-dimension shape laws f_k(x_k, t) (shape_laws.py) give each dimension's compute-optimal exponent s_k:
 
   python -m experiments.scaling_laws.sweep --config=experiments/scaling_laws/configs/digits_star.py --workdir=DIR
