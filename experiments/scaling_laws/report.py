@@ -29,7 +29,8 @@ def _joint_answers(j: dict[str, Any], metric: str) -> list[str]:
            f'- **Compute-optimal allocation** ({j["compute_model"]}): N* ~ C^{e["a"]:.3f} {_ci(eci["a"])}, '
            f'D* ~ C^{e["b"]:.3f} {_ci(eci["b"])}; on that frontier {metric} - E0 ~ C^-{e["b_E"]:.3f} '
            f'{_ci(eci["b_E"])}.', '',
-           f'| budget | C (FLOPs) | N* (parameters) | D* (examples seen) | predicted {metric} |', '|---|---|---|---|---|']
+           f'| budget | C (FLOPs) | N* (parameters) | D* (examples seen) | predicted {metric} |',
+           '|---|---|---|---|---|']
   for b in j['budgets']:
     lines.append(f'| {b["factor"]:g}x the largest run | {_fmt(b["compute"])} | {_fmt(b["N"])} {_ci(b["N_ci95"])} | '
                  f'{_fmt(b["D"])} {_ci(b["D_ci95"])} | {_fmt(b["E"])} {_ci(b["E_ci95"])} |')
