@@ -69,12 +69,12 @@ def calibrate(law: dict[str, float], studies: int, noise: float, selection: str,
 
 def table(rows: list[dict[str, Any]]) -> str:
   """The rows as a markdown table."""
-  lines = ['| law | noise | runs fitted | studies | b covered | c covered | median rel. error b | median rel. error c | '
-           'median rel. width of b interval |', '|---|---|---|---|---|---|---|---|---|']
+  lines = ['| law | noise | runs fitted | studies | b covered | c covered | median rel. error b | '
+           'median rel. error c | median rel. width of b interval |', '|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     lines.append(f'| E = {r["law"]} | {100 * r["noise"]:.0f}% | {r["selection"]} | {r["studies"]} | '
-                 f'{100 * r["coverage_b"]:.0f}% | {100 * r["coverage_c"]:.0f}% | {100 * r["median_rel_error_b"]:.1f}% | '
-                 f'{100 * r["median_rel_error_c"]:.1f}% | {100 * r["median_rel_width_b"]:.1f}% |')
+                 f'{100 * r["coverage_b"]:.0f}% | {100 * r["coverage_c"]:.0f}% | '
+                 f'{100 * r["median_rel_error_b"]:.1f}% | {100 * r["median_rel_error_c"]:.1f}% | {100 * r["median_rel_width_b"]:.1f}% |')
   return '\n'.join(lines)
 
 

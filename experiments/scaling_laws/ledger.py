@@ -5,8 +5,8 @@ always be regenerated and concurrent cluster jobs never write the same file.
 
 Columns: for a star study (study.grid='star'), `star_dim`, the dimension the run's shape varies ('centre' for the
 centre; empty for a full grid); the model shape and parameter count; `macs_per_image` and `train_flops`
-(vit_jax.flops: analytic for plain ViTs, XLA's count otherwise, as `flops_method` says; 6 x forward MACs per training image, times the examples seen
-over the whole length, trunk part included) and `run_flops` (what this run itself trained: a branch only its
+(vit_jax.flops: analytic for plain ViTs, XLA's count otherwise, as `flops_method` says; 6 x forward MACs per
+training image, times the examples seen over the whole length, trunk part included) and `run_flops` (what this run itself trained: a branch only its
 cooldown); `examples_seen` = steps x batch; `wall_seconds` (this run's training wall time over all its attempts,
 plus for a branch the trunk's wall time pro rata to the branch step) and `device_hours` (each part's wall time x
 its own devices); the final train loss, eval loss and eval error; and `fewshot_{k}shot_error` for each k in
@@ -35,8 +35,8 @@ LEDGER_FILENAME = 'ledger.csv'
 SHAPE_FIELDS = ('patch_size', 'hidden_size', 'num_layers', 'num_heads', 'mlp_dim')
 BASE_COLUMNS = (
     'run', 'trunk', 'branch_step', 'star_dim', *SHAPE_FIELDS, 'num_params', 'flops_method', 'image_size',
-    'batch_size', 'steps', 'cooldown_steps', 'train_examples', 'examples_seen', 'macs_per_image', 'train_flops', 'run_flops',
-    'wall_seconds', 'devices', 'device_hours', 'train_loss', 'eval_loss', 'eval_error')
+    'batch_size', 'steps', 'cooldown_steps', 'train_examples', 'examples_seen', 'macs_per_image', 'train_flops',
+    'run_flops', 'wall_seconds', 'devices', 'device_hours', 'train_loss', 'eval_loss', 'eval_error')
 
 
 def fewshot_column(shots: int) -> str:
