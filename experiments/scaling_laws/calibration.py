@@ -74,7 +74,8 @@ def table(rows: list[dict[str, Any]]) -> str:
   for r in rows:
     lines.append(f'| E = {r["law"]} | {100 * r["noise"]:.0f}% | {r["selection"]} | {r["studies"]} | '
                  f'{100 * r["coverage_b"]:.0f}% | {100 * r["coverage_c"]:.0f}% | '
-                 f'{100 * r["median_rel_error_b"]:.1f}% | {100 * r["median_rel_error_c"]:.1f}% | {100 * r["median_rel_width_b"]:.1f}% |')
+                 f'{100 * r["median_rel_error_b"]:.1f}% | {100 * r["median_rel_error_c"]:.1f}% | '
+                 f'{100 * r["median_rel_width_b"]:.1f}% |')
   return '\n'.join(lines)
 
 

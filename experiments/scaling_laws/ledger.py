@@ -6,11 +6,12 @@ always be regenerated and concurrent cluster jobs never write the same file.
 Columns: for a star study (study.grid='star'), `star_dim`, the dimension the run's shape varies ('centre' for the
 centre; empty for a full grid); the model shape and parameter count; `macs_per_image` and `train_flops`
 (vit_jax.flops: analytic for plain ViTs, XLA's count otherwise, as `flops_method` says; 6 x forward MACs per
-training image, times the examples seen over the whole length, trunk part included) and `run_flops` (what this run itself trained: a branch only its
-cooldown); `examples_seen` = steps x batch; `wall_seconds` (this run's training wall time over all its attempts,
-plus for a branch the trunk's wall time pro rata to the branch step) and `device_hours` (each part's wall time x
-its own devices); the final train loss, eval loss and eval error; and `fewshot_{k}shot_error` for each k in
-study.fewshot.shots (the row also stores the probe's settings, so a changed study.fewshot recomputes the probe).
+training image, times the examples seen over the whole length, trunk part included) and `run_flops` (what this run
+itself trained: a branch only its cooldown); `examples_seen` = steps x batch; `wall_seconds` (this run's training
+wall time over all its attempts, plus for a branch the trunk's wall time pro rata to the branch step) and
+`device_hours` (each part's wall time x its own devices); the final train loss, eval loss and eval error; and
+`fewshot_{k}shot_error` for each k in study.fewshot.shots (the row also stores the probe's settings, so a changed
+study.fewshot recomputes the probe).
 """
 from __future__ import annotations
 
