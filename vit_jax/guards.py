@@ -61,7 +61,8 @@ class NonFiniteMonitor:
       where = (f'The last good checkpoint, step {last_good_step}, is kept in {self._workdir}/checkpoints; '
                if last_good_step is not None else 'No checkpoint had been saved yet; ')
       raise NonFiniteError(
-          f'Non-finite loss, gradient norm or parameters at step {bad[0]} ({len(bad)} such step(s) up to step {pending[-1][0]}). '
+          f'Non-finite loss, gradient norm or parameters at step {bad[0]} ({len(bad)} such step(s) up to step '
+          f'{pending[-1][0]}). '
           f'{where}no non-finite state was saved. Fix: lower config.optimizer.lr, raise the warmup, enable '
           "config.optimizer.grad_clip_norm, check the input data, or set config.on_nonfinite='skip' to skip such "
           'updates (they are counted in train_nonfinite_updates).')

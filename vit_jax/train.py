@@ -188,9 +188,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], constants: Any = 
   all randomness depends only on (seed, step). `constants` are the task's frozen inputs (`Task.load_constants`,
   e.g. the distillation teacher); `task` defaults to plain classification.
 
-  With `skip_nonfinite`, a step whose loss, gradient norm or updated parameters are nan/inf keeps the previous state (params, optimizer
-  state, batch_stats, EMA and the task's `extra`; only the step advances); either way the step is counted in
-  `nonfinite_updates`.
+  With `skip_nonfinite`, a step whose loss, gradient norm or updated parameters are nan/inf keeps the previous state
+  (params, optimizer state, batch_stats, EMA and the task's `extra`; only the step advances); either way the step
+  is counted in `nonfinite_updates`.
   """
   task = task or DEFAULT_TASK
   step_key = jax.random.fold_in(dropout_key, state.step)

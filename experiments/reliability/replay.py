@@ -80,7 +80,8 @@ def _check(ok: bool, detail: str) -> tuple[bool, str]:
   return ok, detail
 
 
-# Each case: (name, function(replay, workdir) -> (ok, detail)).
+# Each case: (name, function(replay, workdir) -> (ok, detail)). The range refusals run last: they are the cheapest to
+# check in-process (tests/test_config.py) and the slowest part here (one CLI start-up each).
 
 
 def _refused(*flags_: str, expect: str) -> Callable[[Replay, pathlib.Path], tuple[bool, str]]:
@@ -224,6 +225,20 @@ def case_bad_safetensors(r: Replay, w: pathlib.Path) -> tuple[bool, str]:
 
 
 CASES: list[tuple[str, Callable[[Replay, pathlib.Path], tuple[bool, str]]]] = [
+    ('6 lr=1e39 stop: caught at step 1, nothing saved', case_huge_lr_stop),
+    ('smaller: garbage config.json names the file', case_garbage_config_json),
+    ('1 hidden_size=abc names the key', _refused('--config.model.hidden_size=abc',
+                                                 expect="config.model.hidden_size='abc'")),
+    ('7 SIGTERM before the loop exits cleanly', case_sigterm_before_loop),
+    ('7 Ctrl-C checkpoints and exits 0', case_ctrl_c),
+    ('4 finished run, corrupt newest step: falls back, exit 0', case_finished_run_corrupt_newest),
+    ('2 failed start does not lock the workdir', case_failed_start_then_fixed),
+    ('3 second run in a workdir is refused', case_two_runs_one_workdir),
+    ('6 lr=1e39 skip: finite params and final metrics', case_huge_lr_skip),
+    ('7 second Ctrl-C exits at once', case_double_ctrl_c),
+    ('5 newest step without manifest, byte flipped: not trusted', case_unmanifested_flipped_step),
+    ('5 deleted manifests: rebuilt with a warning', case_deleted_manifests),
+    ('smaller: bad safetensors names the file', case_bad_safetensors),
     ('1 lr=-1 refused', _refused('--config.optimizer.lr=-1', expect='config.optimizer.lr=-1')),
     ('1 lr=0 refused', _refused('--config.optimizer.lr=0', expect='config.optimizer.lr=0')),
     ('1 weight_decay<0 refused', _refused('--config.optimizer.weight_decay=-0.1', expect='weight_decay=-0.1')),
@@ -234,20 +249,6 @@ CASES: list[tuple[str, Callable[[Replay, pathlib.Path], tuple[bool, str]]]] = [
     ('1 eval_crop_fraction=0 refused', _refused('--config.dataset.eval_crop_fraction=0',
                                                 expect='eval_crop_fraction=0')),
     ('1 shuffle_buffer=0 refused', _refused('--config.dataset.shuffle_buffer=0', expect='shuffle_buffer=0')),
-    ('1 hidden_size=abc names the key', _refused('--config.model.hidden_size=abc',
-                                                 expect="config.model.hidden_size='abc'")),
-    ('2 failed start does not lock the workdir', case_failed_start_then_fixed),
-    ('3 second run in a workdir is refused', case_two_runs_one_workdir),
-    ('4 finished run, corrupt newest step: falls back, exit 0', case_finished_run_corrupt_newest),
-    ('5 newest step without manifest, byte flipped: not trusted', case_unmanifested_flipped_step),
-    ('5 deleted manifests: rebuilt with a warning', case_deleted_manifests),
-    ('6 lr=1e39 stop: caught at step 1, nothing saved', case_huge_lr_stop),
-    ('6 lr=1e39 skip: finite params and final metrics', case_huge_lr_skip),
-    ('7 Ctrl-C checkpoints and exits 0', case_ctrl_c),
-    ('7 second Ctrl-C exits at once', case_double_ctrl_c),
-    ('7 SIGTERM before the loop exits cleanly', case_sigterm_before_loop),
-    ('smaller: garbage config.json names the file', case_garbage_config_json),
-    ('smaller: bad safetensors names the file', case_bad_safetensors),
 ]
 
 
