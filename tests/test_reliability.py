@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from vit_jax import checkpoint, guards, input_pipeline, optim, train
+from vit_jax import checkpoint, guards, input_pipeline, optim, preemption, train
 from tests.test_train import ROOT, _main_cmd, tiny_config
 
 # Wall-clock fields; every other field of final_metrics.json must be identical between interrupted and not.
@@ -286,27 +286,31 @@ def test_second_run_in_a_locked_workdir_is_refused(digits_data_dir, tmp_path):
     holder.wait()
 
 
-def test_ctrl_c_checkpoints_and_a_second_one_stops_at_once(digits_data_dir, tmp_path, monkeypatch):
-  """SIGINT is a preemption: checkpoint the step, return. Two SIGINTs: KeyboardInterrupt at once, no new save."""
-  def sigint_at_3(times):
-    def hook(n, batch):
-      if n == 3:
-        for _ in range(times):
-          os.kill(os.getpid(), signal.SIGINT)
-          time.sleep(0.05)  # Lets the handler run: two signals sent at once would arrive as one.
-      return batch
-    return hook
+def test_ctrl_c_checkpoints(digits_data_dir, tmp_path, monkeypatch):
+  """SIGINT is a preemption: the run checkpoints the step it is on and returns (it used to exit with nothing)."""
+  def sigint_at_3(n, batch):
+    if n == 3:
+      os.kill(os.getpid(), signal.SIGINT)
+    return batch
 
+  _hook_iterator(monkeypatch, sigint_at_3)
   config = _short(digits_data_dir, total_steps=6, checkpoint_every=100)
-  _hook_iterator(monkeypatch, sigint_at_3(2))
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(tmp_path / 'twice'))
-  assert not any(p.name.isdigit() for p in (tmp_path / 'twice' / 'checkpoints').iterdir())
+  assert train.train_and_evaluate(config, str(tmp_path / 'run')) == {'preempted_at_step': 3}
+  assert (tmp_path / 'run' / 'checkpoints' / '3').exists()
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-  _hook_iterator(monkeypatch, sigint_at_3(1))
-  assert train.train_and_evaluate(config, str(tmp_path / 'once')) == {'preempted_at_step': 3}
-  assert (tmp_path / 'once' / 'checkpoints' / '3').exists()
+
+
+def test_second_ctrl_c_stops_at_once():
+  """The first SIGINT asks for a checkpoint; a second one raises KeyboardInterrupt at once. Handlers restored."""
+  with preemption.PreemptionWatcher() as watcher:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)  # The handler runs here.
+    assert watcher.requested and watcher(5) and watcher.reason == 'SIGINT'
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_sigterm_before_training_stops_cleanly(digits_data_dir, tmp_path, monkeypatch):

@@ -43,9 +43,11 @@ class Replay:
                    env=self.env, cwd=ROOT, check=True, capture_output=True)
 
   def cmd(self, workdir: pathlib.Path, *extra: str, steps: int = 4) -> list[str]:
+    overridden = {flag.split('=')[0] for flag in extra}  # A case's own value replaces TINY's (a first override
+    tiny = [flag for flag in TINY if flag.split('=')[0] not in overridden]  # would fix the field's type).
     return [sys.executable, '-m', 'vit_jax.main', f'--config={ROOT}/configs/default.py', f'--workdir={workdir}',
             f'--config.dataset.data_dir={self.data_dir}', f'--config.total_steps={steps}',
-            '--config.checkpoint_every=2', *TINY, *extra]
+            '--config.checkpoint_every=2', *tiny, *extra]
 
   def run(self, workdir: pathlib.Path, *extra: str, steps: int = 4) -> subprocess.CompletedProcess:
     return subprocess.run(self.cmd(workdir, *extra, steps=steps), env=self.env, cwd=ROOT, capture_output=True,
