@@ -65,7 +65,9 @@ def _steps(workdir: pathlib.Path) -> list[int]:
 
 def _finite(path: pathlib.Path) -> bool:
   import math  # pylint: disable=g-import-not-at-top
-  return all(math.isfinite(v) for v in json.loads(path.read_text()).values() if isinstance(v, (int, float)))
+  # The learning rate itself is exempt: lr=1e39 is inf in float32 and is reported as such.
+  return all(math.isfinite(v) for k, v in json.loads(path.read_text()).items()
+             if isinstance(v, (int, float)) and k != 'train_learning_rate')
 
 
 def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 600) -> str:
