@@ -117,6 +117,16 @@ def test_pickled_checkpoint_refused(tmp_path):
     convert.load_safetensors(str(path))
 
 
+def test_unreadable_safetensors_errors_name_the_file(tmp_path):
+  """A truncated or foreign file and a missing path: the error names the file (safetensors' own does not)."""
+  path = tmp_path / 'weights.safetensors'
+  path.write_bytes(b'garbage' * 3)
+  with pytest.raises(ValueError, match=f'{path} is not a readable safetensors file'):
+    convert.load_safetensors(str(path))
+  with pytest.raises(FileNotFoundError, match=f'{tmp_path / "missing.safetensors"}: no such safetensors file'):
+    convert.load_safetensors(str(tmp_path / 'missing.safetensors'))
+
+
 def test_cli_writes_npz_loadable_by_load_pretrained_and_refuses_non_empty_out(tmp_path):
   meta, overrides, io, src = _fixture('vit')
   out = tmp_path / 'converted'
