@@ -2,6 +2,7 @@
 
 Importing this package registers every family.
 """
+from vit_jax.models import ast  # noqa: F401  (registers ast_*)
 from vit_jax.models import beit  # noqa: F401  (registers beit_*)
 from vit_jax.models import cait  # noqa: F401  (registers cait_*)
 from vit_jax.models import convnext  # noqa: F401  (registers convnext_*)
@@ -14,7 +15,9 @@ from vit_jax.models import mixer  # noqa: F401  (registers mixer_*)
 from vit_jax.models import mvitv2  # noqa: F401  (registers mvitv2_*)
 from vit_jax.models import pvt_v2  # noqa: F401  (registers pvt_v2_*)
 from vit_jax.models import swin  # noqa: F401  (registers swin_*, swinv2_*)
+from vit_jax.models import timesformer  # noqa: F401  (registers timesformer_*)
 from vit_jax.models import vit  # noqa: F401  (registers vit_*)
+from vit_jax.models import vivit  # noqa: F401  (registers vivit_*)
 from vit_jax.models import xcit  # noqa: F401  (registers xcit_*)
 from vit_jax.models.registry import ModelSpec, create_model, get_model_spec, list_models, register_model
 
