@@ -10,6 +10,7 @@ from ml_collections import config_flags  # noqa: F401  (the loader the CLI uses)
 from ml_collections.config_flags import config_flags as cf_impl
 
 from vit_jax import config_schema, optim, sharding, train
+from vit_jax.models import registry
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((ROOT / 'configs').glob('*.py'))
@@ -39,7 +40,8 @@ def test_config_validates_and_builds(path):
   config_schema.validate_config(config)
   model = train.build_model(config, num_classes=10)
   size = config.dataset.image_size
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+  example = registry.example_input(model, size)  # Images, or the model's own input (video clips, spectrograms).
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(example.shape), train=False))
   tx, schedule = optim.create_optimizer(config.optimizer, config.total_steps)
   jax.eval_shape(tx.init, variables['params'])
   assert float(schedule(config.total_steps)) >= 0.0

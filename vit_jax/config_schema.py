@@ -87,6 +87,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.randaugment_layers = 0    # RandAugment N (ops per image; vit_jax/augment.py); 0 disables.
   c.dataset.randaugment_magnitude = 10.0  # RandAugment M (10 = the reference's maximum level; may exceed it).
   c.dataset.random_erasing = 0.0      # Probability of timm/DeiT random erasing (one box, 2%..1/3 of the area).
+  # 'image', or 'video' / 'audio' (vit_jax/video_audio_pipeline.py: the dataset's 'video' / 'audio' feature; for
+  # video image_size is the frame size, for audio the number of mel bins).
+  c.dataset.modality = 'image'
+  c.dataset.video = ml_collections.ConfigDict()
+  c.dataset.video.num_frames = 8      # Frames per clip given to the model.
+  c.dataset.video.frame_stride = 2    # Take every frame_stride-th frame (train: random start; eval: centre clip).
+  c.dataset.audio = ml_collections.ConfigDict()
+  c.dataset.audio.frames = 1024       # Spectrogram frames per clip (train: random window; eval: centre).
+  c.dataset.audio.frame_length_ms = 25.0
+  c.dataset.audio.frame_step_ms = 10.0
+  c.dataset.audio.norm_mean = -4.2677  # Log-mel normalisation (x - mean) / (2 std): AST's AudioSet statistics.
+  c.dataset.audio.norm_std = 4.5690
+  c.dataset.audio.freq_masks = 0      # SpecAugment (train): masks of up to freq_mask_width mel bins ...
+  c.dataset.audio.freq_mask_width = 48
+  c.dataset.audio.time_masks = 0      # ... and of up to time_mask_width frames (AST AudioSet: 2 x 48, 2 x 192).
+  c.dataset.audio.time_mask_width = 192
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'adamw'        # 'adamw' | 'sgd' | 'lars' (MAE linear probe)

@@ -146,7 +146,7 @@ def _init_shapes(name: str, *, num_classes: int, image_size: Optional[int],
   spec = registry.get_model_spec(name)
   model = registry.create_model(name, num_classes=num_classes, **dict(model_overrides or {}))
   size = image_size or spec.image_size
-  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  x = registry.example_input(model, size)
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype)))
 
 

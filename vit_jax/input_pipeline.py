@@ -342,7 +342,12 @@ def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_b
   Yields {'image': float32 (b, image_size, image_size, 3) in [-1, 1], 'label': int32 (b,)} with
   b = global_batch_size // process_count. With train_crop='multicrop' (DINO), 'image' holds the 2 global views
   (b, 2, image_size, image_size, 3) and 'local_image' the local ones (b, local_crops, local_image_size, ..., 3). Errors in the config are raised here, not at the first `next()`.
+  dataset.modality 'video' / 'audio': clips or spectrograms from vit_jax/video_audio_pipeline.py.
   """
+  if dataset_config.get('modality', 'image') != 'image':
+    from vit_jax import video_audio_pipeline  # pylint: disable=g-import-not-at-top
+    return video_audio_pipeline.create_train_iterator(dataset_config, global_batch_size=global_batch_size, seed=seed,
+                                                      process_index=process_index, process_count=process_count)
   _check_image_config(dataset_config)
   builder, subsplit, process_index, _, local_batch = _process_split(
       dataset_config, 'train_split', global_batch_size, process_index, process_count)
@@ -403,8 +408,12 @@ def create_eval_iterator(dataset_config: ml_collections.ConfigDict, *, global_ba
   Yields {'image', 'label', 'mask'} with mask float32 (b,): 1 for real examples, 0 for padding. Every process
   yields the same number of batches (ceil(largest per-process part / local batch)), padding with all-masked
   batches where needed, so collective eval steps never hang. Over all processes, each example of the split
-  appears exactly once with mask 1.
+  appears exactly once with mask 1. dataset.modality 'video' / 'audio': vit_jax/video_audio_pipeline.py.
   """
+  if dataset_config.get('modality', 'image') != 'image':
+    from vit_jax import video_audio_pipeline  # pylint: disable=g-import-not-at-top
+    return video_audio_pipeline.create_eval_iterator(dataset_config, global_batch_size=global_batch_size,
+                                                     process_index=process_index, process_count=process_count)
   _check_image_config(dataset_config)
   builder, subsplit, _, process_count, local_batch = _process_split(
       dataset_config, 'eval_split', global_batch_size, process_index, process_count)

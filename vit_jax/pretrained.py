@@ -194,6 +194,12 @@ def load_pretrained(path: str | Mapping[str, Any], init_params: Mapping[str, Any
   path = path if isinstance(path, (str, os.PathLike)) else 'the given params'
   ckpt, has_cls_slot = _normalise_keys({k: np.asarray(v) for k, v in arrays.items()})
   keep_init: set[str] = set()
+  context = facts.ResizeContext(model=model, image_size=image_size, method=posemb_interpolation)
+  for fam in [f for f in _families(family, model) if f.adapt_checkpoint is not None]:
+    adapted = fam.adapt_checkpoint(ckpt, init, context)  # Another family's weights (e.g. image -> video).
+    if adapted is not None:
+      ckpt, keep_init = adapted[0], set(adapted[1])
+      break
 
   for head in sorted({h for f in _families(family, model) for h in f.heads}):
     head_file, head_init = _group(ckpt, head), _group(init, head)
