@@ -197,6 +197,17 @@ RANGES: dict[str, tuple[Optional[float], Optional[float], bool, bool, str]] = {
     'dataset.randaugment_layers': (0, _INF, True, False, '0 disables RandAugment'),
     'dataset.randaugment_magnitude': (0, _INF, True, False, ''),
     'dataset.random_erasing': (0, 1, True, True, 'a probability'),
+    'dataset.video.num_frames': (1, _INF, True, False, ''),
+    'dataset.video.frame_stride': (1, _INF, True, False, '1: consecutive frames'),
+    'dataset.audio.frames': (1, _INF, True, False, ''),
+    'dataset.audio.frame_length_ms': (0, _INF, False, False, ''),
+    'dataset.audio.frame_step_ms': (0, _INF, False, False, ''),
+    'dataset.audio.norm_mean': (None, _INF, False, False, ''),
+    'dataset.audio.norm_std': (0, _INF, False, False, ''),
+    'dataset.audio.freq_masks': (0, _INF, True, False, '0 disables frequency masking'),
+    'dataset.audio.freq_mask_width': (0, _INF, True, False, ''),
+    'dataset.audio.time_masks': (0, _INF, True, False, '0 disables time masking'),
+    'dataset.audio.time_mask_width': (0, _INF, True, False, ''),
     # lr=0 is refused: a schedule of zeros trains nothing; negative is gradient ascent.
     'optimizer.lr': (0, _INF, False, False, 'the peak learning rate'),
     'optimizer.cooldown_steps': (0, _INF, True, False, '0: no cooldown'),
@@ -233,6 +244,8 @@ def _lookup(config: ml_collections.ConfigDict, key: str) -> object:
 
 
 def _describe_range(low, high, low_in, high_in) -> str:
+  if low is None and high is None:
+    return 'finite'
   if high is None:
     return f'{">=" if low_in else ">"} {low}'
   return f'in {"[" if low_in else "("}{low}, {high}{"]" if high_in else ")"}'
@@ -251,7 +264,8 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integral and not isinstance(value, int)):
       raise ValueError(f'config.{key}={value!r} must be {"an integer" if integral else "a number"} {allowed}.')
     ok = math.isfinite(value)
-    ok = ok and (value >= low if low_in else value > low)
+    if low is not None:
+      ok = ok and (value >= low if low_in else value > low)
     if high is not None:
       ok = ok and (value <= high if high_in else value < high)
     if not ok:
