@@ -183,6 +183,11 @@ NO_TIMM_EQUIVALENT = {
     'cvt_w24': 'CvT is not in timm (Hugging Face microsoft/cvt-w24-384-22k; layout hf)',
     **{f'dino_vit_{v}': 'timm keeps the DINO backbone only (vit_*_224.dino), not the DINO head'
        for v in ('s16', 'b16', 's8', 'b8')},
+    # timm declined video (its issue #466) and has no AST; these convert from Hugging Face (layout 'hf').
+    **{name: 'video/audio model: not in timm (Hugging Face transformers or scenic layout)'
+       for name in ('vivit_b16x2_st', 'vivit_b16x2_fe', 'vivit_b16x2_fsa', 'vivit_pico', 'timesformer_b16',
+                    'timesformer_pico', 'ast_b16', 'ast_pico')},
+    'vit_frames_pico': 'project-only frame-averaged image ViT (the video baseline)',
 }
 
 
