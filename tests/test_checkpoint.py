@@ -25,6 +25,23 @@ def test_different_config_is_refused_and_nothing_changes(tmp_path):
   assert (tmp_path / 'config.json').read_text() == before
 
 
+def test_fields_added_after_the_run_began_are_accepted_at_their_defaults(tmp_path):
+  """A run started before the code gained a config field resumes when the field is at its default, and is
+  refused when it is not."""
+  config = base_config()
+  checkpoint.claim_workdir(str(tmp_path), config)
+  stored = json.loads((tmp_path / 'config.json').read_text())
+  del stored['dataset']['modality']  # As written by a version of the code without this field.
+  (tmp_path / 'config.json').write_text(json.dumps(stored))
+  with pytest.raises(checkpoint.WorkdirConflictError, match=r'dataset.modality: <absent> -> .image.'):
+    checkpoint.claim_workdir(str(tmp_path), config)  # Without the schema's defaults, nothing is assumed.
+  assert checkpoint.claim_workdir(str(tmp_path), config, defaults=base_config()) is True
+  changed = base_config()
+  changed.dataset.modality = 'video'
+  with pytest.raises(checkpoint.WorkdirConflictError, match=r'dataset.modality: <absent> -> .video.'):
+    checkpoint.claim_workdir(str(tmp_path), changed, defaults=base_config())
+
+
 def test_checkpoints_without_config_are_refused(tmp_path):
   (tmp_path / 'checkpoints' / '10').mkdir(parents=True)
   with pytest.raises(checkpoint.WorkdirConflictError, match='cannot be identified'):

@@ -23,7 +23,7 @@ import pathlib
 import socket
 import threading
 import time
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Sequence
 
 import jax
 import ml_collections
@@ -83,12 +83,14 @@ def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
-def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-  """Human-readable 'key: old -> new' lines for every leaf that differs between two config dicts."""
+def config_differences(old: dict[str, Any], new: dict[str, Any], ignore: Sequence[str] = ()) -> list[str]:
+  """Human-readable 'key: old -> new' lines for every leaf that differs between two config dicts (keys in `ignore`
+  left out)."""
   old_flat, new_flat = _flatten(old), _flatten(new)
   missing = object()
   return [f'{k}: {old_flat.get(k, missing)!r} -> {new_flat.get(k, missing)!r}'.replace(repr(missing), '<absent>')
-          for k in sorted(set(old_flat) | set(new_flat)) if old_flat.get(k, missing) != new_flat.get(k, missing)]
+          for k in sorted((set(old_flat) | set(new_flat)) - set(ignore))
+          if old_flat.get(k, missing) != new_flat.get(k, missing)]
 
 
 def write_text_atomic(path: epath.PathLike, text: str) -> None:
@@ -118,19 +120,38 @@ def has_checkpoints(workdir: epath.PathLike) -> bool:
   return root.exists() and any(p.name.isdigit() for p in root.iterdir())
 
 
-def claim_workdir(workdir: str, config: ml_collections.ConfigDict) -> bool:
+def fields_added_at_default(old: dict[str, Any], new: dict[str, Any],
+                            defaults: Optional[dict[str, Any]]) -> list[str]:
+  """Keys of `new` that `old` lacks and whose value is the one `defaults` gives them: fields the code gained after
+  the run in `old` began, at values that keep its behaviour."""
+  if not defaults:
+    return []
+  old_flat, new_flat, default_flat = _flatten(old), _flatten(new), _flatten(defaults)
+  return sorted(k for k, v in new_flat.items()
+                if k not in old_flat and k in default_flat and default_flat[k] == v)
+
+
+def claim_workdir(workdir: str, config: ml_collections.ConfigDict,
+                  defaults: Optional[ml_collections.ConfigDict] = None) -> bool:
   """Records `config` as the workdir's run, or checks that it is the run already there.
 
   Returns True when the workdir already holds this run (so training resumes). Raises WorkdirConflictError, and
   changes nothing, when the workdir holds a different config or checkpoints of unknown origin; a config.json that
-  is not JSON raises a ValueError naming it.
+  is not JSON raises a ValueError naming it. With `defaults` (the schema's default config), a field that the code
+  gained after the run began is no conflict when `config` holds it at its default: an upgrade of the code does not
+  strand a run. Such fields are logged.
   """
   path = epath.Path(workdir)
   config_file = path / CONFIG_FILENAME
   current = json.loads(config.to_json_best_effort())
   if config_file.exists():
     previous = read_json(config_file)
-    diffs = config_differences(previous, current)
+    added = fields_added_at_default(
+        previous, current, json.loads(defaults.to_json_best_effort()) if defaults is not None else None)
+    if added:
+      logging.warning('Workdir %s was started before these config fields existed; resuming with their defaults: %s',
+                   workdir, ', '.join(added))
+    diffs = config_differences(previous, current, ignore=added)
     if diffs:
       raise WorkdirConflictError(
           f'Workdir {workdir} holds a run with a different config:\n  ' + '\n  '.join(diffs) +

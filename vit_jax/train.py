@@ -372,7 +372,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return {'preempted_at_step': 0}
 
   with checkpoint.WorkdirLock(workdir):  # One run per workdir (process 0 holds it for a multi-host run).
-    resuming = checkpoint.claim_workdir(workdir, config)
+    resuming = checkpoint.claim_workdir(workdir, config, defaults=config_schema.base_config())
     labels.record_class_names(workdir, config.dataset)  # For predict/visualize on machines without the dataset.
     return _train_claimed(config, workdir, run, state, train_iter, constants, resuming, final_path, preempted)
 
