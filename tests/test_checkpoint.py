@@ -224,6 +224,24 @@ def test_deleted_manifests_are_rebuilt_with_a_warning(tmp_path, caplog):
   assert (tmp_path / 'checkpoints' / 'manifests' / '2.json').exists()
 
 
+def test_manifests_of_older_versions_listing_commit_records_still_verify(tmp_path):
+  """Manifests written before they moved into the save's finalisation also list Orbax's commit records; the steps
+  they describe still restore (and a flipped byte is still caught)."""
+  _save_steps(tmp_path, [1, 2])
+  for step in (1, 2):
+    manifest_file = tmp_path / 'checkpoints' / 'manifests' / f'{step}.json'
+    manifest = json.loads(manifest_file.read_text())
+    manifest['files'].update({'_CHECKPOINT_METADATA': [1, 'x'], 'commit_success.txt': [1, 'y']})
+    manifest_file.write_text(json.dumps(manifest))
+  restored = checkpoint.Checkpointer(str(tmp_path), keep=5).restore_latest_valid({'w': jnp.zeros((4,))},
+                                                                                 data_iterator=_Iter())
+  assert restored.step == 2
+  _flip_a_byte(tmp_path / 'checkpoints' / '2')
+  restored = checkpoint.Checkpointer(str(tmp_path), keep=5).restore_latest_valid({'w': jnp.zeros((4,))},
+                                                                                 data_iterator=_Iter())
+  assert restored.step == 1
+
+
 # The workdir lock.
 
 
