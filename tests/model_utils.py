@@ -1,11 +1,12 @@
-"""Helpers shared by the model tests: random images, abstract / random parameters, parameter counts.
+"""Helpers shared by the model tests: random images, abstract / random parameters, parameter counts, XLA's count
+of a forward pass's matmul and convolution FLOPs.
 
 Parameters come from `jax.eval_shape(model.init, ...)` plus numpy noise, so no test compiles an initialiser
 (slow on a 2-core CPU).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from flax import traverse_util
 import jax
@@ -64,3 +65,35 @@ def random_variables(model: Any, x: Any, seed: int = 0, std: float = 0.2) -> Any
   shapes = abstract_variables(model, x)
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: jnp.asarray(std * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
+_MATMULS = ('dot_general', 'conv_general_dilated')
+
+
+def xla_matmul_flops(fn: Callable[..., Any], *args: Any) -> float:
+  """XLA's cost analysis of every matmul and convolution in fn's jaxpr (each lowered on its own), summed: what an
+  analytic FLOP count (FamilyFacts.forward_macs) is checked against. Shapes only; nothing is compiled or run."""
+  total = 0.0
+  def walk(jaxpr, times):
+    nonlocal total
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in _MATMULS:
+        total += times * _op_flops(eqn)
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          inner = getattr(sub, 'jaxpr', sub)
+          if hasattr(inner, 'eqns'):
+            walk(inner, times * (eqn.params.get('length', 1) if eqn.primitive.name == 'scan' else 1))
+  walk(jax.make_jaxpr(fn)(*args).jaxpr, 1)
+  return total
+
+
+def _op_flops(eqn: Any) -> float:
+  """XLA's flops of one op: 2 per multiply-add, where a conv's kernel taps on its zero padding are not counted (a
+  3x3 conv with padding 1 on a 4x4 map: 2 x 100, not 2 x 144), so small maps with large kernels count a few % under
+  the published full-kernel convention."""
+  avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+  lowered = jax.jit(lambda *xs: eqn.primitive.bind(*xs, **eqn.params)).lower(*avals)
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost['flops'])

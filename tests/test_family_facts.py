@@ -23,6 +23,7 @@ from vit_jax import convert
 from vit_jax import param_groups
 from vit_jax.models import facts
 from vit_jax.models import registry
+from tests import model_utils
 
 MODELS = registry.list_models()
 _BATCH_STATS = 'batch_stats/'
@@ -233,34 +234,6 @@ def test_batchnorm_and_function_kinds_convert():
 
 # --- Analytic FLOPs against XLA. ----------------------------------------------------------------------------------
 
-_MATMULS = ('dot_general', 'conv_general_dilated')
-
-
-def _xla_matmul_flops(fn, *args) -> float:
-  """XLA's cost analysis of every matmul and convolution in fn's jaxpr (each lowered on its own), summed."""
-  total = 0.0
-  def walk(jaxpr, times):
-    nonlocal total
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name in _MATMULS:
-        total += times * _op_flops(eqn)
-      for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-          inner = getattr(sub, 'jaxpr', sub)
-          if hasattr(inner, 'eqns'):
-            walk(inner, times * (eqn.params.get('length', 1) if eqn.primitive.name == 'scan' else 1))
-  walk(jax.make_jaxpr(fn)(*args).jaxpr, 1)
-  return total
-
-
-def _op_flops(eqn) -> float:
-  avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
-  lowered = jax.jit(lambda *xs: eqn.primitive.bind(*xs, **eqn.params)).lower(*avals)
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost['flops'])
-
-
 def _analytic_models():
   """Per family with an analytic count, its smallest registered model that the count applies to."""
   chosen = {}
@@ -282,6 +255,6 @@ def test_analytic_flops_match_xla_matmul_count(name):
   analytic = 2 * facts.get_family(spec.family).forward_macs(model, size)
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype)))
-  xla = _xla_matmul_flops(lambda v, img: model.apply(v, img), variables, jnp.zeros(x.shape, x.dtype))
+  xla = model_utils.xla_matmul_flops(lambda v, img: model.apply(v, img), variables, jnp.zeros(x.shape, x.dtype))
   assert analytic == pytest.approx(xla, rel=0.02), (name, analytic, xla)
 

@@ -470,13 +470,39 @@ def _fold(options: Mapping[str, Any], variables: Mapping[str, Any]) -> tuple[dic
   return {**options, 'deploy': True}, {'params': params}
 
 
+def forward_macs(model: EfficientFormer, image_size: int) -> float:
+  """Multiply-adds of one forward pass on one image (convs, linears and the attention matmuls; BatchNorm,
+  LayerNorm, activations, layer scales and the pooling mixer are not counted, as the paper's FLOPs). Folding the
+  BatchNorms changes nothing here.
+
+  A 4-D block on an s x s map of width C: 2 s^2 C m (its 1x1 MLP, m = mlp_ratio C). A 3-D block on N tokens
+  (H heads, key dim k, value dim v): N C H (2k + v) + N^2 H (k + v) + N H v C + 2 N C m. Heads: 2 C classes.
+  """
+  model.check_input_size(image_size, image_size)
+  res = model.stage_resolutions(image_size, image_size)
+  dims = tuple(model.embed_dims)
+  s = layers.conv_side(image_size, 3, 2)
+  macs = layers.conv_macs(s, 3, dims[0] // 2, 3)
+  macs += layers.conv_macs(res[0][0], dims[0] // 2, dims[0], 3)
+  heads, k = model.attn_heads, model.attn_key_dim
+  v = int(model.attn_ratio * k)
+  for i, c in enumerate(dims):
+    n, hidden = res[i][0] * res[i][1], int(c * model.mlp_ratio)
+    if i > 0:
+      macs += layers.conv_macs(res[i][0], dims[i - 1], c, 3)
+    vit = min(model.num_vit, model.depths[i]) if i == len(dims) - 1 else 0
+    attention = n * c * heads * (2 * k + v) + n * n * heads * (k + v) + n * heads * v * c
+    macs += model.depths[i] * 2 * n * c * hidden + vit * attention
+  return float(macs + 2 * dims[-1] * max(model.num_classes, 0))
+
+
 FACTS = facts.register_family(facts.FamilyFacts(
     name='efficientformer',
     layouts={'timm': facts.ConversionTable(TIMM_RULES, _TIMM_IGNORE, source_heads=('head', 'head_dist'))},
     grouping=facts.LayerGrouping(blocks=((r'^stages_(\d+)/blocks_(\d+)/', 'block2'),
                                          (r'^stages_(\d+)/downsample/', 'before')),
                                  stem=r'^stem/'),
-    forward_macs=None,  # XLA's cost analysis (pooling, attention with bias tables: no published formula here).
+    forward_macs=forward_macs,
     resize=_resize,
     infer_image_size=_infer_image_size,
     heads=('head', 'head_dist'),
@@ -904,13 +930,59 @@ def _infer_image_size_v2(state_dict: Any, options: Mapping[str, Any]) -> Optiona
   return int(options.get('img_size', 224))
 
 
+def forward_macs_v2(model: EfficientFormerV2, image_size: int) -> float:
+  """Multiply-adds of one forward pass on one image (convs, linears and the attention matmuls; BatchNorm,
+  activations and layer scales are not counted, as the paper's FLOPs). Folding the BatchNorms changes nothing here.
+
+  On an s x s map of width C (H heads, key dim k, value dim v, n = s'^2 attended positions): the 1x1 -> depthwise
+  3x3 -> 1x1 MLP of hidden width m, s^2 m (2C + 9); attention n C H (2k + v) + 9 n H v (v_local)
+  + n^2 H (k + v) + 2 n^2 H^2 (talking heads) + s^2 H v C (proj), with stage 2's depthwise stride-2 conv
+  9 n C and the x2 bilinear upsampling (the code's two matrix products, 6 s'^3 H v); stage 3's downsampling
+  attention from N keys to N2 strided queries adds its local/strided convs, N2 N H (k + v) and N2 H v C.
+  """
+  if image_size != model.img_size:
+    raise ValueError(f'EfficientFormerV2 built for img_size {model.img_size} cannot run at {image_size} px; build '
+                     'it with img_size = the input size.')
+  res = model.stage_resolutions()
+  dims = tuple(model.embed_dims)
+  heads, k, kd = model.attn_heads, model.attn_key_dim, model.downsample_key_dim
+  v, vd = int(model.attn_ratio * k), int(model.attn_ratio * kd)
+  ratios = model.mlp_ratios if isinstance(model.mlp_ratios, (tuple, list)) else (model.mlp_ratios,) * len(dims)
+  macs = layers.conv_macs(layers.conv_side(image_size, 3, 2), 3, dims[0] // 2, 3)
+  macs += layers.conv_macs(res[0], dims[0] // 2, dims[0], 3)
+  for i, c in enumerate(dims):
+    s = res[i]
+    if i > 0:
+      cin, r = dims[i - 1], res[i - 1]
+      macs += layers.conv_macs(s, cin, c, 3)
+      if i >= 3:  # Attention2dDownsample: queries on the stride-2 grid (side s), keys and values on r x r.
+        big, small = r * r, s * s
+        macs += layers.conv_macs(s, cin, cin, 3, cin) + small * cin * heads * kd
+        macs += big * cin * heads * (kd + vd) + layers.conv_macs(s, heads * vd, heads * vd, 3, heads * vd)
+        macs += small * big * heads * (kd + vd) + small * heads * vd * c
+    first_attn = model.depths[i] - model.num_vit if i >= 2 else model.depths[i]
+    for j, ratio in enumerate(layers.per_stage(ratios[i], model.depths[i], f'mlp_ratios[{i}]')):
+      hidden = int(c * ratio)
+      macs += 2 * s * s * c * hidden + layers.conv_macs(s, hidden, hidden, 3, hidden)
+      if j < first_attn:
+        continue
+      a = -(-s // 2) if i == 2 else s  # Stage 2 attends on its map halved by a depthwise stride-2 conv.
+      n = a * a
+      macs += layers.conv_macs(a, c, c, 3, c) if i == 2 else 0
+      macs += n * c * heads * (2 * k + v) + layers.conv_macs(a, heads * v, heads * v, 3, heads * v)
+      macs += n * n * heads * (k + v) + 2 * n * n * heads * heads
+      macs += 6 * a ** 3 * heads * v if i == 2 else 0
+      macs += s * s * heads * v * c
+  return float(macs + 2 * dims[-1] * max(model.num_classes, 0))
+
+
 V2_FACTS = facts.register_family(facts.FamilyFacts(
     name='efficientformerv2',
     layouts={'timm': facts.ConversionTable(V2_TIMM_RULES, _TIMM_IGNORE, source_heads=('head', 'head_dist'))},
     grouping=facts.LayerGrouping(blocks=((r'^stages_(\d+)/blocks_(\d+)/', 'block2'),
                                          (r'^stages_(\d+)/downsample/', 'before')),
                                  stem=r'^stem_conv[12]/'),
-    forward_macs=None,  # XLA's cost analysis.
+    forward_macs=forward_macs_v2,
     resize=_resize,
     infer_image_size=_infer_image_size_v2,
     heads=('head', 'head_dist'),

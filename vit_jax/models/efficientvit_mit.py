@@ -388,12 +388,51 @@ def _fold(options: Mapping[str, Any], variables: Mapping[str, Any]) -> tuple[dic
                                                                  variables.get('batch_stats', {}))}
 
 
+def _mbconv_macs(side: int, out_side: int, in_ch: int, out_ch: int, expand_ratio: float) -> int:
+  """MBConv: 1x1 expand on the input map, depthwise 3x3 (strided) and 1x1 project on the output map."""
+  mid = round(in_ch * expand_ratio)
+  return (layers.conv_macs(side, in_ch, mid) + layers.conv_macs(out_side, mid, mid, 3, mid)
+          + layers.conv_macs(out_side, mid, out_ch))
+
+
+def forward_macs(model: EfficientVit, image_size: int) -> float:
+  """Multiply-adds of one forward pass on one image (convs, linears and the attention matmuls; BatchNorm,
+  LayerNorm, activations and the normaliser division are not counted, as the paper's MACs). Folding the
+  BatchNorms changes nothing here.
+
+  LiteMLA on n = s^2 positions of width C (heads H = C / d, scales S): qkv n C 3Hd; per scale a depthwise
+  k x k conv n k^2 3Hd and a 1x1 conv grouped per 3d channels n d 3Hd; the ReLU attention of each of the
+  H (1 + S) groups 2 n d (d + 1) (k^T [v, 1], then q times that); proj n H d (1 + S) C.
+  """
+  widths, d = tuple(model.widths), model.head_dim
+  s = layers.conv_side(image_size, 3, model.patch_size)
+  macs = layers.conv_macs(s, 3, widths[0], 3)
+  macs += model.depths[0] * (layers.conv_macs(s, widths[0], widths[0], 3, widths[0]) + s * s * widths[0] ** 2)
+  for i in range(4):
+    cin, c, depth = widths[i], widths[i + 1], model.depths[i + 1]
+    out = layers.conv_side(s, 3, 2)
+    macs += _mbconv_macs(s, out, cin, c, model.expand_ratio)
+    s, n = out, out * out
+    if i < 2:
+      macs += (depth - 1) * _mbconv_macs(s, s, c, c, model.expand_ratio)
+      continue
+    heads = c // d
+    total, groups = heads * d, heads * (1 + len(model.scales))
+    attention = n * c * 3 * total + groups * 2 * n * d * (d + 1) + n * groups * d * c
+    attention += sum(layers.conv_macs(s, 3 * total, 3 * total, k, 3 * total) + n * d * 3 * total
+                     for k in model.scales)
+    macs += depth * (attention + _mbconv_macs(s, s, c, c, model.expand_ratio))
+  head_conv, pre_logits = model.head_widths
+  macs += s * s * widths[-1] * head_conv + head_conv * pre_logits
+  return float(macs + pre_logits * max(model.num_classes, 0))
+
+
 FACTS = facts.register_family(facts.FamilyFacts(
     name='efficientvit_mit',
     layouts={'timm': facts.ConversionTable(TIMM_RULES, (r'.*\.num_batches_tracked',),
                                            source_heads=('head.classifier.4',))},
     grouping=facts.LayerGrouping(blocks=((r'^stages_(\d+)/blocks_(\d+)/', 'block2'),), stem=r'^stem/'),
-    forward_macs=None,  # XLA's cost analysis (depthwise and grouped convs, linear attention).
+    forward_macs=forward_macs,
     heads=('head',),
     fold=_fold,
 ))

@@ -544,13 +544,62 @@ def fold(options: Mapping[str, Any], variables: Mapping[str, Any]) -> tuple[dict
   return {**options, 'inference_mode': True}, {'params': params, 'batch_stats': stats}
 
 
+def _mobileone_macs(side: int, in_ch: int, out_ch: int, kernel: int, groups: int, inference_mode: bool,
+                    use_scale_branch: bool = True, num_conv_branches: int = 1) -> int:
+  """A MobileOneBlock's convs on a side x side output: the one re-parameterised k x k conv, or the train-time
+  k x k branches plus the 1x1 scale branch (the BatchNorm identity branch has no multiply-adds)."""
+  if inference_mode:
+    return layers.conv_macs(side, in_ch, out_ch, kernel, groups)
+  scale = 1 if kernel > 1 and use_scale_branch else 0
+  return (num_conv_branches * layers.conv_macs(side, in_ch, out_ch, kernel, groups)
+          + scale * layers.conv_macs(side, in_ch, out_ch, 1, groups))
+
+
+def forward_macs(model: FastViT, image_size: int) -> float:
+  """Multiply-adds of one forward pass on one image (convs, linears and the attention matmuls; BatchNorm, layer
+  scales, activations and pooling are not counted, as the paper's FLOPs).
+
+  Counts the form the model is built in: with inference_mode=True the re-parameterised deploy form the paper
+  reports (one conv per MobileOne block, RepMixer and positional encoding), otherwise the train-time branches too.
+  On an s x s map of width C: RepMixer s^2 9 C (+ s^2 C for the 1x1 branch in train form), ConvMlp
+  s^2 C (49 + 2 hidden), attention s^2 4 C^2 + 2 s^4 C, positional encoding s^2 49 C.
+  """
+  deploy = bool(model.inference_mode)
+  dims = tuple(model.embed_dims)
+  ratios = layers.per_stage(model.mlp_ratios, len(dims), 'mlp_ratios')
+  s = layers.conv_side(image_size, 3, 2)
+  macs = _mobileone_macs(s, 3, dims[0], 3, 1, deploy)
+  s = layers.conv_side(s, 3, model.patch_size // 2)
+  macs += _mobileone_macs(s, dims[0], dims[0], 3, dims[0], deploy)
+  macs += _mobileone_macs(s, dims[0], dims[0], 1, 1, deploy)
+  c = dims[0]
+  for i, dim in enumerate(dims):
+    if model.downsamples[i] or dim != dims[max(i - 1, 0)]:
+      s = layers.conv_side(s, 7, 2)
+      macs += layers.conv_macs(s, c, dim, 7, c) + (0 if deploy else layers.conv_macs(s, c, dim, 3, c))
+      macs += _mobileone_macs(s, dim, dim, 1, 1, deploy)
+    c = dim
+    if model.pos_embs[i]:
+      macs += layers.conv_macs(s, c, c, 7, c)
+    n, hidden = s * s, int(c * ratios[i])
+    if model.token_mixers[i] == 'repmixer':
+      mixer = _mobileone_macs(s, c, c, model.repmixer_kernel_size, c, deploy)
+    else:
+      mixer = n * c * 3 * c + 2 * n * n * c + n * c * c
+    mlp = layers.conv_macs(s, c, c, 7, c) + 2 * n * c * hidden
+    macs += model.depths[i] * (mixer + mlp)
+  out = model.num_features
+  macs += _mobileone_macs(s, c, out, 3, c, deploy) + 2 * out * se_width(out)
+  return float(macs + out * max(model.num_classes, 0))
+
+
 FACTS = facts.register_family(facts.FamilyFacts(
     name='fastvit',
     layouts={'timm': facts.ConversionTable(_TIMM_RULES, _TIMM_IGNORE, source_heads=('head.fc',))},
     grouping=facts.LayerGrouping(
         blocks=((r'^stages_(\d+)/blocks_(\d+)/', 'block2'), (r'^stages_(\d+)/(downsample|pos_emb)/', 'before')),
         stem=r'^stem_'),
-    forward_macs=None,  # XLA's cost analysis (convs, grouped convs, SE, attention).
+    forward_macs=forward_macs,
     heads=('head',),
     fold=fold,
 ))

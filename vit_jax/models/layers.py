@@ -286,3 +286,17 @@ def torch_batch_norm(name: str, *, train: bool, dtype: Dtype, epsilon: float = 1
   """
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon, dtype=dtype, axis_name=None,
                       name=name)
+
+
+# Multiply-add counting for the families' analytic FLOPs (FamilyFacts.forward_macs).
+
+def conv_side(size: int, kernel: int, stride: int = 1, pad: Optional[int] = None) -> int:
+  """Output side of a conv on `size` pixels with symmetric padding `pad` (default kernel // 2)."""
+  pad = kernel // 2 if pad is None else pad
+  return (size + 2 * pad - kernel) // stride + 1
+
+
+def conv_macs(side: int, in_ch: int, out_ch: int, kernel: int = 1, groups: int = 1) -> int:
+  """Multiply-adds of a (grouped) conv with a side x side output: side^2 k^2 (C_in / groups) C_out (a 1x1 conv is a
+  Linear on side^2 tokens; a depthwise conv has groups = C_in = C_out)."""
+  return side * side * kernel * kernel * (in_ch // groups) * out_ch

@@ -465,13 +465,64 @@ def fold_batchnorms(options: Mapping[str, Any], variables: Mapping[str, Any]) ->
   assert not stats, f'BatchNorm statistics left after folding: {list(stats)}'
   return {**options, 'inference_mode': True}, {'params': jax.tree.map(lambda a: jnp.asarray(a, jnp.float32),
                                                                       params)}
+
+def _resize_macs(size: tuple[int, int], new: tuple[int, int], channels: int) -> int:
+  """`resize_bilinear`'s two matrix products: rows (H' H W C), then columns (H' W' W C)."""
+  return new[0] * size[0] * size[1] * channels + new[0] * new[1] * size[1] * channels
+
+
+def forward_macs(model: MobileViT, image_size: int) -> float:
+  """Multiply-adds of one forward pass on one image (convs, linears and the attention matmuls; BatchNorm, norms,
+  activations, pooling and v2's elementwise context products are not counted, as the papers' FLOPs). Folding the
+  BatchNorms changes nothing here.
+
+  A MobileViT block on an h x w map of width C, transformer width d, T = h' w' tokens (h', w': the next multiples
+  of the patch) in sequences of N = T / p^2: v1 9 h w C^2 (local conv) + h w C d + L (T 4 d^2 + 2 T N d + 2 T d m)
+  + h w d C + 9 h w 2C C (fusion), m the MLP width; v2 9 T C (depthwise) + T C d + L (T d (1 + 2d) + T d^2
+  + 2 T d m) + T d C. Where h, w are not multiples of the patch, the bilinear resizes are the matrix products
+  the code computes.
+  """
+  p, v2 = model.patch_size, model.version == 2
+  s = layers.conv_side(image_size, 3, 2)
+  macs = layers.conv_macs(s, 3, model.stem_width, 3)
+  c = model.stem_width
+  for i, width in enumerate(model.widths):
+    for j in range(model.ir_depths[i]):
+      mid = make_divisible(c * model.expand_ratio)
+      macs += layers.conv_macs(s, c, mid)
+      s = layers.conv_side(s, 3, model.strides[i] if j == 0 else 1)
+      macs += layers.conv_macs(s, mid, mid, 3, mid) + layers.conv_macs(s, mid, width)
+      c = width
+    if not model.transformer_depths[i]:
+      continue
+    d = model._transformer_dim(i)  # pylint: disable=protected-access
+    hidden = int(d * model.mlp_ratio)
+    side = -(-s // p) * p
+    t = side * side
+    resized = side != s
+    if v2:
+      macs += _resize_macs((s, s), (side, side), c) if resized else 0
+      macs += layers.conv_macs(side, c, c, 3, c) + t * c * d
+      macs += model.transformer_depths[i] * (t * d * (1 + 2 * d) + t * d * d + 2 * t * d * hidden)
+      macs += t * d * c
+      s = side
+    else:
+      n = t // (p * p)
+      macs += layers.conv_macs(s, c, c, 3) + s * s * c * d
+      macs += _resize_macs((s, s), (side, side), d) + _resize_macs((side, side), (s, s), d) if resized else 0
+      macs += model.transformer_depths[i] * (t * 4 * d * d + 2 * t * n * d + 2 * t * d * hidden)
+      macs += s * s * d * c + layers.conv_macs(s, 2 * c, c, 3)
+  if model.final_width:
+    macs += s * s * c * model.final_width
+  return float(macs + model.num_features * max(model.num_classes, 0))
+
 _GROUPING = facts.LayerGrouping(blocks=((r'^stages_(\d+)/blocks_(\d+)/', 'block2'),), stem=r'^stem/')
 
 FACTS_V1 = facts.register_family(facts.FamilyFacts(
     name='mobilevit',
     layouts={'timm': facts.ConversionTable(_V1_RULES, _IGNORE, source_heads=('head.fc',))},
     grouping=_GROUPING,
-    forward_macs=None,  # XLA's cost analysis.
+    forward_macs=forward_macs,
     heads=('head',),
     fold=fold_batchnorms,
 ))
@@ -479,7 +530,7 @@ FACTS_V2 = facts.register_family(facts.FamilyFacts(
     name='mobilevitv2',
     layouts={'timm': facts.ConversionTable(_V2_RULES, _IGNORE, source_heads=('head.fc',))},
     grouping=_GROUPING,
-    forward_macs=None,
+    forward_macs=forward_macs,
     heads=('head',),
     fold=fold_batchnorms,
 ))
