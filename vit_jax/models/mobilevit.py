@@ -329,7 +329,8 @@ class MobileViT(nn.Module):
     """Width of the pooled pre-logits: the final conv's, else the last stage's."""
     return int(self.final_width or self.widths[-1])
 
-  def _transformer_dim(self, i: int) -> int:
+  def transformer_dim(self, i: int) -> int:
+    """Width of stage i's MobileViT block (v1: transformer_dims[i]; v2: transformer_ratio x the stage width)."""
     if self.version == 2:
       return make_divisible(self.transformer_ratio * self.widths[i])
     return int(self.transformer_dims[i])
@@ -357,7 +358,7 @@ class MobileViT(nn.Module):
     self.stem = ConvNormAct(self.stem_width, 3, 2, folded=self.inference_mode, dtype=self.dtype)
     self.stages = [
         MobileViTStage(self.widths[i], self.strides[i], self.ir_depths[i], self.transformer_depths[i],
-                       self._transformer_dim(i) if self.transformer_depths[i] else 0,
+                       self.transformer_dim(i) if self.transformer_depths[i] else 0,
                        tuple(float(r) for r in dpr[starts[i]:starts[i + 1]]), shared, self.expand_ratio,
                        self.remat, self.inference_mode, self.dtype, name=f'stages_{i}')
         for i in range(n)]
@@ -495,7 +496,7 @@ def forward_macs(model: MobileViT, image_size: int) -> float:
       c = width
     if not model.transformer_depths[i]:
       continue
-    d = model._transformer_dim(i)  # pylint: disable=protected-access
+    d = model.transformer_dim(i)
     hidden = int(d * model.mlp_ratio)
     side = -(-s // p) * p
     t = side * side
