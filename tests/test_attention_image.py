@@ -1,4 +1,6 @@
-"""The attention-rollout image of TensorBoard: the overlay on tiny models, and a short run's event file."""
+"""The attention-rollout image of TensorBoard: the overlay on tiny models, and a hierarchical run without it (the
+ViT run's image is checked by tests/test_train.py's short run)."""
+import functools
 import glob
 import logging as std_logging
 
@@ -27,26 +29,30 @@ def _scaled_queries(variables, factor):
   return jax.tree_util.tree_map_with_path(scale, variables)
 
 
-def test_overlay_of_a_tiny_vit_is_an_rgb_image_that_follows_the_attention():
+@pytest.fixture(scope='module')
+def vit_overlay():
+  """(model, variables, its overlay of IMAGE): the reference the tests below compare with."""
   model, variables = _tiny_vit()
-  out = attention_image.rollout_overlay(model, variables, IMAGE)
+  return model, variables, attention_image.rollout_overlay(model, variables, IMAGE)
+
+
+def test_overlay_of_a_tiny_vit_is_an_rgb_image_that_follows_the_attention(vit_overlay):
+  model, variables, out = vit_overlay
   assert out.shape == (16, 16, 3) and out.dtype == np.uint8
-  # Not the image alone: where the rollout is high the heat map's bright end shows.
-  heat = np.asarray(attention_image.rollout_heat(model, variables, jnp.asarray(IMAGE)))
+  heat_fn = jax.jit(functools.partial(attention_image.rollout_heat, model))
+  heat = np.asarray(heat_fn(variables, IMAGE))
   assert heat.shape == (16, 16) and heat.min() == 0.0 and heat.max() == 1.0
   np.testing.assert_array_equal(out, attention_image.overlay(IMAGE, heat))
-  # Other attention (sharper queries), same image and values: another overlay.
-  sharper = attention_image.rollout_overlay(model, _scaled_queries(variables, 8.0), IMAGE)
+  # Other attention (sharper queries), same image and values: another map, another overlay.
+  sharper = attention_image.overlay(IMAGE, np.asarray(heat_fn(_scaled_queries(variables, 8.0), IMAGE)))
   assert np.abs(sharper.astype(int) - out.astype(int)).max() > 10
 
 
 @pytest.mark.parametrize('options', [dict(attention_impl='xla'), dict(attention_impl='cudnn'), dict(remat='full')])
-def test_overlay_is_the_same_whatever_the_kernel_and_remat(options):
+def test_overlay_is_the_same_whatever_the_kernel_and_remat(vit_overlay, options):
   # The weights are read on the einsum path without remat: even 'cudnn', which has no CPU kernel, gives the image.
-  model, variables = _tiny_vit()
-  other = model.clone(**options)
-  np.testing.assert_array_equal(attention_image.rollout_overlay(other, variables, IMAGE),
-                                attention_image.rollout_overlay(model, variables, IMAGE))
+  model, variables, out = vit_overlay
+  np.testing.assert_array_equal(attention_image.rollout_overlay(model.clone(**options), variables, IMAGE), out)
 
 
 def test_overlay_blends_the_ramp_over_the_stretched_image():
@@ -58,6 +64,20 @@ def test_overlay_blends_the_ramp_over_the_stretched_image():
   np.testing.assert_allclose(out[0, 0], np.round(255 * (0.5 + 0.5 * ramp[0])), atol=1)
   np.testing.assert_allclose(out[1, 1], np.round(255 * 0.5 * ramp[1]), atol=1)
   assert ramp[1].sum() > ramp[0].sum() + 2  # Bright where the attention is.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name, init_method, options', [
+    ('mae_vit_b16', 'forward_features', dict(decoder_hidden_size=8, decoder_num_layers=1, decoder_num_heads=2,
+                                             decoder_mlp_dim=16)),
+    ('dino_vit_s16', 'project', dict(out_dim=32, head_hidden_dim=24, head_bottleneck_dim=8))])
+def test_pretraining_models_show_their_encoders_rollout(name, init_method, options):
+  # MAE: the encoder on every patch (no masking, no decoder); DINO: the backbone without its projection head.
+  model = models.create_model(name, num_classes=0, patch_size=4, hidden_size=16, num_layers=2, num_heads=2,
+                              mlp_dim=32, **options)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), method=init_method)
+  out = attention_image.rollout_overlay(model, variables, IMAGE)
+  assert out.shape == (16, 16, 3) and out.dtype == np.uint8
 
 
 def test_models_without_a_patch_token_sequence_have_no_image():
@@ -83,27 +103,15 @@ def test_a_failure_is_logged_once_and_turns_the_image_off(caplog):
   assert sum('Attention-rollout image off' in r.getMessage() for r in caplog.records) == 1
 
 
-def _event_tags(workdir):
-  """{tag: [steps]} of every summary in the run's TensorBoard event files."""
+def event_summaries(workdir) -> dict:
+  """{tag: [(step, summary value)]} of every summary in a run's TensorBoard event files."""
   from tensorflow.python.summary import summary_iterator  # pylint: disable=g-import-not-at-top
   tags = {}
   for path in glob.glob(f'{workdir}/events.out.tfevents.*'):
     for event in summary_iterator.summary_iterator(path):
       for value in event.summary.value:
-        tags.setdefault(value.tag, []).append(event.step)
+        tags.setdefault(value.tag, []).append((event.step, value))
   return tags
-
-
-def test_a_vit_run_writes_the_rollout_image_at_each_eval(digits_data_dir, tmp_path):
-  train.train_and_evaluate(tiny_config(digits_data_dir), str(tmp_path))
-  tags = _event_tags(tmp_path)
-  assert sorted(tags['attention_rollout']) == [10, 20]  # eval_every=10 of 20 steps.
-  from tensorflow.python.summary import summary_iterator  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  path = glob.glob(f'{tmp_path}/events.out.tfevents.*')[0]
-  images = [v for e in summary_iterator.summary_iterator(path) for v in e.summary.value if v.tag == 'attention_rollout']
-  png = tf.make_ndarray(images[0].tensor)[2]  # (width, height, PNG) as tf.summary.image stores it.
-  assert tf.io.decode_png(png).shape == (16, 16, 3)
 
 
 @pytest.mark.slow
@@ -113,5 +121,5 @@ def test_a_hierarchical_run_trains_without_the_image(digits_data_dir, tmp_path):
                                                 window_size=2))
   final = train.train_and_evaluate(config, str(tmp_path))
   assert final['step'] == 10 and np.isfinite(final['eval_loss'])
-  tags = _event_tags(tmp_path)
+  tags = event_summaries(tmp_path)
   assert 'attention_rollout' not in tags and 'eval_accuracy' in tags
