@@ -121,7 +121,7 @@ class RolloutImage:
     if not ok:
       return
     if reason is not None:  # Not a failure: this model has no rollout image.
-      logging.info('No attention-rollout image in TensorBoard: %s.', reason)
+      logging.debug('No attention-rollout image in TensorBoard: %s.', reason)  # Shown with --verbosity=1.
       return
     out = {} if mesh is None else {'out_shardings': sharding.replicated(mesh)}
     self._image, self._heat = image, jax.jit(functools.partial(rollout_heat, model), **out)
