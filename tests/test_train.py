@@ -54,6 +54,13 @@ def test_short_run_writes_workdir(digits_data_dir, tmp_path):
   assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == [10, 20]
   assert list(workdir.glob('events.out.tfevents.*')), 'TensorBoard events missing'
   assert (workdir / 'config.json').exists()
+  # At each eval (steps 10 and 20) TensorBoard gets the attention rollout of the first eval image as a PNG.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tests.test_attention_image import event_summaries  # pylint: disable=g-import-not-at-top
+  images = event_summaries(workdir)['attention_rollout']
+  assert [step for step, _ in images] == [10, 20]
+  png = tf.make_ndarray(images[-1][1].tensor)[2]  # tf.summary.image stores (width, height, PNG bytes).
+  assert tuple(tf.io.decode_png(png).shape) == (16, 16, 3)
 
 
 def test_data_parallel_loss_matches_single_device(digits_data_dir):

@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   # 'fewshot'), every (steps; 0: only after the last step), train_split / eval_split (default: the dataset's) and
   # its own keys. Their scalars are logged as NAME/METRIC. Empty: none.
   c.evals = ml_collections.ConfigDict()
+  # TensorBoard image 'attention_rollout' at each eval: attention rollout (vit_jax/attention_image.py) of the first
+  # eval image, for token models with a patch grid (ViT, DeiT, MAE, DINO); other models have none. False: off.
+  c.rollout_image = True
 
   # The training objective (vit_jax/tasks/): task.name picks it ('classification', 'mae', 'dino', ...); tasks with
   # fields of their own add a section task.<name> with its defaults (Task.config_defaults).

@@ -24,8 +24,8 @@ from clu import periodic_actions
 from etils import epath
 from flax.training import train_state
 
-from vit_jax import (checkpoint, config_schema, console, ema, finetune, guards, input_pipeline, labels, metrics,
-                     models, preemption, sharding, tasks)
+from vit_jax import (attention_image, checkpoint, config_schema, console, ema, finetune, guards, input_pipeline,
+                     labels, metrics, models, preemption, sharding, tasks)
 from vit_jax.tasks import base as task_base
 from vit_jax.tasks import classification
 
@@ -431,6 +431,8 @@ def _train_claimed(config: ml_collections.ConfigDict, workdir: str, run: RunSetu
   run_eval = functools.partial(evaluate, p_eval_step, mesh=mesh, num_classes=info.num_classes)
   new_eval_iter = functools.partial(task.eval_iterator, config, global_batch_size=config.batch_size)
   run_evaluators = periodic_evaluators(config, run)
+  rollout_image = (attention_image.RolloutImage.of_first_example(run.model, new_eval_iter(), mesh)
+                   if config.rollout_image and (has_eval or run_evaluators is not None) else None)
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
   monitor = guards.NonFiniteMonitor(config.on_nonfinite, workdir)
   last_saved = start_step if restored is not None else None
@@ -442,6 +444,12 @@ def _train_claimed(config: ml_collections.ConfigDict, workdir: str, run: RunSetu
     """Writes scalars to TensorBoard and keeps them for final_metrics.json."""
     writer.write_scalars(step, scalars)
     loop.final.update(scalars)
+
+  def record_rollout_image(step: int, state: TrainState) -> None:
+    """After an eval: the attention rollout of the fixed eval example to TensorBoard (models that have one)."""
+    image = rollout_image(task.eval_variables(state)) if rollout_image is not None else None
+    if image is not None:
+      writer.write_images(step, {'attention_rollout': image[None]})
 
   start_time = time.time()
   try:
@@ -459,7 +467,8 @@ def _train_claimed(config: ml_collections.ConfigDict, workdir: str, run: RunSetu
         progress.train(step, scalars)
         loop.nonfinite_updates += int(scalars['train_nonfinite_updates'])
         loop.train_metrics = None
-      if has_eval and ((config.eval_every and step % config.eval_every == 0) or is_last):
+      eval_due = has_eval and ((config.eval_every and step % config.eval_every == 0) or is_last)
+      if eval_due:
         monitor.check(last_saved)
         eval_scalars = run_eval(state, new_eval_iter())
         record(step, eval_scalars)
@@ -469,6 +478,8 @@ def _train_claimed(config: ml_collections.ConfigDict, workdir: str, run: RunSetu
         monitor.check(last_saved)
         record(step, scalars)
         progress.eval(step, scalars)
+      if eval_due or scalars:
+        record_rollout_image(step, state)
       stop = preempted(step) and not is_last
       if step % config.checkpoint_every == 0 or is_last or stop:
         monitor.check(last_saved)  # Never save a non-finite state (stop mode).

@@ -86,14 +86,32 @@ def grad_cam_of(score_fn: Callable[[Array], Array], activations: Array) -> Array
 # Reading a model.
 
 
-def capture_attention(model: nn.Module, variables: Any, images: Array) -> tuple[Array, list[Array]]:
-  """(logits, [per self-attention block (B, heads, N, N) weights in call order]) of `images`.
+def readable_model(model: nn.Module) -> nn.Module:
+  """`model` as `capture_attention` runs it: the plain einsum attention kernel and no rematerialisation (whose
+  traced blocks would hide the weights); the same parameters. A model with scanned layers (`scan_layers`) runs its
+  blocks as one op, so its per-block weights cannot be read: a ValueError says so."""
+  if getattr(model, 'scan_layers', False):
+    raise ValueError(f'{type(model).__name__} runs with scan_layers=True (all blocks as one scanned op), so its '
+                     'per-block attention cannot be read; use a model with scan_layers=False.')
+  changes = {}
+  if getattr(model, 'attention_impl', 'einsum') != 'einsum':
+    changes['attention_impl'] = 'einsum'
+  if getattr(model, 'remat', False) not in (False, 'none'):
+    changes['remat'] = False
+  return model.clone(**changes) if changes else model
+
+
+def capture_attention(model: nn.Module, variables: Any, images: Array,
+                      method: Any = None) -> tuple[Array, list[Array]]:
+  """(output, [per self-attention block (B, heads, N, N) weights in call order]) of `images`: the output is the
+  logits, or what `method` (as in `model.apply`, e.g. the backbone alone) returns.
 
   Intercepts every `layers.MultiHeadAttention` self-attention call (no mask) and recomputes its softmax weights
   from the module's own query/key parameters in float32, so it reads the same weights whichever attention kernel
-  the model uses. Cross-attention (e.g. a MAP head) is left out.
+  the model uses; the model runs as `readable_model` makes it. Cross-attention (e.g. a MAP head) is left out.
   """
   from vit_jax.models import layers  # pylint: disable=g-import-not-at-top
+  model = readable_model(model)
   captured: list[Array] = []
 
   def interceptor(next_fun, args, kwargs, context):
@@ -110,8 +128,8 @@ def capture_attention(model: nn.Module, variables: Any, images: Array) -> tuple[
     return out
 
   with nn.intercept_methods(interceptor):
-    logits = model.apply(variables, images, train=False)
-  return logits, captured
+    out = model.apply(variables, images, train=False, method=method)
+  return out, captured
 
 
 def token_grid(model: nn.Module, image_size: int, num_tokens: int) -> tuple[int, tuple[int, int]]:
