@@ -83,5 +83,36 @@ def test_runs_ours_only_without_torch(tmp_path, monkeypatch):
   assert not any(k.startswith('img_per_s_timm') for k in row) and result['torch_threads'] is None
   assert 'no timm' in result['environment']
   assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-  assert table.read_text().splitlines()[-1].startswith(f"| vit_pico | infer | 8 | {row['img_per_s_ours']:.1f} | - | - |")
+  last_row = table.read_text().splitlines()[-1]
+  assert last_row.startswith(f"| vit_pico | infer | 8 | {row['img_per_s_ours']:.1f} | - | - |")
   assert (result['load'] is None) == (row['load'] is None)
+
+
+def test_profile_parses_hlo_and_categorises_ops():
+  import jax
+  import jax.numpy as jnp
+
+  from experiments.benchmarks import profile_cpu
+
+  def block(x, w):
+    h = jax.nn.gelu(x @ w, approximate=False)
+    h = jax.nn.softmax(h, axis=-1)
+    mean, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+    return ((h - mean) * jax.lax.rsqrt(var + 1e-6)).T
+  x, w = jnp.ones((64, 32)), jnp.ones((32, 48))
+  hlo = profile_cpu.parse_hlo(jax.jit(block).lower(x, w).compile().as_text())
+  categories = {profile_cpu.categorise(name, info) for name, info in hlo.items()}
+  assert any(c.startswith('matmul/conv') for c in categories), categories
+  assert 'softmax (exp)' in categories, categories
+  assert profile_cpu.categorise('ThunkX', None) == 'other (not an HLO instruction)'
+  info = lambda *ops, target='': dict(opcode=ops[0], opcodes=set(ops), target=target, shape='f32[2]', scope='')
+  assert profile_cpu.categorise('fusion.1', info('fusion', 'transpose', 'parameter')) == 'layout (transpose/copy)'
+  assert profile_cpu.categorise('fusion.2', info('fusion', 'erf', 'multiply')) == 'GELU (erf/tanh)'
+  assert profile_cpu.categorise('cc', info('custom-call', target='__onednn$matmul')) == 'matmul/conv (oneDNN)'
+  times = {'fusion.1': 3.0, 'fusion.2': 1.0}
+  hlo = {'fusion.1': dict(info('fusion', 'transpose'), scope='jit(f)/M/encoderblock_3/Attn/transpose'),
+         'fusion.2': dict(info('fusion', 'erf'), scope='jit(f)/M/encoderblock_7/Mlp/gelu')}
+  out = profile_cpu.breakdown(times, hlo, steps=2)
+  assert [(o['name'], o['share'], o['ms_per_step']) for o in out['ops']] == [('fusion.1', 0.75, 1500.0),
+                                                                              ('fusion.2', 0.25, 500.0)]
+  assert out['sources'][0]['name'] == 'encoderblock_*/Attn/transpose [layout (transpose/copy)]'
