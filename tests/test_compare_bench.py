@@ -108,6 +108,8 @@ def test_profile_parses_hlo_and_categorises_ops():
   info = lambda *ops, target='': dict(opcode=ops[0], opcodes=set(ops), target=target, shape='f32[2]', scope='')
   assert profile_cpu.categorise('fusion.1', info('fusion', 'transpose', 'parameter')) == 'layout (transpose/copy)'
   assert profile_cpu.categorise('fusion.2', info('fusion', 'erf', 'multiply')) == 'GELU (erf/tanh)'
+  assert profile_cpu.categorise('ynn_fusion.3', info('fusion', 'dot', 'exponential', 'reduce', 'divide')) == (
+      'attention: dot + softmax fused (YNNPACK)')
   assert profile_cpu.categorise('cc', info('custom-call', target='__onednn$matmul')) == 'matmul/conv (oneDNN)'
   times = {'fusion.1': 3.0, 'fusion.2': 1.0}
   hlo = {'fusion.1': dict(info('fusion', 'transpose'), scope='jit(f)/M/encoderblock_3/Attn/transpose'),

@@ -324,6 +324,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   for row in rows:  # A load that rose past the limit during the run taints every row of it.
     row['load'] = row['load'] or note
   preamble = [f'{"**" + note + "** - not a valid measurement. " if note else ""}{args.dtype}, {args.image_size} px, '
+              f'our attention {args.attention_impl or "default"}, '
               f'{args.rounds} alternating rounds x {args.steps_per_round} steps, medians; '
               f'load {load_before[0]:.1f} before, {load_after[0]:.1f} after, {cores} cores.', env]
   table = markdown_table(rows, preamble)

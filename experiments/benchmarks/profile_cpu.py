@@ -16,8 +16,8 @@ device plane's "XLA Ops" line does the same for kernels. Each op is joined to th
 
 Shares are ratios within one run, so they stay meaningful on a loaded machine (every op is slowed roughly alike;
 multi-threaded matmuls somewhat more), unlike absolute times. The categories are a heuristic over each fusion's
-opcodes, in order: a dot or convolution (or a library call) makes it a matmul, then exp -> softmax, erf/tanh ->
-GELU, rsqrt -> LayerNorm, concatenate -> concat, only transposes/copies/bitcasts -> layout.
+opcodes, in order: a dot with an exp is fused attention, any other dot or convolution (or a library call) a matmul,
+then exp -> softmax, erf/tanh -> GELU, rsqrt -> LayerNorm, concatenate -> concat, only transposes/copies -> layout.
 """
 from __future__ import annotations
 
@@ -75,6 +75,8 @@ def categorise(name: str, info: Optional[dict[str, Any]]) -> str:
   library = ('YNNPACK' if name.startswith('ynn') or 'ynn' in target else 'XNNPACK' if 'xnn' in target
              else 'oneDNN' if 'onednn' in target else 'cuBLAS/cuDNN' if ('cublas' in target or 'cudnn' in target)
              else 'XLA')
+  if 'dot' in ops and 'exponential' in ops:  # E.g. YNNPACK fuses scores, softmax and the weighted sum.
+    return f'attention: dot + softmax fused ({library})'
   if ops & {'dot', 'convolution'} or (info['opcode'] == 'custom-call' and library != 'XLA'):
     return f'matmul/conv ({library})'
   if 'exponential' in ops:
@@ -121,6 +123,8 @@ def op_times(xspace_path: str) -> dict[str, float]:
 
 def _source(scope: str) -> str:
   """The Flax scope of an op without the jit wrapper, model prefix and layer indices: 'encoderblock_*/...'."""
+  if not scope:
+    return '(no source metadata)'
   parts = scope.split('/')[2:] or [scope]
   return re.sub(r'(block|layers|stage|blocks)_\d+', r'\1_*', '/'.join(parts[-3:]))
 
