@@ -37,6 +37,28 @@ def test_cli_last_line_is_json(tmp_path):
   assert result['compiled_memory_bytes'] > 0
 
 
+@pytest.mark.slow
+def test_gpu_script_path_needs_no_training_stack(tmp_path):
+  """gpu_vit.sh runs on an image with jax, flax and optax but no TensorFlow, tfds, clu or ml_collections: the
+  benchmark CLI and the profiler run with those imports blocked."""
+  code = (
+      'import sys, json\n'
+      'for m in ("tensorflow", "tensorflow_datasets", "clu", "ml_collections"):\n'
+      '  sys.modules[m] = None\n'
+      'from vit_jax import benchmark\n'
+      'from experiments.benchmarks import profile_cpu\n'
+      'args = ["--model", "vit_pico", "--batch_size", "8", "--image_size", "8", "--dtype", "bfloat16"]\n'
+      'r = benchmark.main(args + ["--mode", "train", "--steps", "1", "--warmup", "1", "--attention_impl", "xla"])\n'
+      f'p = profile_cpu.main(args + ["--steps", "1", "--trace_dir", {str(tmp_path)!r}])\n'
+      'print(json.dumps(dict(img_per_s=r["img_per_s"], shares=sum(c["share"] for c in p["categories"]),\n'
+      '                      cats=[c["name"] for c in p["categories"]])))\n')
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['img_per_s'] > 0 and result['shares'] == pytest.approx(1.0)
+  assert any(c.startswith('matmul/conv') for c in result['cats']), result['cats']
+
+
 def test_bf16_infer_step_and_mfu_with_given_peak():
   result = benchmark.benchmark_step(model_name='vit_pico', batch_size=8, image_size=8, dtype='bfloat16',
                                     mode='infer', steps=2, warmup=1, peak=1e-3, attention_impl='xla')
@@ -50,6 +72,7 @@ def test_peak_table():
   assert benchmark.peak_tflops(fake('NVIDIA H100 80GB HBM3'), 'bfloat16') == 989.0
   assert benchmark.peak_tflops(fake('NVIDIA H100 PCIe'), 'bfloat16') == 756.0
   assert benchmark.peak_tflops(fake('TPU v5 lite'), 'bfloat16') == 197.0
+  assert benchmark.peak_tflops(fake('NVIDIA H200'), 'bfloat16') == 989.0
   assert benchmark.peak_tflops(fake('cpu'), 'float32') is None
   assert benchmark.mfu(1e15, 1.0, 1000.0, 2) == 0.5
 
