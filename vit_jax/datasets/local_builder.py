@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 from etils import epath
 import tensorflow_datasets as tfds
@@ -18,3 +19,14 @@ class LocalCodePath:
   @classmethod
   def code_path(cls) -> epath.Path:
     return epath.Path(inspect.getfile(cls))
+
+
+class ArrayRecordFormat:
+  """Mixin (list it before the TFDS builder base): prepares the dataset as ArrayRecord files unless told otherwise.
+
+  The training input reads examples by index (`builder.as_data_source`), which needs a random-access file format;
+  TFDS's default, TFRecord, only streams.
+  """
+
+  def __init__(self, *, file_format: Any = None, **kwargs: Any):
+    super().__init__(file_format=file_format or tfds.core.FileFormat.ARRAY_RECORD, **kwargs)
