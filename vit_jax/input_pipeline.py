@@ -177,12 +177,14 @@ def _data_source(builder: tfds.core.DatasetBuilder, subsplit: Any) -> Sequence[b
 
 def _record_reader(source: Sequence[bytes], in_memory: bool) -> Callable[[tf.Tensor], tf.Tensor]:
   """Returns fn: int64 indices (n,) -> their serialized examples, string (n,); `in_memory` reads all once."""
+  # TFDS's ArrayRecord sources read a batch of keys in parallel; any other Sequence is read key by key.
+  get_many = getattr(source, '__getitems__', None) or (lambda keys: [source[k] for k in keys])
   if in_memory:
-    records = tf.constant(np.array(source.__getitems__(list(range(len(source)))), dtype=object))
+    records = tf.constant(np.array(get_many(list(range(len(source)))), dtype=object))
     return lambda indices: tf.gather(records, indices)
 
   def read(indices: np.ndarray) -> np.ndarray:
-    return np.array(source.__getitems__(indices.tolist()), dtype=object)
+    return np.array(get_many(indices.tolist()), dtype=object)
 
   def reader(indices: tf.Tensor) -> tf.Tensor:
     records = tf.numpy_function(read, [indices], tf.string)
