@@ -22,11 +22,12 @@ class LocalCodePath:
 
 
 class ArrayRecordFormat:
-  """Mixin (list it before the TFDS builder base): prepares the dataset as ArrayRecord files unless told otherwise.
+  """Mixin (list it before the TFDS builder base): `download_and_prepare` writes ArrayRecord files by default.
 
-  The training input reads examples by index (`builder.as_data_source`), which needs a random-access file format;
-  TFDS's default, TFRecord, only streams.
+  The input pipeline reads examples by index (`builder.as_data_source`), which needs a random-access file format;
+  TFDS's default, TFRecord, only streams. A copy already prepared in another format is read as it is (and the input
+  pipeline says how to convert it).
   """
 
-  def __init__(self, *, file_format: Any = None, **kwargs: Any):
-    super().__init__(file_format=file_format or tfds.core.FileFormat.ARRAY_RECORD, **kwargs)
+  def download_and_prepare(self, *, file_format: Any = None, **kwargs: Any) -> None:
+    super().download_and_prepare(file_format=file_format or tfds.core.FileFormat.ARRAY_RECORD, **kwargs)
