@@ -7,7 +7,7 @@ as int32 (b,).
 
 Examples are read by index from ArrayRecord files (`builder.as_data_source`): the k-th training example of a process
 is record `order(k)` of its part, where `order` is a fresh random permutation every epoch
-(`tf.random.experimental.index_shuffle`: a global shuffle that buffers nothing), and its augmentation seed is folded
+(tf's stateless RandomIndexShuffle op: a global shuffle that buffers nothing), and its augmentation seed is folded
 from k. Decoding and augmentation are tf ops run in parallel by tf.data, in order. So the iterator's whole state is
 a few integers (vit_jax/input_state.py), and a resumed run draws exactly the batches an uninterrupted one would.
 `dataset.shuffle_buffer` > 1 turns the per-epoch shuffle on (its size no longer matters: nothing is buffered);
@@ -96,8 +96,8 @@ def _get_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.Dataset
   raise FileNotFoundError(
       f'Dataset {name!r} is not prepared in data_dir={where} (looked for {builder.data_dir}), and this machine '
       f'cannot download it. Prepare it on a machine with internet with `tfds build {builder.name} '
-      f'--file_format=array_record --data_dir=DATA_DIR` and copy DATA_DIR/{builder.name} into the data_dir here, or set '
-      f'config.dataset.data_dir to a directory where it is already prepared.{manual}')
+      f'--file_format=array_record --data_dir=DATA_DIR` and copy DATA_DIR/{builder.name} into the data_dir here, '
+      f'or set config.dataset.data_dir to a directory where it is already prepared.{manual}')
 
 
 def _prepare_once(builder: tfds.core.DatasetBuilder,
@@ -172,7 +172,7 @@ def _data_source(builder: tfds.core.DatasetBuilder, subsplit: Any) -> Sequence[b
         'vit_jax reads examples by index (a few integers of input state; exact resume), which needs ArrayRecord '
         f'files: prepare it with `tfds build {builder.name} --file_format=array_record --data_dir=DATA_DIR`, or '
         f'add ArrayRecord files beside the prepared ones with `tfds convert_format --dataset_version_dir='
-        f'{builder.data_dir} --out_file_format=array_record`.') from None
+        f'{builder.data_dir} --out_file_format=array_record` (needs apache_beam).') from None
 
 
 def _record_reader(source: Sequence[bytes], in_memory: bool) -> Callable[[tf.Tensor], tf.Tensor]:
