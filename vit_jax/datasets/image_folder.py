@@ -10,9 +10,9 @@ The folder is converted once into TFDS files under data_dir (one builder config 
 changed folder gets a fresh conversion, the old one is left alone), so training reads it through the same
 input pipeline as any TFDS dataset (per-process splits, shuffling, exact resume). A checkpoint's input position
 names the conversion it was taken on, so a run resumed on a changed folder warns and restarts its input order.
-During conversion every image is decoded once: undecodable or corrupt files are skipped, counted per split and listed in the dataset's metadata;
-they never crash a run. An empty class folder, a split without class folders, or a missing split is an error that
-names the folder.
+During conversion every image is decoded once: undecodable or corrupt files are skipped, counted per split and
+listed in the dataset's metadata; they never crash a run. An empty class folder, a split without class folders, or
+a missing split is an error that names the folder.
 """
 from __future__ import annotations
 
