@@ -7,7 +7,8 @@ about what photos cost to decode), prepared twice: as TFRecord for the baseline 
 (tf.data streaming + shuffle buffer) and as ArrayRecord for this checkout's (read by index). Both run the same
 config: inception crop to 224, flip, RandAugment 2 ops at magnitude 10, batch 32, one process. Rounds alternate
 old and new, so a load that changes over the run hits both alike; each figure comes with the 1-minute load
-average read just after it. Prints one line per measurement and a JSON summary as the last line.
+average read just after it, and with the process's CPU time per image (all threads), which other load barely
+changes: on a busy machine compare that. Prints one line per measurement and a JSON summary as the last line.
 """
 from __future__ import annotations
 
@@ -87,14 +88,16 @@ def _config(data_dir: str) -> Any:
   return c
 
 
-def _measure(module: Any, data_dir: str, batches: int) -> float:
+def _measure(module: Any, data_dir: str, batches: int) -> tuple[float, float]:
+  """(images/s wall-clock, CPU ms per image): the CPU time of all threads barely depends on other load."""
   it = module.create_train_iterator(_config(data_dir), global_batch_size=32, seed=0)
   for _ in range(2):  # Warm-up: graph tracing, thread pools, autotuning.
     next(it)
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   for _ in range(batches):
     next(it)
-  return batches * 32 / (time.perf_counter() - start)
+  n = batches * 32
+  return n / (time.perf_counter() - start), 1e3 * (time.process_time() - cpu) / n
 
 
 def main(argv) -> None:
@@ -107,15 +110,18 @@ def main(argv) -> None:
   tfds.builder('bench_images', data_dir=dirs['baseline']).download_and_prepare(file_format='tfrecord')
   tfds.builder('bench_images', data_dir=dirs['current']).download_and_prepare(file_format='array_record')
   modules = {'baseline': _baseline_module(args.baseline_rev), 'current': input_pipeline}
-  results: dict[str, list[tuple[float, float]]] = {'baseline': [], 'current': []}
+  results: dict[str, list[tuple[float, float, float]]] = {'baseline': [], 'current': []}
   for r in range(args.rounds):
     for name in (('baseline', 'current') if r % 2 == 0 else ('current', 'baseline')):
-      rate = _measure(modules[name], dirs[name], args.batches)
+      rate, cpu_ms = _measure(modules[name], dirs[name], args.batches)
       load = os.getloadavg()[0]
-      results[name].append((rate, load))
-      print(f'round {r} {name:8s} {rate:7.1f} images/s   load average (1 min) {load:.1f}', flush=True)
-  summary = {name: {'median_images_per_s': float(np.median([x for x, _ in v])),
-                    'images_per_s': [round(x, 1) for x, _ in v], 'load_1min': [round(l, 1) for _, l in v]}
+      results[name].append((rate, cpu_ms, load))
+      print(f'round {r} {name:8s} {rate:7.1f} images/s  {cpu_ms:6.1f} CPU ms/image   load average (1 min) '
+            f'{load:.1f}', flush=True)
+  summary = {name: {'median_images_per_s': round(float(np.median([x[0] for x in v])), 1),
+                    'median_cpu_ms_per_image': round(float(np.median([x[1] for x in v])), 1),
+                    'images_per_s': [round(x[0], 1) for x in v], 'cpu_ms_per_image': [round(x[1], 1) for x in v],
+                    'load_1min': [round(x[2], 1) for x in v]}
              for name, v in results.items()}
   summary['cpus'] = os.cpu_count()
   print(json.dumps(summary))
