@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import registry
+
 
 def images(batch: int = 2, size: int = 16, seed: int = 0, width: Optional[int] = None) -> jax.Array:
   """Standard-normal NHWC images (batch, size, width or size, 3)."""
@@ -24,7 +26,10 @@ def abstract_variables(model: Any, x: Any) -> Any:
 
 
 def abstract_params(model: Any, size: int = 16, width: Optional[int] = None) -> Any:
-  """ShapeDtypeStructs of the model's params for a (1, size, width or size, 3) input."""
+  """ShapeDtypeStructs of the model's params for a (1, size, width or size, 3) input (or, for models with their
+  own input, e.g. video, `registry.example_input`)."""
+  if width is None and callable(getattr(model, 'input_shape', None)):
+    return abstract_variables(model, registry.example_input(model, size))['params']
   return abstract_variables(model, jax.ShapeDtypeStruct((1, size, width or size, 3), jnp.float32))['params']
 
 

@@ -10,6 +10,7 @@ from ml_collections import config_flags  # noqa: F401  (the loader the CLI uses)
 from ml_collections.config_flags import config_flags as cf_impl
 
 from vit_jax import config_schema, optim, sharding, train
+from vit_jax.models import registry
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((ROOT / 'configs').glob('*.py'))
@@ -39,7 +40,8 @@ def test_config_validates_and_builds(path):
   config_schema.validate_config(config)
   model = train.build_model(config, num_classes=10)
   size = config.dataset.image_size
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+  example = registry.example_input(model, size)  # Images, or the model's own input (video clips, spectrograms).
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(example.shape), train=False))
   tx, schedule = optim.create_optimizer(config.optimizer, config.total_steps)
   jax.eval_shape(tx.init, variables['params'])
   assert float(schedule(config.total_steps)) >= 0.0
@@ -134,3 +136,46 @@ def test_valid_config_passes_device_checks():
   config_schema.check_devices(config, 8, process_count=1)  # One host: dcn_* do not apply.
   with pytest.raises(ValueError, match='dcn_tensor=-1: tensor parallelism across hosts'):
     config_schema.check_devices(config, 8, process_count=2)
+
+
+# Ranges: every numeric field has one (config_schema.RANGES), checked before anything is built; the error names the
+# key and the allowed range.
+
+
+@pytest.mark.parametrize('key,value,allowed', [
+    ('optimizer.lr', -1.0, r'> 0'), ('optimizer.lr', 0.0, r'> 0'), ('optimizer.weight_decay', -0.1, r'>= 0'),
+    ('optimizer.grad_clip_norm', -1.0, r'>= 0'), ('optimizer.end_lr_factor', -0.5, r'in \[0, 1\]'),
+    ('optimizer.b1', 1.5, r'in \[0, 1\)'), ('optimizer.b2', 2.0, r'in \[0, 1\)'),
+    ('dataset.eval_crop_fraction', 0.0, r'in \(0, 1\]'), ('dataset.shuffle_buffer', 0, r'>= 1'),
+    ('optimizer.lr', float('nan'), r'> 0'),
+])
+def test_out_of_range_values_name_key_and_range(key, value, allowed):
+  config = config_schema.base_config()
+  section, leaf = key.split('.')
+  config[section][leaf] = value
+  with pytest.raises(ValueError, match=rf'config\.{key}=.* must be {allowed}'):
+    config_schema.validate_config(config)
+
+
+def test_every_numeric_field_has_a_range():
+  """A numeric field added to the schema without a range would let any value through unchecked."""
+  def numeric_leaves(section, prefix=''):
+    for key, value in section.items():
+      path = f'{prefix}{key}'
+      if isinstance(value, ml_collections.ConfigDict):
+        if path != 'task':  # Task sections are range-checked by their Task.check_config.
+          yield from numeric_leaves(value, f'{path}.')
+      elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield path
+  config = config_schema.base_config()
+  config.optimizer.weight_decay_end = 0.4  # Optional numeric fields are None by default.
+  missing = sorted(set(numeric_leaves(config)) - set(config_schema.RANGES))
+  assert not missing, f'numeric fields without a range in config_schema.RANGES: {missing}'
+  config_schema.check_ranges(config_schema.base_config())  # The defaults are in range.
+
+
+def test_model_override_of_the_wrong_type_names_the_key():
+  config = config_schema.base_config()
+  config.model.hidden_size = 'abc'
+  with pytest.raises(ValueError, match=r"config\.model\.hidden_size='abc' must be int"):
+    config_schema.validate_config(config)

@@ -117,6 +117,16 @@ def test_pickled_checkpoint_refused(tmp_path):
     convert.load_safetensors(str(path))
 
 
+def test_unreadable_safetensors_errors_name_the_file(tmp_path):
+  """A truncated or foreign file and a missing path: the error names the file (safetensors' own does not)."""
+  path = tmp_path / 'weights.safetensors'
+  path.write_bytes(b'garbage' * 3)
+  with pytest.raises(ValueError, match=f'{path} is not a readable safetensors file'):
+    convert.load_safetensors(str(path))
+  with pytest.raises(FileNotFoundError, match=f'{tmp_path / "missing.safetensors"}: no such safetensors file'):
+    convert.load_safetensors(str(tmp_path / 'missing.safetensors'))
+
+
 def test_cli_writes_npz_loadable_by_load_pretrained_and_refuses_non_empty_out(tmp_path):
   meta, overrides, io, src = _fixture('vit')
   out = tmp_path / 'converted'
@@ -173,6 +183,11 @@ NO_TIMM_EQUIVALENT = {
     'cvt_w24': 'CvT is not in timm (Hugging Face microsoft/cvt-w24-384-22k; layout hf)',
     **{f'dino_vit_{v}': 'timm keeps the DINO backbone only (vit_*_224.dino), not the DINO head'
        for v in ('s16', 'b16', 's8', 'b8')},
+    # timm declined video (its issue #466) and has no AST; these convert from Hugging Face (layout 'hf').
+    **{name: 'video/audio model: not in timm (Hugging Face transformers or scenic layout)'
+       for name in ('vivit_b16x2_st', 'vivit_b16x2_fe', 'vivit_b16x2_fsa', 'vivit_pico', 'timesformer_b16',
+                    'timesformer_pico', 'ast_b16', 'ast_pico')},
+    'vit_frames_pico': 'project-only frame-averaged image ViT (the video baseline)',
 }
 
 

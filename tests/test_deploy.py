@@ -71,3 +71,33 @@ def test_family_without_fold_is_returned_unchanged():
                                                    num_layers=1, num_heads=2, mlp_dim=16, patch_size=8)
   x = jnp.ones((1, 16, 16, 3))
   np.testing.assert_array_equal(folded_model.apply(folded, x, train=False), model.apply(variables, x, train=False))
+
+
+def test_fold_batchnorm_before_dense():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(4, 6)).astype(np.float32)
+  w, b = rng.normal(size=(6, 5)).astype(np.float32), rng.normal(size=5).astype(np.float32)
+  scale, offset = rng.normal(size=6).astype(np.float32), rng.normal(size=6).astype(np.float32)
+  mean, var = rng.normal(size=6).astype(np.float32), rng.uniform(0.5, 2, size=6).astype(np.float32)
+  want = _bn(x, scale, offset, mean, var, 1e-5) @ w + b
+  w2, b2 = deploy.fold_batchnorm_before(w, b, scale=scale, offset=offset, mean=mean, var=var, epsilon=1e-5)
+  np.testing.assert_allclose(x @ np.asarray(w2) + np.asarray(b2), want, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_batchnorm_pairs_rewrites_every_pair_and_keeps_the_rest():
+  rng = np.random.default_rng(4)
+  r = lambda *s: rng.normal(size=s).astype(np.float32)
+  params = {'block': {'conv': {'kernel': r(3, 4)}, 'bn': {'scale': r(4), 'bias': r(4)}, 'other': {'w': r(2)}},
+            'head': {'kernel': r(4, 2)}}
+  stats = {'block': {'bn': {'mean': r(4), 'var': np.abs(r(4)) + 0.5}}}
+  out = deploy.fold_batchnorm_pairs(params, stats, layer='conv', norm='bn', epsilon=1e-5)
+  assert set(out['block']) == {'conv', 'other'} and set(out['block']['conv']) == {'kernel', 'bias'}
+  np.testing.assert_array_equal(out['head']['kernel'], params['head']['kernel'])
+  x = r(5, 3)
+  bn = params['block']['bn']
+  want = _bn(x @ params['block']['conv']['kernel'], bn['scale'], bn['bias'], stats['block']['bn']['mean'],
+             stats['block']['bn']['var'], 1e-5)
+  got = x @ np.asarray(out['block']['conv']['kernel']) + np.asarray(out['block']['conv']['bias'])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match='running statistics'):
+    deploy.fold_batchnorm_pairs(params, {}, layer='conv', norm='bn', epsilon=1e-5)

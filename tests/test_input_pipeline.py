@@ -15,6 +15,8 @@ from vit_jax import input_pipeline, input_state
 from vit_jax.config_schema import base_config
 from vit_jax.datasets import digits
 
+from tests import tfds_mock
+
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory) -> str:
@@ -254,23 +256,12 @@ def mock_metadata_dir(tmp_path_factory) -> str:
   return path
 
 
-def _fake_data_source(builder, split, **kwargs):
-  """`as_data_source` for mock_data: random examples serialized with the dataset's own features.
-
-  (tfds 4.9.10's default mock cannot serve serialized records: its `__getitems__` is bound without `self`.)
-  """
-  del kwargs
-  num_examples = builder.info.splits[split].num_examples
-  examples = tfds.testing.mocking.RandomFakeGenerator(builder.info.features, num_examples)
-  return [builder.info.features.serialize_example(ex) for ex in itertools.islice(examples, num_examples)]
-
-
 @pytest.mark.parametrize('name,eval_split,train_crop,num_classes', [
     ('cifar10', 'test', 'pad_and_crop', 10), ('imagenet2012', 'validation', 'inception', 1000)])
 def test_mocked_tfds_datasets(mock_metadata_dir, name, eval_split, train_crop, num_classes):
   config = _config(mock_metadata_dir, name=name, eval_split=eval_split, train_crop=train_crop, image_size=32,
                    eval_crop_fraction=0.875)
-  with tfds.testing.mock_data(data_dir=mock_metadata_dir, as_data_source_fn=_fake_data_source):
+  with tfds.testing.mock_data(data_dir=mock_metadata_dir, as_data_source_fn=tfds_mock.fake_data_source):
     info = input_pipeline.get_dataset_info(config)
     assert info == input_pipeline.DatasetInfo(num_classes, 20, 10)
     train = _train_batches(config, n=2, global_batch_size=8)

@@ -3,7 +3,9 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import time
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from vit_jax import checkpoint, guards, input_pipeline, optim, train
+from vit_jax import checkpoint, guards, input_pipeline, optim, preemption, train
 from tests.test_train import ROOT, _main_cmd, tiny_config
 
 # Wall-clock fields; every other field of final_metrics.json must be identical between interrupted and not.
@@ -98,7 +100,9 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(reference, digits_da
   before = (workdir / 'final_metrics.json').read_text()
   assert train.train_and_evaluate(tiny_config(digits_data_dir), str(workdir)) == json.loads(before)  # Done: as is.
   assert (workdir / 'final_metrics.json').read_text() == before
-  (workdir / 'final_metrics.json').unlink()
+  # The finished run keeps its final_metrics.json (and a .tmp left by a killed write): the fallback run replaces
+  # both atomically and ends normally (it used to fail with FileExistsError).
+  (workdir / 'final_metrics.json.tmp').write_text('{"partial')
   victim = max((p for p in (workdir / 'checkpoints' / '20' / 'default').rglob('*') if p.is_file()),
                key=lambda p: p.stat().st_size)
   victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
@@ -110,6 +114,8 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(reference, digits_da
   moved = list((workdir / checkpoint.QUARANTINE_DIRNAME).iterdir())
   assert any(p.name.startswith('20-') and p.is_dir() for p in moved), 'the corrupt step is kept, not deleted'
   assert _same_metrics(final, ref_final)
+  assert json.loads((workdir / 'final_metrics.json').read_text()) == final
+  assert not (workdir / 'final_metrics.json.tmp').exists()
   _assert_bitwise_equal(_params(workdir, 20), _params(ref_dir, 20))
 
 
@@ -198,13 +204,13 @@ def test_cli_sigterm_saves_and_exits_zero(tmp_path, digits_data_dir):
   cmd = _main_cmd(workdir, digits_data_dir, '--config.total_steps=5000', '--config.checkpoint_every=10000',
                   '--config.eval_every=0', '--config.log_every=1', '--config.model.num_layers=1')
   env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}
-  rc, stderr = _sigterm_after(cmd, env, 'train_loss')
+  rc, stderr = _sigterm_after(cmd, env, '/5000  loss ')  # A console step line: training has started.
   assert rc == 0, stderr[-2000:]
   saved = [int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()]
   assert len(saved) == 1 and 0 < saved[0] < 5000, saved
   assert f'Preempted (SIGTERM) at step {saved[0]} of 5000' in stderr
   assert not (workdir / 'final_metrics.json').exists()
-  rc, stderr = _sigterm_after(cmd, env, f'Resumed from step {saved[0]} of 5000', 'train_loss')
+  rc, stderr = _sigterm_after(cmd, env, f'Resumed from step {saved[0]} of 5000', '/5000  loss ')
   assert rc == 0, stderr[-2000:]
   later = max(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   assert later > saved[0] and f'Preempted (SIGTERM) at step {later} of 5000' in stderr
@@ -227,3 +233,96 @@ def test_no_pickle_on_any_load_path():
                                                  for k in node.keywords):
           offences.append(f'{path.name}:{node.lineno}: np.load without allow_pickle=False')
   assert not offences, offences
+
+
+# Second pass (issue 15): failures found by trying the loop as a careless or hostile user would.
+
+
+def _short(data_dir, **overrides):
+  """tiny_config cut to a few steps with a checkpoint every step and no periodic eval."""
+  return tiny_config(data_dir, **{'total_steps': 2, 'log_every': 1, 'eval_every': 0, 'checkpoint_every': 1,
+                                  'optimizer.warmup_steps': 0, **overrides})
+
+
+def test_overflowing_update_is_caught_at_step_1(digits_data_dir, tmp_path):
+  """lr=1e39 is inf in float32: loss and gradient norm of step 1 are finite but the updated params are not. Stop
+  mode names step 1 and saves nothing; skip mode keeps finite params and reports finite metrics."""
+  with pytest.raises(guards.NonFiniteError, match='at step 1 .*No checkpoint had been saved yet'):
+    train.train_and_evaluate(_short(digits_data_dir, **{'optimizer.lr': 1e39}), str(tmp_path / 'stop'))
+  assert not any(p.name.isdigit() for p in (tmp_path / 'stop' / 'checkpoints').iterdir())
+  final = train.train_and_evaluate(_short(digits_data_dir, on_nonfinite='skip', **{'optimizer.lr': 1e39}),
+                                   str(tmp_path / 'skip'))
+  # Every value is finite but the learning rate itself (1e39 is inf in float32): the model and its scores are.
+  assert final['nonfinite_updates'] == 2 and final['train_learning_rate'] == np.inf, final
+  assert all(np.isfinite(v) for k, v in final.items() if k != 'train_learning_rate'), final
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(_params(tmp_path / 'skip', 2)))
+
+
+@pytest.mark.parametrize('overrides,match', [({'dataset.train_crop': 'inceptoin'}, 'train_crop'),
+                                             ({'init_from': '/no/such/weights.npz'}, 'weights.npz')])
+def test_failed_start_leaves_the_workdir_free(digits_data_dir, tmp_path, overrides, match):
+  """Bad input that only the data pipeline or the weight loader detects fails before the workdir is claimed, so
+  the corrected rerun is not refused as another run's workdir."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  with pytest.raises(Exception, match=match):
+    train.train_and_evaluate(_short(digits_data_dir, **overrides), str(workdir))
+  assert not (workdir / 'config.json').exists() and not (workdir / checkpoint.LOCK_FILENAME).exists()
+  assert checkpoint.claim_workdir(str(workdir), _short(digits_data_dir)) is False  # The fixed rerun may claim it.
+
+
+def test_second_run_in_a_locked_workdir_is_refused(digits_data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  holder = subprocess.Popen(['sleep', '60'])
+  try:
+    (workdir / checkpoint.LOCK_FILENAME).write_text(json.dumps({'host': socket.gethostname(),
+                                                                'pid': holder.pid, 'started': 'now'}))
+    with pytest.raises(checkpoint.WorkdirLockedError, match=f'in use by process {holder.pid} on this host'):
+      train.train_and_evaluate(_short(digits_data_dir), str(workdir))
+    assert not (workdir / 'config.json').exists()
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_ctrl_c_checkpoints(digits_data_dir, tmp_path, monkeypatch):
+  """SIGINT is a preemption: the run checkpoints the step it is on and returns (it used to exit with nothing)."""
+  def sigint_at_3(n, batch):
+    if n == 3:
+      os.kill(os.getpid(), signal.SIGINT)
+    return batch
+
+  _hook_iterator(monkeypatch, sigint_at_3)
+  before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a pytest-xdist worker.
+  config = _short(digits_data_dir, total_steps=6, checkpoint_every=100)
+  assert train.train_and_evaluate(config, str(tmp_path / 'run')) == {'preempted_at_step': 3}
+  assert (tmp_path / 'run' / 'checkpoints' / '3').exists()
+  assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_second_ctrl_c_stops_at_once():
+  """The first SIGINT asks for a checkpoint; a second one raises KeyboardInterrupt at once. Handlers restored."""
+  before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # xdist workers ignore SIGINT.
+  with preemption.PreemptionWatcher() as watcher:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)  # The handler runs here.
+    assert watcher.requested and watcher(5) and watcher.reason == 'SIGINT'
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+  assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_sigterm_before_training_stops_cleanly(digits_data_dir, tmp_path, monkeypatch):
+  """A SIGTERM while the run is still being built: it returns before claiming or writing anything."""
+  original = input_pipeline.create_train_iterator
+
+  def sigterm_then_build(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(input_pipeline, 'create_train_iterator', sigterm_then_build)
+  assert train.train_and_evaluate(_short(digits_data_dir), str(tmp_path / 'run')) == {'preempted_at_step': 0}
+  assert not (tmp_path / 'run').exists()
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -222,8 +222,10 @@ def test_fit_recovers_known_law(tmp_path):
   assert extrapolation['n_held_out_runs'] == 16 and extrapolation['mean_rel_error'] < 0.1
   assert {'params', 'examples_seen'} <= set(fits['fits'])
   report = (out / 'report.md').read_text()
+  assert report.index('## Answers') < report.index('## What the data do not support') < report.index('## Plots')
+  assert fits['joint']['bootstrap_samples'] == 20 and len(fits['joint']['budgets']) == 2
   for name in ('error_vs_compute.png', 'error_vs_params.png', 'error_vs_examples.png', 'isoflop.png',
-               'residuals.png'):
+               'residuals.png', 'joint.png'):
     assert (out / name).stat().st_size > 10_000, name
     assert f']({name})' in report
   assert f'{law["b"]:.3f}' in report
@@ -399,3 +401,41 @@ def test_too_many_train_examples_are_refused(digits_data_dir, tmp_path, monkeypa
   monkeypatch.setattr(train, 'train_and_evaluate', _no_training)
   with pytest.raises(ValueError, match='has only 1'):
     runner.run_study(_tiny_study(digits_data_dir, train_examples=(10 ** 6,)), str(tmp_path))
+
+
+def test_star_grid_varies_one_dimension_at_a_time():
+  s = _tiny_study(None, shapes=(), grid='star')
+  s.star.centre = dict(hidden_size=32, num_layers=2, mlp_dim=64, num_heads=2)
+  s.star.vary = dict(hidden_size=(16, 64), num_layers=(1, 3), mlp_dim=(32, 128))
+  shapes = study_lib.grid_shapes(s)
+  assert shapes[0] == dict(s.star.centre) and len(shapes) == 7
+  for shape in shapes[1:]:
+    changed = [k for k in s.star.centre if shape[k] != s.star.centre[k]]
+    assert len(changed) == 1 and study_lib.star_dimension(s, shape) == changed[0]
+  assert study_lib.star_dimension(s, shapes[0]) == 'centre'
+  assert len(study_lib.expand(s)) == 7 * len(s.steps)
+
+
+@pytest.mark.parametrize('change,match', [
+    (dict(vary=dict(hidden_size=(16,))), 'at least 3 distinct'),
+    (dict(vary=dict(patch_size=(2, 8))), 'does not set'),
+    (dict(vary=dict(hidden_size=(15, 64))), 'multiples of'),
+])
+def test_star_errors_name_the_field(change, match):
+  s = _tiny_study(None, shapes=(), grid='star')
+  s.star.centre = dict(hidden_size=32, num_layers=2, num_heads=2)
+  s.star.vary = change['vary']
+  with pytest.raises(ValueError, match=match):
+    study_lib.expand(s)
+  s = _tiny_study(None, grid='star')  # A star with study.shapes set is refused too.
+  s.star.centre = dict(hidden_size=32, num_layers=2, num_heads=2)
+  s.star.vary = dict(num_layers=(1, 3))
+  with pytest.raises(ValueError, match='leave study.shapes empty'):
+    study_lib.expand(s)
+
+
+def test_digits_star_study_expands():
+  path = ROOT / 'experiments' / 'scaling_laws' / 'configs' / 'digits_star.py'
+  s = cf_impl._ConfigFileParser(name='config').parse(str(path))  # pylint: disable=protected-access
+  runs = study_lib.expand(s)
+  assert s.grid == 'star' and len(runs) == len(study_lib.grid_shapes(s)) * len(s.steps)

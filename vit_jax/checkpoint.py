@@ -3,9 +3,12 @@
 A checkpoint step holds three items: `default` (the train state), `data` (each process's input-iterator position,
 so a resumed run sees exactly the batches an uninterrupted one would) and `loop` (JSON: the trainer's running
 metrics). Orbax writes a step into a temporary directory and renames it when complete, so a kill -9 never leaves a
-half-written step under its final name. After a save completes, process 0 writes a sha256 manifest of its files;
-on resume the newest step that matches its manifest and restores is used, and a corrupt newer one is moved aside
-(never deleted) with a warning naming it. Only the keep-N policy deletes checkpoints.
+half-written step under its final name. In the save's own finalisation (after every process has written, before
+the rename) process 0 writes a sha256 manifest of the step's files, so every finished step has one. On resume the
+newest step that matches its manifest and restores is used, and a corrupt newer one is moved aside (never deleted)
+with a warning naming it. A step without a manifest is not trusted: an older step with one is preferred, and
+otherwise it is used only after it restores with finite values, with a warning, and its manifest is rebuilt. Only
+the keep-N policy deletes checkpoints. `WorkdirLock` keeps a second run out of a workdir in use.
 
 Pretrained-weight loading lives in `vit_jax.pretrained`; `load_pretrained` is re-exported here because callers
 think of it as "loading a checkpoint".
@@ -15,8 +18,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import pathlib
+import socket
+import threading
 import time
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Sequence
 
 import jax
 import ml_collections
@@ -33,6 +40,7 @@ CHECKPOINT_DIRNAME = 'checkpoints'
 MANIFEST_DIRNAME = 'manifests'           # Under checkpoints/: STEP.json, sha256 and size of every file of a step.
 QUARANTINE_DIRNAME = 'checkpoints_corrupt'  # Under the workdir: corrupt steps are moved here, never deleted.
 STATE_ITEM, DATA_ITEM, LOOP_ITEM = 'default', 'data', 'loop'
+_ORBAX_TMP_SUFFIX = '.orbax-checkpoint-tmp'  # Orbax writes step N into N.orbax-checkpoint-tmp, then renames it.
 
 
 def read_latest_state(directory: epath.PathLike) -> tuple[Optional[int], Any]:
@@ -75,42 +83,199 @@ def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
-def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-  """Human-readable 'key: old -> new' lines for every leaf that differs between two config dicts."""
+def config_differences(old: dict[str, Any], new: dict[str, Any], ignore: Sequence[str] = ()) -> list[str]:
+  """Human-readable 'key: old -> new' lines for every leaf that differs between two config dicts (keys in `ignore`
+  left out)."""
   old_flat, new_flat = _flatten(old), _flatten(new)
   missing = object()
   return [f'{k}: {old_flat.get(k, missing)!r} -> {new_flat.get(k, missing)!r}'.replace(repr(missing), '<absent>')
-          for k in sorted(set(old_flat) | set(new_flat)) if old_flat.get(k, missing) != new_flat.get(k, missing)]
+          for k in sorted((set(old_flat) | set(new_flat)) - set(ignore))
+          if old_flat.get(k, missing) != new_flat.get(k, missing)]
 
 
-def claim_workdir(workdir: str, config: ml_collections.ConfigDict) -> bool:
+def write_text_atomic(path: epath.PathLike, text: str) -> None:
+  """Writes `path` through `PATH.tmp` and a rename that replaces whatever is there (an older file, or a `.tmp`
+  left by a killed run), so readers never see a truncated file."""
+  path = epath.Path(path)
+  tmp = path.parent / f'{path.name}.tmp'
+  tmp.write_text(text)  # Truncates a leftover .tmp.
+  tmp.replace(path)
+
+
+def read_json(path: epath.PathLike) -> Any:
+  """The JSON content of `path`; a file that is not valid JSON raises a ValueError naming it."""
+  path = epath.Path(path)
+  text = path.read_text()
+  try:
+    return json.loads(text)
+  except ValueError as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); it was truncated or edited. Restore it (e.g. from the '
+                     'config the run was started with), or delete it if this workdir holds no checkpoints yet.'
+                     ) from None
+
+
+def has_checkpoints(workdir: epath.PathLike) -> bool:
+  """True when `workdir` holds at least one finished checkpoint step (read-only)."""
+  root = epath.Path(workdir) / CHECKPOINT_DIRNAME
+  return root.exists() and any(p.name.isdigit() for p in root.iterdir())
+
+
+def fields_added_at_default(old: dict[str, Any], new: dict[str, Any],
+                            defaults: Optional[dict[str, Any]]) -> list[str]:
+  """Keys of `new` that `old` lacks and whose value is the one `defaults` gives them: fields the code gained after
+  the run in `old` began, at values that keep its behaviour."""
+  if not defaults:
+    return []
+  old_flat, new_flat, default_flat = _flatten(old), _flatten(new), _flatten(defaults)
+  return sorted(k for k, v in new_flat.items()
+                if k not in old_flat and k in default_flat and default_flat[k] == v)
+
+
+def claim_workdir(workdir: str, config: ml_collections.ConfigDict,
+                  defaults: Optional[ml_collections.ConfigDict] = None) -> bool:
   """Records `config` as the workdir's run, or checks that it is the run already there.
 
   Returns True when the workdir already holds this run (so training resumes). Raises WorkdirConflictError, and
-  changes nothing, when the workdir holds a different config or checkpoints of unknown origin.
+  changes nothing, when the workdir holds a different config or checkpoints of unknown origin; a config.json that
+  is not JSON raises a ValueError naming it. With `defaults` (the schema's default config), a field that the code
+  gained after the run began is no conflict when `config` holds it at its default: an upgrade of the code does not
+  strand a run. Such fields are logged.
   """
   path = epath.Path(workdir)
   config_file = path / CONFIG_FILENAME
   current = json.loads(config.to_json_best_effort())
   if config_file.exists():
-    previous = json.loads(config_file.read_text())
-    diffs = config_differences(previous, current)
+    previous = read_json(config_file)
+    added = fields_added_at_default(
+        previous, current, json.loads(defaults.to_json_best_effort()) if defaults is not None else None)
+    if added:
+      logging.warning('Workdir %s was started before these config fields existed; resuming with their defaults: %s',
+                   workdir, ', '.join(added))
+    diffs = config_differences(previous, current, ignore=added)
     if diffs:
       raise WorkdirConflictError(
           f'Workdir {workdir} holds a run with a different config:\n  ' + '\n  '.join(diffs) +
           '\nNothing was changed. Use a new --workdir for the new config, or rerun with the original config to '
           'resume.')
     return True
-  if (path / CHECKPOINT_DIRNAME).exists() and any((path / CHECKPOINT_DIRNAME).iterdir()):
+  if has_checkpoints(path):
     raise WorkdirConflictError(
         f'Workdir {workdir} holds checkpoints but no {CONFIG_FILENAME}, so its run cannot be identified. '
         'Nothing was changed. Use a new --workdir.')
   if jax.process_index() == 0:
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f'{CONFIG_FILENAME}.tmp'
-    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
-    tmp.rename(config_file)  # Atomic: a killed first run never leaves a truncated config.json.
+    write_text_atomic(config_file, json.dumps(current, indent=2, sort_keys=True))
   return False
+
+
+class WorkdirLockedError(RuntimeError):
+  """Another live process is running in this workdir."""
+
+
+LOCK_FILENAME = 'run.lock'
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Exists, owned by someone else.
+    return True
+  return True
+
+
+class WorkdirLock:
+  """One run per workdir: WORKDIR/run.lock holds the host and pid of the process that runs there.
+
+  Taken atomically (a hard link of a complete file, so no reader sees it half-written) and removed when the run
+  ends. A lock of a process that is gone from this host is stale: it is taken over with a warning. A live holder,
+  or a holder on another host (whose liveness cannot be checked from here), is refused with a message naming it.
+  Multi-host runs share the workdir: process 0 holds the lock for all processes, and all fail together if it
+  cannot. Workdirs that are not local paths (e.g. gs://) are not locked.
+  """
+
+  def __init__(self, workdir: str):
+    self._path = epath.Path(workdir) / LOCK_FILENAME
+    self._held = False
+    self._me = {'host': socket.gethostname(), 'pid': os.getpid()}
+
+  @property
+  def path(self) -> epath.Path:
+    return self._path
+
+  def _local(self) -> bool:
+    return '://' not in os.fspath(self._path)
+
+  def acquire(self) -> None:
+    error: Optional[str] = None
+    if jax.process_index() == 0 and self._local():
+      try:
+        self._take()
+      except WorkdirLockedError as e:
+        error = str(e)
+    if _any_process(error is not None):
+      raise WorkdirLockedError(error or f'Process 0 could not lock {self._path}; see its log.')
+
+  def _take(self) -> None:
+    path = pathlib.Path(os.fspath(self._path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f'{path.name}.{self._me["host"]}.{self._me["pid"]}.tmp'
+    tmp.write_text(json.dumps({**self._me, 'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}))
+    try:
+      for _ in range(3):
+        try:
+          os.link(tmp, path)  # Fails if the lock exists: the check and the creation are one step.
+          self._held = True
+          return
+        except FileExistsError:
+          pass
+        holder = self._holder(path)
+        if holder is None:  # Removed meanwhile, or unreadable: retry / refuse below.
+          if path.exists() and not path.read_text().strip():
+            raise WorkdirLockedError(f'{path} exists but is empty. If no run is using this workdir, delete it.')
+          continue
+        if holder.get('host') == self._me['host'] and not _pid_alive(int(holder.get('pid', -1))):
+          logging.warning('Taking over the stale lock %s of process %s on %s, which is no longer running.', path,
+                          holder.get('pid'), holder.get('host'))
+          try:
+            os.rename(path, path.parent / f'{path.name}.stale.{os.getpid()}')  # Only one taker wins the rename.
+            os.unlink(path.parent / f'{path.name}.stale.{os.getpid()}')
+          except FileNotFoundError:
+            pass
+          continue
+        where = 'on this host' if holder.get('host') == self._me['host'] else f'on host {holder.get("host")}'
+        raise WorkdirLockedError(
+            f'Workdir {path.parent} is in use by process {holder.get("pid")} {where} (since '
+            f'{holder.get("started", "?")}; lock file {path}). Two runs in one workdir would overwrite each '
+            'other\'s checkpoints. Wait for it to finish or stop it, or use another --workdir. If that process is '
+            'gone (e.g. its host was lost), delete the lock file.')
+      raise WorkdirLockedError(f'Could not take the lock {path}: it keeps changing hands.')
+    finally:
+      tmp.unlink(missing_ok=True)
+
+  @staticmethod
+  def _holder(path: pathlib.Path) -> Optional[dict[str, Any]]:
+    try:
+      return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+      return None
+
+  def release(self) -> None:
+    if not self._held:
+      return
+    path = pathlib.Path(os.fspath(self._path))
+    holder = self._holder(path) or {}
+    if (holder.get('host'), holder.get('pid')) == (self._me['host'], self._me['pid']):  # Still ours.
+      path.unlink(missing_ok=True)
+    self._held = False
+
+  def __enter__(self) -> WorkdirLock:
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -191,10 +356,16 @@ def _files(directory: epath.Path) -> list[epath.Path]:
 _DIGEST_CHUNK_BYTES = 16 << 20  # Files are hashed in chunks: checkpoint shards can be gigabytes.
 
 
+# Written by Orbax when it commits a step, after the manifest (commit timestamp, success marker): not covered.
+_COMMIT_FILES = ('_CHECKPOINT_METADATA', 'commit_success.txt')
+
+
 def _file_digests(step_dir: epath.Path) -> dict[str, list[Any]]:
-  """{relative path: [size, sha256]} of every file of a checkpoint step."""
+  """{relative path: [size, sha256]} of every file of a checkpoint step but Orbax's commit records."""
   out = {}
   for path in sorted(_files(step_dir)):
+    if path.name in _COMMIT_FILES and path.parent == step_dir:
+      continue
     digest, size = hashlib.sha256(), 0
     with path.open('rb') as f:
       while chunk := f.read(_DIGEST_CHUNK_BYTES):
@@ -205,14 +376,17 @@ def _file_digests(step_dir: epath.Path) -> dict[str, list[Any]]:
 
 
 def _manifest_problem(step_dir: epath.Path, manifest_file: epath.Path) -> Optional[str]:
-  """None when `step_dir` matches its manifest (or has none); else what differs."""
+  """None when `step_dir` matches its manifest (or has none: the caller decides how far to trust such a step);
+  else what differs."""
   if not manifest_file.exists():
     return None
   try:
     expected = json.loads(manifest_file.read_text())['files']
   except (ValueError, KeyError) as e:
-    logging.warning('Ignoring unreadable checkpoint manifest %s (%s).', manifest_file, e)
-    return None
+    return f'its manifest {manifest_file} is unreadable ({e})'
+  # Manifests written before they moved into the save's finalisation also list Orbax's commit records, which are
+  # not covered now: they are left out of the comparison, so those checkpoints still verify.
+  expected = {k: v for k, v in expected.items() if k not in _COMMIT_FILES}
   actual = _file_digests(step_dir)
   missing = sorted(set(expected) - set(actual))
   changed = sorted(k for k in expected if k in actual and actual[k] != expected[k])
@@ -251,6 +425,13 @@ def check_same_structure(saved: Any, expected: Any, what: str) -> None:
         'Nothing was loaded. Use the config (model and image size) that wrote this checkpoint, or a new workdir.')
 
 
+def _all_finite(tree: Any) -> bool:
+  """True when every floating-point leaf of `tree` is finite (reduced on device, one bool per leaf fetched)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(getattr(x, 'dtype', np.int32), jnp.floating)]
+  return all(bool(jnp.isfinite(x).all()) for x in leaves)
+
+
 def _any_process(flag: bool) -> bool:
   """True on every process if `flag` is True on any (multi-host runs must take the same branch)."""
   if jax.process_count() == 1:
@@ -277,10 +458,13 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
     self._workdir = epath.Path(workdir)
     self._root = self._workdir / CHECKPOINT_DIRNAME
-    self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 enable_async_checkpointing=async_save)
+    self._async = async_save
+    self._options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._on_save_finalized))
     self._manager = self._new_manager()
-    self._unmanifested: list[int] = []
+    self._pending: list[int] = []  # Steps whose save is in flight (their manifest is not written yet).
+    self._pending_lock = threading.Lock()
 
   def _new_manager(self) -> ocp.CheckpointManager:
     handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: DataIteratorHandler(),
@@ -309,41 +493,64 @@ class Checkpointer:
            loop: Optional[dict[str, Any]] = None) -> None:
     """Starts an asynchronous save of `step` (a no-op if that step is already saved).
 
-    The input iterator's position is written before this returns, so the caller may go on drawing batches.
+    The input iterator's position is written before this returns, so the caller may go on drawing batches. The
+    step's manifest is written in the save's own finalisation, before the step gets its final name, so every
+    finished step has one.
     """
     if step in self._manager.all_steps():
       return
-    self._write_pending_manifests()
     items = {STATE_ITEM: ocp.args.StandardSave(state), LOOP_ITEM: ocp.args.JsonSave(loop or {})}
     if data_iterator is not None:
       items[DATA_ITEM] = DataIteratorSave.capture(data_iterator)
+    with self._pending_lock:
+      self._pending.append(step)
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-    self._unmanifested.append(step)
+    if not self._async:  # No finalisation callback: the step is final now.
+      self._write_manifest(step, self.step_dir(step))
+      with self._pending_lock:
+        self._pending.remove(step)
 
-  def _write_pending_manifests(self) -> None:
-    """Waits for in-flight saves, then records the sha256 of every file of each newly completed step."""
-    self._manager.wait_until_finished()
-    pending, self._unmanifested = self._unmanifested, []
+  def _on_save_finalized(self) -> None:
+    """Orbax's post-finalisation callback (primary process, after every process has written its files, before
+    the temporary directory is renamed to the step): records each pending step's manifest."""
+    with self._pending_lock:
+      pending = list(self._pending)
+    for step in pending:
+      tmp = self._root / f'{step}{_ORBAX_TMP_SUFFIX}'
+      if tmp.exists():
+        self._write_manifest(step, tmp)
+        with self._pending_lock:
+          self._pending.remove(step)
+
+  def _write_manifest(self, step: int, step_dir: epath.Path) -> None:
+    """The size and sha256 of every file of `step` (read from `step_dir`), written atomically (process 0)."""
     if jax.process_index() != 0:
       return
+    manifest = self._manifest_file(step)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(manifest, json.dumps({'step': step, 'files': _file_digests(step_dir)}, indent=1))
+
+  def _remove_stale_manifests(self) -> None:
+    """Deletes the manifests of steps that keep-N has removed."""
+    directory = self._root / MANIFEST_DIRNAME
+    if jax.process_index() != 0 or not directory.exists():
+      return
     existing = set(self._manager.all_steps())
-    for step in pending:
-      if step not in existing:  # Already removed by keep-N.
-        continue
-      manifest = self._manifest_file(step)
-      manifest.parent.mkdir(parents=True, exist_ok=True)
-      tmp = manifest.parent / f'{manifest.name}.tmp'
-      tmp.write_text(json.dumps({'step': step, 'files': _file_digests(self.step_dir(step))}, indent=1))
-      tmp.rename(manifest)
-    for manifest in (self._root / MANIFEST_DIRNAME).glob('*.json') if (self._root / MANIFEST_DIRNAME).exists() else ():
-      if manifest.stem.isdigit() and int(manifest.stem) not in existing:  # Its step went by keep-N.
+    for manifest in directory.glob('*.json'):
+      if manifest.stem.isdigit() and int(manifest.stem) not in existing:
         manifest.unlink()
 
   def wait_until_finished(self) -> None:
-    self._write_pending_manifests()
+    self._manager.wait_until_finished()
+    with self._pending_lock:
+      missed, self._pending = [step for step in self._pending if step in self._manager.all_steps()], []
+    for step in missed:  # The finalisation callback did not find the step's temporary directory.
+      logging.warning('Checkpoint %s: writing its manifest after the save.', self.step_dir(step))
+      self._write_manifest(step, self.step_dir(step))
+    self._remove_stale_manifests()
 
   def close(self) -> None:
-    self._write_pending_manifests()
+    self.wait_until_finished()
     self._manager.close()
 
   # -- restoring ------------------------------------------------------------------------------------------------
@@ -373,7 +580,16 @@ class Checkpointer:
     """
     self._warn_about_unfinished_saves()
     failed: list[tuple[int, Exception]] = []
-    for step in sorted(self._manager.all_steps(), reverse=True):
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    # A step without a manifest cannot be verified (e.g. its manifests were deleted): an older step that has one is
+    # preferred; failing that, the step is used only after a verified restore, and its manifest is rebuilt.
+    unverified = {step for step in steps if _any_process(jax.process_index() == 0 and
+                                                         not self._manifest_file(step).exists())}
+    for step in steps:
+      if step in unverified and any(older < step and older not in unverified for older in steps):
+        failed.append((step, IOError('it has no manifest, so its files cannot be verified (its manifest was lost, '
+                                     'or the run was killed while saving it)')))
+        continue
       error, metadata, present = self._integrity_error(step)
       if _any_process(error is not None):  # Every process takes the same branch.
         failed.append((step, error or IOError('a problem found by another process')))
@@ -384,6 +600,8 @@ class Checkpointer:
         args[LOOP_ITEM] = ocp.args.JsonRestore()
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        if step in unverified and not _all_finite(restored[STATE_ITEM]):
+          raise FloatingPointError('it has no manifest and holds non-finite values')
       except Exception as e:  # pylint: disable=broad-except
         error = e
       if _any_process(error is not None):
@@ -391,6 +609,11 @@ class Checkpointer:
         continue
       for bad_step, bad_error in failed:  # An older step restored, so the newer ones are corrupt: move them aside.
         self._quarantine(bad_step, bad_error)
+      if step in unverified:
+        logging.warning('Checkpoint %s has no manifest (deleted, or written by an older vit_jax) and no older step '
+                        'has one, so its files cannot be checked against their checksums. It restored and its '
+                        'values are finite; its manifest is rebuilt from it now.', self.step_dir(step))
+        self._write_manifest(step, self.step_dir(step))
       logging.info('Restored checkpoint %s.', self.step_dir(step))
       return Restored(step=step, state=restored[STATE_ITEM], loop=dict(restored.get(LOOP_ITEM) or {}),
                       data_restored=self._restore_data(step, present, data_iterator))

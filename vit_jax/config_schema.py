@@ -87,6 +87,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.randaugment_layers = 0    # RandAugment N (ops per image; vit_jax/augment.py); 0 disables.
   c.dataset.randaugment_magnitude = 10.0  # RandAugment M (10 = the reference's maximum level; may exceed it).
   c.dataset.random_erasing = 0.0      # Probability of timm/DeiT random erasing (one box, 2%..1/3 of the area).
+  # 'image', or 'video' / 'audio' (vit_jax/video_audio_pipeline.py: the dataset's 'video' / 'audio' feature; for
+  # video image_size is the frame size, for audio the number of mel bins).
+  c.dataset.modality = 'image'
+  c.dataset.video = ml_collections.ConfigDict()
+  c.dataset.video.num_frames = 8      # Frames per clip given to the model.
+  c.dataset.video.frame_stride = 2    # Take every frame_stride-th frame (train: random start; eval: centre clip).
+  c.dataset.audio = ml_collections.ConfigDict()
+  c.dataset.audio.frames = 1024       # Spectrogram frames per clip (train: random window; eval: centre).
+  c.dataset.audio.frame_length_ms = 25.0
+  c.dataset.audio.frame_step_ms = 10.0
+  c.dataset.audio.norm_mean = -4.2677  # Log-mel normalisation (x - mean) / (2 std): AST's AudioSet statistics.
+  c.dataset.audio.norm_std = 4.5690
+  c.dataset.audio.freq_masks = 0      # SpecAugment (train): masks of up to freq_mask_width mel bins ...
+  c.dataset.audio.freq_mask_width = 48
+  c.dataset.audio.time_masks = 0      # ... and of up to time_mask_width frames (AST AudioSet: 2 x 48, 2 x 192).
+  c.dataset.audio.time_mask_width = 192
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'adamw'        # 'adamw' | 'sgd' | 'lars' (MAE linear probe)
@@ -156,6 +172,134 @@ _INTERPOLATIONS = ('linear', 'bilinear', 'bicubic', 'bicubic_torch')
 _DISTILL_TYPES = ('none', 'soft', 'hard')
 
 
+# The valid range of every numeric field: key -> (low, high, low included, high included, what the bounds mean).
+# None: unbounded on that side. Checked by `check_ranges` before anything is built; a test checks that every numeric
+# field of `base_config()` is listed here. Task sections check their own fields (`Task.check_config`).
+_INF = None
+RANGES: dict[str, tuple[Optional[float], Optional[float], bool, bool, str]] = {
+    'seed': (0, _INF, True, False, ''),
+    'batch_size': (1, _INF, True, False, ''),
+    'total_steps': (1, _INF, True, False, ''),
+    'log_every': (1, _INF, True, False, ''),
+    'eval_every': (0, _INF, True, False, '0 disables periodic eval'),
+    'checkpoint_every': (1, _INF, True, False, ''),
+    'keep_checkpoints': (1, _INF, True, False, ''),
+    'accum_steps': (1, _INF, True, False, '1: no accumulation'),
+    'ema_decay': (0, 1, True, False, '0 disables the EMA'),
+    'label_smoothing': (0, 1, True, False, ''),
+    'dataset.image_size': (1, _INF, True, False, ''),
+    'dataset.local_crops': (0, _INF, True, False, ''),
+    'dataset.local_image_size': (1, _INF, True, False, ''),
+    'dataset.crop_padding': (0, _INF, True, False, ''),
+    'dataset.crop_min_area': (0, 1, False, True, 'a fraction of the image area'),
+    'dataset.eval_crop_fraction': (0, 1, False, True, '1: plain resize'),
+    'dataset.shuffle_buffer': (1, _INF, True, False, '1: no shuffling'),
+    'dataset.randaugment_layers': (0, _INF, True, False, '0 disables RandAugment'),
+    'dataset.randaugment_magnitude': (0, _INF, True, False, ''),
+    'dataset.random_erasing': (0, 1, True, True, 'a probability'),
+    'dataset.video.num_frames': (1, _INF, True, False, ''),
+    'dataset.video.frame_stride': (1, _INF, True, False, '1: consecutive frames'),
+    'dataset.audio.frames': (1, _INF, True, False, ''),
+    'dataset.audio.frame_length_ms': (0, _INF, False, False, ''),
+    'dataset.audio.frame_step_ms': (0, _INF, False, False, ''),
+    'dataset.audio.norm_mean': (None, _INF, False, False, ''),
+    'dataset.audio.norm_std': (0, _INF, False, False, ''),
+    'dataset.audio.freq_masks': (0, _INF, True, False, '0 disables frequency masking'),
+    'dataset.audio.freq_mask_width': (0, _INF, True, False, ''),
+    'dataset.audio.time_masks': (0, _INF, True, False, '0 disables time masking'),
+    'dataset.audio.time_mask_width': (0, _INF, True, False, ''),
+    # lr=0 is refused: a schedule of zeros trains nothing; negative is gradient ascent.
+    'optimizer.lr': (0, _INF, False, False, 'the peak learning rate'),
+    'optimizer.cooldown_steps': (0, _INF, True, False, '0: no cooldown'),
+    'optimizer.rsqrt_timescale': (0, _INF, False, False, ''),
+    'optimizer.warmup_steps': (0, _INF, True, False, ''),
+    'optimizer.end_lr_factor': (0, 1, True, True, 'final lr = lr * end_lr_factor'),
+    'optimizer.weight_decay': (0, _INF, True, False, '0 disables'),
+    'optimizer.weight_decay_end': (0, _INF, True, False, ''),
+    'optimizer.grad_clip_norm': (0, _INF, True, False, '0 disables clipping'),
+    'optimizer.b1': (0, 1, True, False, 'a decay rate'),
+    'optimizer.b2': (0, 1, True, False, 'a decay rate'),
+    'optimizer.layer_decay': (0, 1, False, True, '1 disables'),
+    'mixup.mixup_alpha': (0, _INF, True, False, '0 disables'),
+    'mixup.cutmix_alpha': (0, _INF, True, False, '0 disables'),
+    'mixup.switch_prob': (0, 1, True, True, 'a probability'),
+    'mixup.prob': (0, 1, True, True, 'a probability'),
+    'distill.alpha': (0, 1, True, True, ''),
+    'distill.temperature': (0, _INF, False, False, ''),
+    # Mesh axes: a size, or -1 for "the rest" (check_devices checks the product).
+    'mesh.data': (-1, _INF, True, False, '-1: the remaining devices'),
+    'mesh.fsdp': (-1, _INF, True, False, '-1: the remaining devices'),
+    'mesh.tensor': (-1, _INF, True, False, '-1: the remaining devices'),
+    'mesh.dcn_data': (-1, _INF, True, False, '-1: the remaining hosts'),
+    'mesh.dcn_fsdp': (-1, _INF, True, False, '-1: the remaining hosts'),
+    'mesh.dcn_tensor': (-1, _INF, True, False, '-1: the remaining hosts'),
+}
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str) -> object:
+  value = config
+  for part in key.split('.'):
+    value = value[part]
+  return value
+
+
+def _describe_range(low, high, low_in, high_in) -> str:
+  if low is None and high is None:
+    return 'finite'
+  if high is None:
+    return f'{">=" if low_in else ">"} {low}'
+  return f'in {"[" if low_in else "("}{low}, {high}{"]" if high_in else ")"}'
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the key and its allowed range for a numeric field that is not a number (or not an
+  integer where the schema's default is one), not finite, or out of its range (`RANGES`)."""
+  schema = base_config()
+  for key, (low, high, low_in, high_in, note) in RANGES.items():
+    value = _lookup(config, key)
+    if value is None and _lookup(schema, key) is None:  # An optional field left unset.
+      continue
+    allowed = _describe_range(low, high, low_in, high_in) + (f' ({note})' if note else '')
+    integral = isinstance(_lookup(schema, key), int)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integral and not isinstance(value, int)):
+      raise ValueError(f'config.{key}={value!r} must be {"an integer" if integral else "a number"} {allowed}.')
+    ok = math.isfinite(value)
+    if low is not None:
+      ok = ok and (value >= low if low_in else value > low)
+    if high is not None:
+      ok = ok and (value <= high if high_in else value < high)
+    if not ok:
+      raise ValueError(f'config.{key}={value!r} is out of range: it must be {allowed}.')
+
+
+def check_model_override_types(config: ml_collections.ConfigDict) -> None:
+  """A model.* override must have the type of the hyperparameter it replaces (e.g. `--config.model.hidden_size=abc`
+  is a string where the model takes an int); the error names the key instead of failing deep inside the model."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top  (keeps this module free of jax at import)
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  spec = models.get_model_spec(config.model.name)
+  defaults = {f.name: f.default for f in dataclasses.fields(spec.builder) if f.init}
+  defaults.update(spec.kwargs)
+  for key, value in config.model.items():
+    default = defaults.get(key, dataclasses.MISSING)
+    if key == 'name' or default is dataclasses.MISSING or default is None:
+      continue
+    numeric = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+    if isinstance(default, bool):
+      ok = isinstance(value, bool)
+    elif isinstance(default, int):
+      ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+      ok = numeric(value)
+    elif isinstance(default, str):
+      ok = isinstance(value, str)
+    else:
+      continue
+    if not ok:
+      raise ValueError(f'config.model.{key}={value!r} must be {type(default).__name__} like the model\'s default '
+                       f'({default!r} for {config.model.name!r}).')
+
+
 def _unknown_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> list[str]:
   unknown = []
   for key, value in config.items():
@@ -181,16 +325,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
                      f'{known} (see vit_jax/config_schema.py for every field).')
   if 'name' not in config.model:
     raise ValueError('config.model.name is missing; set it to a registered model (vit_jax.models.list_models()).')
-  positive = ('batch_size', 'total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints')
-  for key in positive:
-    if config[key] <= 0:
-      raise ValueError(f'config.{key}={config[key]} must be positive.')
-  if config.eval_every < 0:
-    raise ValueError(f'config.eval_every={config.eval_every} must be >= 0 (0 disables periodic eval).')
+  check_ranges(config)
   if config.dtype not in DTYPES:
     raise ValueError(f'config.dtype={config.dtype!r} is not supported; choose one of {DTYPES}.')
-  if config.accum_steps < 1:
-    raise ValueError(f'config.accum_steps={config.accum_steps} must be >= 1 (1: no accumulation).')
   _validate_recipe(config)
   if config.optimizer.warmup_steps > config.total_steps:
     raise ValueError(f'config.optimizer.warmup_steps={config.optimizer.warmup_steps} exceeds '
@@ -204,6 +341,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   if num_devices is not None:
     check_devices(config, num_devices)
   task.check_config(config)  # Before the model is built: a task's error names the task's keys (e.g. mask_ratio).
+  check_model_override_types(config)
   check_model_fits_images(config)
   check_evals(config)
 
@@ -260,9 +398,7 @@ def check_model_fits_images(config: ml_collections.ConfigDict) -> None:
   from vit_jax import models  # pylint: disable=g-import-not-at-top
   overrides = {k: v for k, v in config.model.items() if k != 'name'}
   model = models.create_model(config.model.name, num_classes=2, **overrides)  # Names a bad model key itself.
-  size = config.dataset.image_size
-  if size < 1:
-    raise ValueError(f'config.dataset.image_size={size} must be positive.')
+  size = config.dataset.image_size  # Its range is checked by check_ranges.
   init_variables = _task_class(config).init_variables
   try:
     jax.eval_shape(lambda: init_variables(model, jax.random.key(0), size))
@@ -272,7 +408,7 @@ def check_model_fits_images(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_recipe(config: ml_collections.ConfigDict) -> None:
-  """Ranges of the fine-tuning, augmentation, regularisation and distillation fields."""
+  """The non-numeric choices of the fine-tuning and distillation fields (numeric ranges: `RANGES`)."""
   def check(ok: bool, key: str, want: str) -> None:
     value = config
     for part in key.split('.'):
@@ -281,16 +417,4 @@ def _validate_recipe(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'config.{key}={value!r} must be {want}.')
 
   check(config.init_posemb_interpolation in _INTERPOLATIONS, 'init_posemb_interpolation', f'one of {_INTERPOLATIONS}')
-  check(0.0 <= config.ema_decay < 1.0, 'ema_decay', 'in [0, 1) (0 disables the EMA)')
-  check(0.0 <= config.label_smoothing < 1.0, 'label_smoothing', 'in [0, 1)')
-  check(config.dataset.randaugment_layers >= 0, 'dataset.randaugment_layers', '>= 0 (0 disables RandAugment)')
-  check(config.dataset.randaugment_magnitude >= 0, 'dataset.randaugment_magnitude', '>= 0')
-  check(0.0 <= config.dataset.random_erasing <= 1.0, 'dataset.random_erasing', 'a probability in [0, 1]')
-  check(0.0 < config.optimizer.layer_decay <= 1.0, 'optimizer.layer_decay', 'in (0, 1] (1 disables)')
-  check(config.mixup.mixup_alpha >= 0, 'mixup.mixup_alpha', '>= 0 (0 disables)')
-  check(config.mixup.cutmix_alpha >= 0, 'mixup.cutmix_alpha', '>= 0 (0 disables)')
-  check(0.0 <= config.mixup.switch_prob <= 1.0, 'mixup.switch_prob', 'a probability in [0, 1]')
-  check(0.0 <= config.mixup.prob <= 1.0, 'mixup.prob', 'a probability in [0, 1]')
   check(config.distill.type in _DISTILL_TYPES, 'distill.type', f'one of {_DISTILL_TYPES}')
-  check(0.0 <= config.distill.alpha <= 1.0, 'distill.alpha', 'in [0, 1]')
-  check(config.distill.temperature > 0, 'distill.temperature', '> 0')

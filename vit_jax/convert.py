@@ -67,7 +67,14 @@ def load_safetensors(path: str) -> dict[str, np.ndarray]:
         "{k: v.contiguous().clone() for k, v in sd.items()}. timm / Hugging Face models also ship "
         'model.safetensors directly.')
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  return dict(load_file(str(path)))
+  if not os.path.isfile(str(path)):
+    raise FileNotFoundError(f'{path}: no such safetensors file. Check the --src path.')
+  try:
+    return dict(load_file(str(path)))
+  except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own SafetensorError)
+    raise ValueError(f'{path} is not a readable safetensors file ({type(e).__name__}: {e}). It may be truncated '
+                     '(download it again) or another format; timm / Hugging Face models ship model.safetensors.'
+                     ) from e
 
 
 _LEAVES = {  # Leaf names each module kind reads, and where they go ('' = dropped).
@@ -139,7 +146,7 @@ def _init_shapes(name: str, *, num_classes: int, image_size: Optional[int],
   spec = registry.get_model_spec(name)
   model = registry.create_model(name, num_classes=num_classes, **dict(model_overrides or {}))
   size = image_size or spec.image_size
-  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  x = registry.example_input(model, size)
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype)))
 
 

@@ -7,7 +7,9 @@ arithmetic the families share, so the maths of folding lives in one place:
 
 - `fold_batchnorm`: y = BN(x @ W + b) becomes x @ W' + b' (dense or conv kernel, output channels last);
 - `pad_kernel_to`: a 1x1 (or smaller) conv kernel placed at the centre of a kxk one, to sum branches;
-- `identity_kernel`: the conv kernel that maps x to x (the skip branch of a re-parameterisable block).
+- `identity_kernel`: the conv kernel that maps x to x (the skip branch of a re-parameterisable block);
+- `fold_batchnorm_before`: y = BN(x) @ W + b (a BatchNorm-then-linear classifier) becomes x @ W' + b';
+- `fold_batchnorm_pairs`: every (layer, BatchNorm) sibling pair of a params tree folded by `fold_batchnorm`.
 """
 from __future__ import annotations
 
@@ -42,6 +44,51 @@ def fold_batchnorm(kernel: Array, bias: Optional[Array], *, scale: Optional[Arra
   b = jnp.zeros_like(mean) if bias is None else jnp.asarray(bias)
   new_bias = (b - mean) * s + (0.0 if offset is None else jnp.asarray(offset))
   return jnp.asarray(kernel) * s, new_bias
+
+
+def fold_batchnorm_before(kernel: Array, bias: Optional[Array], *, scale: Optional[Array],
+                          offset: Optional[Array], mean: Array, var: Array, epsilon: float) -> tuple[Array, Array]:
+  """Folds an inference BatchNorm that comes before a dense layer: returns (kernel', bias').
+
+  With BN(x) = x * s + t, s = scale / sqrt(var + eps), t = offset - mean * s: BN(x) @ W + b = x @ (s[:, None] W)
+  + (t @ W + b). `kernel` is a flax Dense kernel (in, out).
+  """
+  kernel = jnp.asarray(kernel)
+  s = 1.0 / jnp.sqrt(jnp.asarray(var) + epsilon)
+  if scale is not None:
+    s = s * jnp.asarray(scale)
+  if kernel.ndim != 2 or kernel.shape[0] != s.shape[-1]:
+    raise ValueError(f'BatchNorm over {s.shape[-1]} channels cannot fold into a dense kernel of shape '
+                     f'{tuple(kernel.shape)} (its input width must match).')
+  t = (0.0 if offset is None else jnp.asarray(offset)) - jnp.asarray(mean) * s
+  b = jnp.zeros(kernel.shape[1], kernel.dtype) if bias is None else jnp.asarray(bias)
+  return kernel * s[:, None], t @ kernel + b
+
+
+def fold_batchnorm_pairs(params: Mapping[str, Any], stats: Mapping[str, Any], *, layer: str, norm: str,
+                          epsilon: float) -> dict:
+  """`params` with every module holding a `layer` child (Dense/Conv kernel, optional bias) followed by a `norm`
+  child (BatchNorm scale/bias; running mean/var at the same path in `stats`) rewritten as `layer` alone, with the
+  BatchNorm folded in (`fold_batchnorm`). Other entries are kept as they are."""
+  out = {}
+  for key, value in params.items():
+    if not isinstance(value, Mapping):
+      out[key] = value
+      continue
+    sub_stats = stats.get(key, {}) if isinstance(stats, Mapping) else {}
+    if layer in value and norm in value and 'kernel' in value[layer]:
+      if norm not in sub_stats:
+        raise ValueError(f'BatchNorm {key}/{norm} has no running statistics to fold; pass the batch_stats.')
+      kernel, bias = fold_batchnorm(value[layer]['kernel'], value[layer].get('bias'), scale=value[norm].get('scale'),
+                                    offset=value[norm].get('bias'), mean=sub_stats[norm]['mean'],
+                                    var=sub_stats[norm]['var'], epsilon=epsilon)
+      rest = {k: v for k, v in value.items() if k not in (layer, norm)}
+      rest_stats = {k: v for k, v in sub_stats.items() if k != norm}
+      out[key] = {**fold_batchnorm_pairs(rest, rest_stats, layer=layer, norm=norm, epsilon=epsilon),
+                  layer: {'kernel': kernel, 'bias': bias}}
+    else:
+      out[key] = fold_batchnorm_pairs(value, sub_stats, layer=layer, norm=norm, epsilon=epsilon)
+  return out
 
 
 def pad_kernel_to(kernel: Array, size: tuple[int, int]) -> Array:

@@ -30,7 +30,8 @@ def xla_forward_flops(model: Any, image_size: int) -> float:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  from vit_jax.models import registry  # pylint: disable=g-import-not-at-top
+  images = registry.example_input(model, image_size)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
   lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, images)
   cost = lowered.cost_analysis()

@@ -1,6 +1,7 @@
 """Guards against bad runs: non-finite updates are either skipped on device or stop the run naming the step.
 
-`train_step` reports a per-step `nonfinite_updates` flag (1 when the loss or the gradient norm is not finite); in
+`train_step` reports a per-step `nonfinite_updates` flag (1 when the loss, the gradient norm or the updated
+parameters' norm is not finite); in
 skip mode it also keeps the previous params and optimizer state for such a step (`keep_if_finite`). The loop feeds
 the per-step flags to a `NonFiniteMonitor`, which checks them on the host only at log, eval and checkpoint
 boundaries (no per-step device sync) and, in stop mode, raises before a non-finite state could be saved.
@@ -20,9 +21,14 @@ class NonFiniteError(FloatingPointError):
   """The loss or gradient norm became nan/inf; the message names the first such step."""
 
 
-def is_finite(loss: jax.Array, grad_norm: jax.Array) -> jax.Array:
-  """Scalar bool: the mean loss and the gradient norm are both finite."""
-  return jnp.isfinite(jnp.mean(loss)) & jnp.isfinite(grad_norm)
+def is_finite(loss: jax.Array, grad_norm: jax.Array, param_norm: Optional[jax.Array] = None) -> jax.Array:
+  """Scalar bool: the mean loss, the gradient norm and (given) the updated parameters' global norm are finite.
+
+  The parameters' norm is what catches an update that overflows although its gradient was finite (e.g. an
+  infinite float32 learning rate): it is one reduction on device, and the state it guards is never saved.
+  """
+  finite = jnp.isfinite(jnp.mean(loss)) & jnp.isfinite(grad_norm)
+  return finite if param_norm is None else finite & jnp.isfinite(param_norm)
 
 
 def keep_if_finite(finite: jax.Array, new_state: Any, old_state: Any) -> Any:
@@ -55,7 +61,8 @@ class NonFiniteMonitor:
       where = (f'The last good checkpoint, step {last_good_step}, is kept in {self._workdir}/checkpoints; '
                if last_good_step is not None else 'No checkpoint had been saved yet; ')
       raise NonFiniteError(
-          f'Non-finite loss or gradient norm at step {bad[0]} ({len(bad)} such step(s) up to step {pending[-1][0]}). '
+          f'Non-finite loss, gradient norm or parameters at step {bad[0]} ({len(bad)} such step(s) up to step '
+          f'{pending[-1][0]}). '
           f'{where}no non-finite state was saved. Fix: lower config.optimizer.lr, raise the warmup, enable '
           "config.optimizer.grad_clip_norm, check the input data, or set config.on_nonfinite='skip' to skip such "
           'updates (they are counted in train_nonfinite_updates).')

@@ -16,8 +16,10 @@ a few integers (vit_jax/input_state.py), and a resumed run draws exactly the bat
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+import contextlib
 import dataclasses
 import difflib
+import io
 import logging
 import math
 import re
@@ -104,12 +106,29 @@ def _prepare_once(builder: tfds.core.DatasetBuilder,
                   rebuild: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core.DatasetBuilder:
   """Prepares `builder` on process 0 while the others wait (data_dir must be shared in multi-host runs)."""
   if jax.process_index() == 0:
-    builder.download_and_prepare()
+    with _quiet_tfds():
+      builder.download_and_prepare()
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f'vit_jax_prepare_{builder.name}')
     if jax.process_index() != 0:
       builder = rebuild()  # Re-reads the now prepared dataset's info.
   return builder
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+  """Without absl --verbosity >= 1: no TFDS progress bars or printed banners while it prepares a dataset (our
+  own log lines say what is being prepared and where)."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  if absl_logging.get_verbosity() >= 1:
+    yield
+    return
+  tfds.disable_progress_bar()
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds.enable_progress_bar()
 
 
 def _num_examples(builder: tfds.core.DatasetBuilder, split: Any, field: str) -> int:
@@ -194,13 +213,8 @@ def _record_reader(source: Sequence[bytes], in_memory: bool) -> Callable[[tf.Ten
 
 
 def _parse_fn(builder: tfds.core.DatasetBuilder) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
-  """Returns a fn: serialized example -> {'image': decoded uint8 (h, w, c), 'label'} with the dataset's features."""
-  features = builder.info.features
-
-  def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-    example = features.deserialize_example(serialized)
-    return {'image': example['image'], 'label': example['label']}
-  return parse
+  """Returns a fn: serialized example -> every feature decoded with the dataset's own features (images uint8)."""
+  return builder.info.features.deserialize_example
 
 
 _READ_CHUNK = 32  # Records fetched per call into the data source (one Python call per chunk, not per example).
@@ -291,6 +305,20 @@ def _normalize(image: tf.Tensor) -> tf.Tensor:
   return image / 127.5 - 1.0
 
 
+def eval_preprocess(image: tf.Tensor, dataset_config: ml_collections.ConfigDict) -> tf.Tensor:
+  """The eval transform of one decoded image (uint8 (h, w, 1|3|4)): RGB, resize the shorter side to
+  image_size / eval_crop_fraction, central image_size crop, [-1, 1]. Shared by eval, predict and visualize."""
+  image = _resize_small_and_center_crop(_to_rgb(image), dataset_config.image_size, dataset_config.eval_crop_fraction)
+  return _normalize(image)
+
+
+def class_names(dataset_config: ml_collections.ConfigDict) -> list[str] | None:
+  """The label names of the configured dataset (TFDS metadata; an image folder's class folders), or None when its
+  label feature has no names."""
+  names = _get_builder(dataset_config).info.features['label'].names
+  return list(names) if names else None
+
+
 def _check_image_config(dataset_config: ml_collections.ConfigDict) -> None:
   """Validates the image fields, so that mistakes fail at iterator creation, not inside tf.data."""
   if dataset_config.image_size < 1:
@@ -320,7 +348,14 @@ def _check_multicrop_config(dataset_config: ml_collections.ConfigDict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Iterators.
+# Iterators. Every modality shares them: it supplies only a per-example `Preprocess` (images here, clips and
+# spectrograms in vit_jax/video_audio_pipeline.py), so reading, sharding, shuffling and the resumable position are
+# one path.
+
+# fn(example, seed) -> model inputs {'image', 'label', ...}: `example` holds every feature of the dataset, decoded;
+# `seed` is the example's own stateless seed (int64 (2,), from its position in the stream) for training, None for
+# eval. Output shapes must be static (eval pads with all-masked batches of them).
+Preprocess = Callable[[dict[str, tf.Tensor], tf.Tensor | None], dict[str, tf.Tensor]]
 
 
 def _process_seeds(seed: int, process_index: int) -> tuple[int, np.ndarray]:
@@ -369,17 +404,17 @@ class TrainIterator:
     self._position, self._iterator = saved, None
 
 
-def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
-                          process_index: int | None = None,
-                          process_count: int | None = None) -> TrainIterator:
-  """Endless, shuffled, augmented per-process training batches; deterministic given `seed` and the process.
+def train_batches(dataset_config: ml_collections.ConfigDict,
+                  preprocess_for: Callable[[tfds.core.DatasetBuilder], Preprocess], *, global_batch_size: int,
+                  seed: int, process_index: int | None = None, process_count: int | None = None) -> TrainIterator:
+  """Endless training batches of this process's part of `dataset_config.train_split`, read by index.
 
-  Yields {'image': float32 (b, image_size, image_size, 3) in [-1, 1], 'label': int32 (b,)} with
-  b = global_batch_size // process_count. With train_crop='multicrop' (DINO), 'image' holds the 2 global views
-  (b, 2, image_size, image_size, 3) and 'local_image' the local ones (b, local_crops, local_image_size, ..., 3).
-  Errors in the config and unreadable datasets are raised here, not at the first `next()`.
+  The k-th example of the stream is record order(k) of the part (a fresh permutation each epoch when
+  dataset.shuffle_buffer > 1), decoded and passed to `preprocess_for(builder)` with the seed
+  fold_in(augmentation seed, k); batches of global_batch_size // process_count, remainder dropped. Deterministic
+  given `seed` and the process; the position is a few integers (TrainIterator). Unreadable datasets and an empty
+  part are errors here, not at the first `next()`.
   """
-  _check_image_config(dataset_config)
   builder, subsplit, process_index, process_count, local_batch = _process_split(
       dataset_config, 'train_split', global_batch_size, process_index, process_count)
   source = _data_source(builder, subsplit)
@@ -389,13 +424,17 @@ def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_b
                      f'{dataset_config.train_split!r} of {builder.name!r}; use a larger split or fewer processes.')
   shuffle = bool(dataset_config.shuffle_buffer and dataset_config.shuffle_buffer > 1)
   in_memory = bool(dataset_config.cache)
-  preprocess = _train_preprocess_fn(dataset_config, _parse_fn(builder))
+  parse, preprocess = _parse_fn(builder), preprocess_for(builder)
 
   def make_dataset(start: int, stream_seed: int) -> tf.data.Dataset:
     shuffle_seed, aug_seed = _process_seeds(stream_seed, process_index)
     order = _epoch_order(num_examples, shuffle_seed if shuffle else None)
+
+    def one(k: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
+      return preprocess(parse(record), tf.random.experimental.stateless_fold_in(tf.constant(aug_seed), k))
+
     ds = _examples(source, in_memory=in_memory, start=start, stop=2**62, order=order)
-    ds = ds.map(lambda k, record: preprocess(k, record, aug_seed), num_parallel_calls=_AUTOTUNE)
+    ds = ds.map(one, num_parallel_calls=_AUTOTUNE)
     return ds.batch(local_batch, drop_remainder=True).prefetch(_AUTOTUNE)
 
   position = input_state.InputPosition(
@@ -405,15 +444,76 @@ def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_b
   return TrainIterator(make_dataset, position, local_batch)
 
 
-def _train_preprocess_fn(dataset_config: ml_collections.ConfigDict, parse: Callable[[tf.Tensor], Any],
-                         ) -> Callable[[tf.Tensor, tf.Tensor, np.ndarray], dict[str, tf.Tensor]]:
-  """Returns fn(k, serialized, aug_seed): the k-th example of the stream, decoded and augmented (seeds from k)."""
+def eval_batches(dataset_config: ml_collections.ConfigDict,
+                 preprocess_for: Callable[[tfds.core.DatasetBuilder], Preprocess], *, global_batch_size: int,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """One pass, in stored order, over this process's part of `dataset_config.eval_split`, each example through
+  `preprocess_for(builder)` with seed None; batches padded to the local batch size with a float32 'mask' (1 real,
+  0 padding), and as many batches on every process (all-masked ones at the end), so collective steps never hang.
+  """
+  builder, subsplit, _, process_count, local_batch = _process_split(
+      dataset_config, 'eval_split', global_batch_size, process_index, process_count)
+  split = dataset_config.eval_split
+  largest_part = max(builder.info.splits[s].num_examples
+                     for s in tfds.even_splits(split, n=process_count))
+  num_batches = math.ceil(largest_part / local_batch)
+  parse, preprocess = _parse_fn(builder), preprocess_for(builder)
+  source = _data_source(builder, subsplit)
+  ds = _examples(source, in_memory=False, start=0, stop=len(source), order=lambda ks: ks)
+  ds = ds.map(lambda k, record: preprocess(parse(record), None), num_parallel_calls=_AUTOTUNE)
+  ds = ds.batch(local_batch).prefetch(_AUTOTUNE)
+  empty = {k: np.zeros((0,) + tuple(spec.shape[1:]), spec.dtype.as_numpy_dtype) for k, spec in ds.element_spec.items()}
+
+  def padded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    n = len(batch['label'])
+    out = {k: np.zeros((local_batch,) + v.shape[1:], v.dtype) for k, v in batch.items()}
+    for k, v in batch.items():
+      out[k][:n] = v
+    out['mask'] = (np.arange(local_batch) < n).astype(np.float32)
+    return out
+
+  def batches() -> Iterator[dict[str, np.ndarray]]:
+    count = 0
+    for batch in ds.as_numpy_iterator():
+      count += 1
+      if count > num_batches:
+        raise RuntimeError(f'Eval split {split!r} of {builder.name!r} has more examples than its metadata says '
+                           f'({largest_part} per process at most); re-prepare the dataset.')
+      yield padded(batch)
+    for _ in range(num_batches - count):
+      yield padded(empty)
+
+  return batches()
+
+
+def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                          process_index: int | None = None,
+                          process_count: int | None = None) -> TrainIterator:
+  """Endless, shuffled, augmented per-process training batches; deterministic given `seed` and the process.
+
+  Yields {'image': float32 (b, image_size, image_size, 3) in [-1, 1], 'label': int32 (b,)} with
+  b = global_batch_size // process_count. With train_crop='multicrop' (DINO), 'image' holds the 2 global views
+  (b, 2, image_size, image_size, 3) and 'local_image' the local ones (b, local_crops, local_image_size, ..., 3).
+  Errors in the config and unreadable datasets are raised here, not at the first `next()`.
+  dataset.modality 'video' / 'audio': clips or spectrograms from vit_jax/video_audio_pipeline.py.
+  """
+  if dataset_config.get('modality', 'image') != 'image':
+    from vit_jax import video_audio_pipeline  # pylint: disable=g-import-not-at-top
+    return video_audio_pipeline.create_train_iterator(dataset_config, global_batch_size=global_batch_size, seed=seed,
+                                                      process_index=process_index, process_count=process_count)
+  _check_image_config(dataset_config)
+  preprocess = _image_train_fn(dataset_config)
+  return train_batches(dataset_config, lambda builder: preprocess, global_batch_size=global_batch_size, seed=seed,
+                       process_index=process_index, process_count=process_count)
+
+
+def _image_train_fn(dataset_config: ml_collections.ConfigDict) -> Preprocess:
+  """The training transform of one image example: crop, flip, RandAugment, normalise, random erasing."""
   size = dataset_config.image_size
   train_crop, padding, flip = dataset_config.train_crop, dataset_config.crop_padding, dataset_config.flip
 
-  def preprocess(index: tf.Tensor, serialized: tf.Tensor, aug_seed: np.ndarray) -> dict[str, tf.Tensor]:
-    example = parse(serialized)
-    rng = tf.random.experimental.stateless_fold_in(tf.constant(aug_seed), index)
+  def preprocess(example: dict[str, tf.Tensor], rng: tf.Tensor) -> dict[str, tf.Tensor]:
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(rng, 2))
     image = _to_rgb(example['image'])
     if train_crop == 'multicrop':  # DINO: 2 global and `local_crops` local views (augment.dino_multicrop).
@@ -451,46 +551,19 @@ def create_eval_iterator(dataset_config: ml_collections.ConfigDict, *, global_ba
   Yields {'image', 'label', 'mask'} with mask float32 (b,): 1 for real examples, 0 for padding. Every process
   yields the same number of batches (ceil(largest per-process part / local batch)), padding with all-masked
   batches where needed, so collective eval steps never hang. Over all processes, each example of the split
-  appears exactly once with mask 1.
+  appears exactly once with mask 1. dataset.modality 'video' / 'audio': vit_jax/video_audio_pipeline.py.
   """
+  if dataset_config.get('modality', 'image') != 'image':
+    from vit_jax import video_audio_pipeline  # pylint: disable=g-import-not-at-top
+    return video_audio_pipeline.create_eval_iterator(dataset_config, global_batch_size=global_batch_size,
+                                                     process_index=process_index, process_count=process_count)
   _check_image_config(dataset_config)
-  builder, subsplit, _, process_count, local_batch = _process_split(
-      dataset_config, 'eval_split', global_batch_size, process_index, process_count)
-  split = dataset_config.eval_split
-  largest_part = max(builder.info.splits[s].num_examples
-                     for s in tfds.even_splits(split, n=process_count))
-  num_batches = math.ceil(largest_part / local_batch)
-  size, fraction = dataset_config.image_size, dataset_config.eval_crop_fraction
-  parse = _parse_fn(builder)
-  source = _data_source(builder, subsplit)
+  size = dataset_config.image_size
 
-  def preprocess(index: tf.Tensor, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-    del index
-    example = parse(serialized)
-    image = _resize_small_and_center_crop(_to_rgb(example['image']), size, fraction)
-    return {'image': _normalize(image), 'label': tf.cast(example['label'], tf.int32)}
+  def preprocess(example: dict[str, tf.Tensor], seed: None) -> dict[str, tf.Tensor]:
+    del seed
+    image = tf.ensure_shape(eval_preprocess(example['image'], dataset_config), [size, size, 3])
+    return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
 
-  ds = _examples(source, in_memory=False, start=0, stop=len(source), order=lambda ks: ks)
-  ds = ds.map(preprocess, num_parallel_calls=_AUTOTUNE).batch(local_batch).prefetch(_AUTOTUNE)
-
-  def padded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    n = len(batch['label'])
-    out = {k: np.zeros((local_batch,) + v.shape[1:], v.dtype) for k, v in batch.items()}
-    for k, v in batch.items():
-      out[k][:n] = v
-    out['mask'] = (np.arange(local_batch) < n).astype(np.float32)
-    return out
-
-  def batches() -> Iterator[dict[str, np.ndarray]]:
-    count = 0
-    for batch in ds.as_numpy_iterator():
-      count += 1
-      if count > num_batches:
-        raise RuntimeError(f'Eval split {split!r} of {builder.name!r} has more examples than its metadata says '
-                           f'({largest_part} per process at most); re-prepare the dataset.')
-      yield padded(batch)
-    empty = {'image': np.zeros((0, size, size, 3), np.float32), 'label': np.zeros((0,), np.int32)}
-    for _ in range(num_batches - count):
-      yield padded(empty)
-
-  return batches()
+  return eval_batches(dataset_config, lambda builder: preprocess, global_batch_size=global_batch_size,
+                      process_index=process_index, process_count=process_count)

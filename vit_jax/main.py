@@ -1,11 +1,14 @@
 """Command-line entry: `python -m vit_jax.main --config=configs/NAME.py --workdir=DIR [--config.key=value]`."""
 from __future__ import annotations
 
+import faulthandler
 import os
 from typing import Optional
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from vit_jax import preemption
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -38,9 +41,14 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  faulthandler.enable()  # A native abort (XLA, TensorFlow, TensorStore) prints every Python thread's stack.
+  if not (_MULTIHOST.value or _COORDINATOR.value):  # Multi-host leaves SIGTERM to JAX's preemption notifier.
+    preemption.catch_signals_early()  # A SIGTERM / Ctrl-C during the slow set-up still stops the run cleanly.
   # Imports after flag parsing keep `--help` fast and TF out of the way until needed.
   import jax  # pylint: disable=g-import-not-at-top
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  from vit_jax import console, train  # pylint: disable=g-import-not-at-top
+
+  console.configure_logging(flags.FLAGS.verbosity)  # Library INFO logs off unless --verbosity=1 or more.
 
   if _MULTIHOST.value or _COORDINATOR.value:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -33,6 +33,8 @@ def mix_batch(rng: jax.Array, images: jax.Array, targets: jax.Array, *, mixup_al
               switch_prob: float = 0.5, prob: float = 1.0) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
   """Mixes NHWC `images` and (B, K) soft `targets` with their mirrored batch; returns them and {'lam', 'cutmix'}.
 
+  Videos (B, T, H, W, C) mix clip with clip (cutmix: the same box in every frame); spectrograms (B, F, T, 1) as images.
+
   With both alphas 0 the batch is returned unchanged (lam 1).
   """
   if mixup_alpha < 0 or cutmix_alpha < 0 or not 0 <= switch_prob <= 1 or not 0 <= prob <= 1:
@@ -48,7 +50,7 @@ def mix_batch(rng: jax.Array, images: jax.Array, targets: jax.Array, *, mixup_al
   lam_mix = jax.random.beta(k_mix, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else jnp.float32(1.0)
   lam_cut = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else jnp.float32(1.0)
   apply = jax.random.uniform(k_apply) < prob
-  _, height, width, _ = images.shape
+  height, width = images.shape[-3:-1]
   box, lam_box = cutmix_box(k_box, lam_cut, height, width)
   lam = jnp.where(use_cutmix, lam_box, lam_mix).astype(jnp.float32)
   lam = jnp.where(apply, lam, 1.0)

@@ -194,6 +194,15 @@ def load_pretrained(path: str | Mapping[str, Any], init_params: Mapping[str, Any
   path = path if isinstance(path, (str, os.PathLike)) else 'the given params'
   ckpt, has_cls_slot = _normalise_keys({k: np.asarray(v) for k, v in arrays.items()})
   keep_init: set[str] = set()
+  context = facts.ResizeContext(model=model, image_size=image_size, method=posemb_interpolation)
+  # Refitting another family's weights (e.g. image -> video) needs to know the target: only the target's family
+  # adapts, never every registered family of an unnamed model.
+  target_known = family is not None or (model is not None and bool(registry.families_of(model)))
+  for fam in [f for f in _families(family, model) if f.adapt_checkpoint is not None and target_known]:
+    adapted = fam.adapt_checkpoint(ckpt, init, context)
+    if adapted is not None:
+      ckpt, keep_init = adapted[0], set(adapted[1])
+      break
 
   for head in sorted({h for f in _families(family, model) for h in f.heads}):
     head_file, head_init = _group(ckpt, head), _group(init, head)

@@ -24,8 +24,8 @@ from clu import periodic_actions
 from etils import epath
 from flax.training import train_state
 
-from vit_jax import (checkpoint, config_schema, ema, finetune, guards, input_pipeline, metrics, models, preemption,
-                     sharding, tasks)
+from vit_jax import (checkpoint, config_schema, console, ema, finetune, guards, input_pipeline, labels, metrics,
+                     models, preemption, sharding, tasks)
 from vit_jax.tasks import base as task_base
 from vit_jax.tasks import classification
 
@@ -188,9 +188,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], constants: Any = 
   all randomness depends only on (seed, step). `constants` are the task's frozen inputs (`Task.load_constants`,
   e.g. the distillation teacher); `task` defaults to plain classification.
 
-  With `skip_nonfinite`, a step whose loss or gradient norm is nan/inf keeps the previous state (params, optimizer
-  state, batch_stats, EMA and the task's `extra`; only the step advances); either way the step is counted in
-  `nonfinite_updates`.
+  With `skip_nonfinite`, a step whose loss, gradient norm or updated parameters are nan/inf keeps the previous state
+  (params, optimizer state, batch_stats, EMA and the task's `extra`; only the step advances); either way the step
+  is counted in `nonfinite_updates`.
   """
   task = task or DEFAULT_TASK
   step_key = jax.random.fold_in(dropout_key, state.step)
@@ -211,7 +211,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], constants: Any = 
   if ema_decay:
     new_state = _update_ema(new_state, ema_decay)
   grad_norm = optax.global_norm(grads)
-  finite = guards.is_finite(outputs['loss'], grad_norm)
+  # The updated params too: a finite gradient times a huge learning rate can still overflow them (one reduction).
+  finite = guards.is_finite(outputs['loss'], grad_norm, optax.global_norm(new_state.params))
   if skip_nonfinite:
     new_state = guards.keep_if_finite(finite, new_state, state)
   step_metrics = task.train_metrics.single_from_model_output(
@@ -341,9 +342,16 @@ def periodic_evaluators(config: ml_collections.ConfigDict,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds this run) and returns the final metrics.
 
-  On SIGTERM (or the multi-host preemption sync point) it checkpoints the current step and returns
-  {'preempted_at_step': step} without writing final_metrics.json; rerunning resumes exactly where it stopped.
+  On SIGTERM or Ctrl-C (or the multi-host preemption sync point) it checkpoints the current step and returns
+  {'preempted_at_step': step} without writing final_metrics.json; rerunning resumes exactly where it stopped. A
+  signal before training starts returns {'preempted_at_step': step} as well, having written nothing new.
   """
+  with preemption.PreemptionWatcher() as preempted:
+    return _train_and_evaluate(config, workdir, preempted)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        preempted: preemption.PreemptionWatcher) -> dict[str, Any]:
   config_schema.validate_config(config, num_devices=jax.device_count())  # Before anything is built or compiled.
   final_path = epath.Path(workdir) / FINAL_METRICS_FILENAME
   run = setup_run(config)
@@ -351,14 +359,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info('Task %s; model %s: %s parameters, %d classes; mesh %s; compute dtype %s.', task.name,
                config.model.name, f'{count_params(state.params):,}', info.num_classes, dict(mesh.shape),
                config.dtype)
-  # Only a config that builds its model and state may claim the workdir, so a typo never blocks the fixed rerun.
-  resuming = checkpoint.claim_workdir(workdir, config)
-
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+  # Everything that can fail on bad input is built before the workdir is claimed (config.json written), so a typo
+  # (a dataset option, an init_from or teacher path) never blocks the fixed rerun: the data, the initial weights
+  # and the task's constants (e.g. the distillation teacher).
   # The iterator's position is part of every checkpoint, so a resumed run draws exactly the batches it would have.
   train_iter = task.train_iterator(config, global_batch_size=config.batch_size, seed=config.seed)
+  if config.init_from and not checkpoint.has_checkpoints(workdir):  # A resumed run restores its own weights.
+    state = _init_from(config, run, state)
+  constants = task.load_constants(config, mesh, run.rules)
+  if preempted.requested:
+    logging.warning('Stopped by %s before training started; nothing was written.', preempted.reason)
+    return {'preempted_at_step': 0}
+
+  with checkpoint.WorkdirLock(workdir):  # One run per workdir (process 0 holds it for a multi-host run).
+    resuming = checkpoint.claim_workdir(workdir, config, defaults=config_schema.base_config())
+    labels.record_class_names(workdir, config.dataset)  # For predict/visualize on machines without the dataset.
+    return _train_claimed(config, workdir, run, state, train_iter, constants, resuming, final_path, preempted)
+
+
+def _train_claimed(config: ml_collections.ConfigDict, workdir: str, run: RunSetup, state: TrainState,
+                   train_iter: Any, constants: Any, resuming: bool, final_path: epath.Path,
+                   preempted: preemption.PreemptionWatcher) -> dict[str, Any]:
+  """The loop of `train_and_evaluate`, in a workdir this process holds and has claimed."""
+  state_shardings, mesh, task, info = run.state_shardings, run.mesh, run.task, run.dataset_info
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+  preempted.set_sync_point(ckpt.reached_preemption)
   start_step, loop = 0, LoopRecord()
-  restored = ckpt.restore_latest_valid(state, data_iterator=train_iter)
+  try:
+    restored = ckpt.restore_latest_valid(state, data_iterator=train_iter)
+  except BaseException:
+    ckpt.close()
+    raise
   if restored is not None:
     state, start_step = restored.state, int(restored.state.step)
     loop = LoopRecord.from_json(restored.loop, task.train_metrics)
@@ -366,15 +397,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_iter = task.train_iterator(config, global_batch_size=config.batch_size,
                                        seed=config.seed + 1_000_003 * start_step)
     logging.info('Resumed from step %d of %d.', start_step, config.total_steps)
-  else:
-    if resuming:
-      logging.info('Workdir %s has this config but no usable checkpoint; starting from step 0.', workdir)
-    if config.init_from:
-      state = _init_from(config, run, state)
+  elif resuming:
+    logging.info('Workdir %s has this config but no usable checkpoint; starting from step 0.', workdir)
   if start_step >= config.total_steps and final_path.exists():
     logging.info('Run already complete at step %d; %s is unchanged.', start_step, final_path)
     ckpt.close()
-    return json.loads(final_path.read_text())
+    return checkpoint.read_json(final_path)
+  if preempted.requested:
+    ckpt.close()
+    logging.warning('Stopped by %s before the first step; the workdir is as it was (step %d).', preempted.reason,
+                    start_step)
+    return {'preempted_at_step': start_step}
 
   writer = metrics.create_writer(workdir)
   if start_step == 0:
@@ -382,7 +415,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_spec = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
   dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  constants = task.load_constants(config, mesh, run.rules)
   constants_sharding = jax.tree.map(lambda x: x.sharding, constants)
   p_train_step = jax.jit(
       sharding.with_activation_sharding(
@@ -402,6 +434,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
   monitor = guards.NonFiniteMonitor(config.on_nonfinite, workdir)
   last_saved = start_step if restored is not None else None
+  progress = console.TrainConsole(total_steps=config.total_steps, start_step=start_step, batch_size=config.batch_size,
+                                  workdir=workdir, writer=writer, checkpoint_dir=str(ckpt.directory),
+                                  is_main=jax.process_index() == 0)
 
   def record(step: int, scalars: dict[str, float]) -> None:
     """Writes scalars to TensorBoard and keeps them for final_metrics.json."""
@@ -410,38 +445,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   start_time = time.time()
   try:
-    with preemption.PreemptionWatcher(ckpt.reached_preemption) as preempted:
-      for step in range(start_step + 1, config.total_steps + 1):
-        with jax.profiler.StepTraceAnnotation('train', step_num=step):
-          state, step_metrics = p_train_step(state, sharding.shard_batch(next(train_iter), mesh), constants)
-        monitor.add(step, step_metrics.nonfinite_updates.total)
-        loop.train_metrics = step_metrics if loop.train_metrics is None else loop.train_metrics.merge(step_metrics)
-        report_progress(step, time.time())
-        is_last = step == config.total_steps
-        if step % config.log_every == 0 or is_last:
-          monitor.check(last_saved)
-          scalars = metrics.to_scalars(loop.train_metrics, 'train', num_classes=info.num_classes)
-          record(step, scalars)
-          loop.nonfinite_updates += int(scalars['train_nonfinite_updates'])
-          loop.train_metrics = None
-        if has_eval and ((config.eval_every and step % config.eval_every == 0) or is_last):
-          monitor.check(last_saved)
-          record(step, run_eval(state, new_eval_iter()))
-        scalars = run_evaluators(step, state) if run_evaluators is not None else {}  # Only those due now.
-        if scalars:
-          monitor.check(last_saved)
-          record(step, scalars)
-        stop = preempted(step) and not is_last
-        if step % config.checkpoint_every == 0 or is_last or stop:
-          monitor.check(last_saved)  # Never save a non-finite state (stop mode).
-          ckpt.save(step, state, data_iterator=train_iter, loop=loop.to_json())
-          last_saved = step
-        if stop:
-          ckpt.wait_until_finished()
-          writer.flush()
-          logging.warning('Preempted (%s) at step %d of %d: checkpoint %s saved. Rerun the same command to resume.',
-                          preempted.reason, step, config.total_steps, ckpt.step_dir(step))
-          return {'preempted_at_step': step}
+    for step in range(start_step + 1, config.total_steps + 1):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, step_metrics = p_train_step(state, sharding.shard_batch(next(train_iter), mesh), constants)
+      monitor.add(step, step_metrics.nonfinite_updates.total)
+      loop.train_metrics = step_metrics if loop.train_metrics is None else loop.train_metrics.merge(step_metrics)
+      report_progress(step, time.time())
+      is_last = step == config.total_steps
+      if step % config.log_every == 0 or is_last:
+        monitor.check(last_saved)
+        scalars = metrics.to_scalars(loop.train_metrics, 'train', num_classes=info.num_classes)
+        record(step, scalars)
+        progress.train(step, scalars)
+        loop.nonfinite_updates += int(scalars['train_nonfinite_updates'])
+        loop.train_metrics = None
+      if has_eval and ((config.eval_every and step % config.eval_every == 0) or is_last):
+        monitor.check(last_saved)
+        eval_scalars = run_eval(state, new_eval_iter())
+        record(step, eval_scalars)
+        progress.eval(step, eval_scalars)
+      scalars = run_evaluators(step, state) if run_evaluators is not None else {}  # Only those due now.
+      if scalars:
+        monitor.check(last_saved)
+        record(step, scalars)
+        progress.eval(step, scalars)
+      stop = preempted(step) and not is_last
+      if step % config.checkpoint_every == 0 or is_last or stop:
+        monitor.check(last_saved)  # Never save a non-finite state (stop mode).
+        ckpt.save(step, state, data_iterator=train_iter, loop=loop.to_json())
+        last_saved = step
+      if stop:
+        ckpt.wait_until_finished()
+        writer.flush()
+        logging.warning('Preempted (%s) at step %d of %d: checkpoint %s saved. Rerun the same command to resume.',
+                        preempted.reason, step, config.total_steps, ckpt.step_dir(step))
+        return {'preempted_at_step': step}
   finally:
     ckpt.close()
 
@@ -453,9 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                train_seconds=round(time.time() - start_time, 2), resumed_from_step=start_step)
   if info.skipped_files is not None:  # image_folder: how many undecodable files the dataset left out.
     final['dataset_skipped_files'] = info.skipped_files
-  if jax.process_index() == 0:
-    tmp = final_path.parent / f'{final_path.name}.tmp'
-    tmp.write_text(json.dumps(final, indent=2, sort_keys=True))
-    tmp.rename(final_path)  # Atomic: a kill -9 never leaves a truncated final_metrics.json.
-  logging.info('Final metrics: %s', final)
+  if jax.process_index() == 0:  # Atomic: a kill -9 never leaves a truncated final_metrics.json.
+    checkpoint.write_text_atomic(final_path, json.dumps(final, indent=2, sort_keys=True))
+  progress.summary(final, str(final_path))
   return final

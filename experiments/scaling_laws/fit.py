@@ -2,10 +2,14 @@
 
   python -m experiments.scaling_laws.fit --ledger=DIR/ledger.csv --out=DIR/report [--metric=eval_error]
 
-For each axis x in (training FLOPs, parameters, examples seen) it takes the Pareto frontier of (x, error) and fits
-E = a * (x + d)^(-b) + c (laws.py), with percentile intervals from refits to bootstrap resamples of the frontier.
-The extrapolation check refits the compute law without the highest-compute runs and reports how well it predicts
-their frontier. Output files in --out are rewritten on every call; nothing else there is touched.
+For each axis x in (training FLOPs, parameters, examples seen) it fits E = a * (x + d)^(-b) + c (laws.py) with 95%
+profile-likelihood intervals (intervals.py; their coverage is measured by calibration.py): the compute law over the
+Pareto frontier of (error, compute) (the default) or over every run (--compute_runs=all, when every run is near
+compute-optimal); the parameter and data laws over their frontiers (the best error at each size). Over all runs, the
+joint law E(N, D) is the unbiased fit. The joint law E(N, D) and its compute-optimal
+allocation come from joint.py, and a star study's shape laws from shape_laws.py (both in report.md when the ledger
+supports them). The extrapolation check refits the compute law without the highest-compute runs and reports how
+well it predicts them. Output files in --out are rewritten on every call; nothing else there is touched.
 """
 from __future__ import annotations
 
@@ -18,16 +22,15 @@ from typing import Any
 from absl import app, flags
 import numpy as np
 
-from experiments.scaling_laws import laws, plots
+from experiments.scaling_laws import intervals, joint, laws, plots, report, shape_laws
 
 AXES = {'compute': 'train_flops', 'params': 'num_params', 'examples_seen': 'examples_seen'}
-AXIS_UNITS = {'compute': 'C (FLOPs)', 'params': 'N (parameters)', 'examples_seen': 'D (examples seen)'}
 
 
 def read_ledger(path: str) -> list[dict[str, Any]]:
   """Rows of a ledger CSV (ledger.py) with numeric fields as floats; the run names stay strings."""
   def convert(key: str, value: str) -> Any:
-    if key in ('run', 'trunk'):
+    if key in ('run', 'trunk', 'star_dim'):
       return value
     try:
       return float(value)
@@ -37,47 +40,56 @@ def read_ledger(path: str) -> list[dict[str, Any]]:
     return [{k: convert(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def fit_axis(rows: list[dict[str, Any]], x_key: str, metric: str, *, samples: int,
-             seed: int) -> tuple[dict[str, Any], list[dict[str, float]]]:
-  """The fit of one axis's frontier with 95% intervals (or the reason it was skipped), and the bootstrap draws."""
+def fit_axis(rows: list[dict[str, Any]], x_key: str, metric: str, *, samples: int, seed: int,
+             runs: str = 'frontier') -> tuple[dict[str, Any], list[dict[str, float]]]:
+  """The fit of one axis with 95% profile-likelihood intervals (or the reason it was skipped), and bootstrap draws
+  for the plot's band. `runs`: 'all' fits every run, 'frontier' the empirical Pareto frontier of (x, error)."""
+  if runs not in ('all', 'frontier'):
+    raise ValueError(f"runs={runs!r} must be 'all' or 'frontier'.")
   x = np.array([r[x_key] for r in rows], np.float64)
   y = np.array([r[metric] for r in rows], np.float64)
   front = laws.pareto_frontier(x, y)
-  out: dict[str, Any] = {'x': x_key, 'n_runs': len(rows), 'n_frontier': int(len(front)),
-                         'frontier_runs': [rows[i]['run'] for i in front],
-                         'frontier_x': x[front].tolist(), 'frontier_y': y[front].tolist()}
-  distinct = len(np.unique(x[front]))
+  used = np.argsort(x, kind='stable') if runs == 'all' else front
+  out: dict[str, Any] = {'x': x_key, 'n_runs': len(rows), 'n_frontier': int(len(front)), 'runs_fitted': runs,
+                         'n_fitted': int(len(used)), 'frontier_runs': [rows[i]['run'] for i in front],
+                         'frontier_x': x[front].tolist(), 'frontier_y': y[front].tolist(),
+                         'fitted_x': x[used].tolist(), 'fitted_y': y[used].tolist()}
+  distinct = len(np.unique(x[used]))
   if distinct < laws.MIN_POINTS:
-    out['skipped'] = f'{distinct} distinct frontier points; a fit needs at least {laws.MIN_POINTS}.'
+    out['skipped'] = f'{distinct} distinct x among the fitted runs; a fit needs at least {laws.MIN_POINTS}.'
     return out, []
   fit_d = distinct >= laws.MIN_POINTS_FOR_D
-  fit = laws.fit_power_law(x[front], y[front], fit_d=fit_d)
-  boot = laws.bootstrap(x[front], y[front], fit, samples=samples, seed=seed, fit_d=fit_d)
-  out.update(fit.params(), ci95={k: list(v) for k, v in boot.intervals.items()}, rmse_log=fit.rmse_log,
-             bootstrap_samples=len(boot.draws), d_fitted=fit_d, at_bound=list(fit.at_bound),
-             ci95_at_bound_fraction=boot.at_bound_fraction)
+  fit = laws.fit_power_law(x[used], y[used], fit_d=fit_d)
+  ci = intervals.profile_intervals(fit)
+  boot = laws.bootstrap(x[used], y[used], fit, samples=samples, seed=seed, fit_d=fit_d)
+  out.update(fit.params(), ci95={k: [v.low, v.high] for k, v in ci.items()},
+             ci95_open={k: [v.open_low, v.open_high] for k, v in ci.items()}, rmse_log=fit.rmse_log,
+             bootstrap_samples=len(boot.draws), d_fitted=fit_d, at_bound=list(fit.at_bound))
   warnings = []
   if not fit_d:
-    warnings.append(f'only {distinct} frontier points, so d is fixed at 0 (E = a x^-b + c) and the intervals are '
-                    f'rough; {laws.MIN_POINTS_FOR_D} or more points fit all four constants. Add grid points along '
-                    'this axis.')
+    warnings.append(f'only {distinct} distinct x, so d is fixed at 0 (E = a x^-b + c); '
+                    f'{laws.MIN_POINTS_FOR_D} or more fit all four constants. Add grid points along this axis.')
   if fit.at_bound:
     warnings.append(f'the fit itself ended on the optimiser limit of {", ".join(fit.at_bound)}: the data do not '
                     'pin it down.')
-  if not boot.draws:
-    warnings.append(f'no bootstrap intervals: with {distinct} frontier points every usable resample is the same '
-                    'set of points.')
-  bounded = [f'{k} {100 * f:.0f}%' for k, f in boot.at_bound_fraction.items() if f >= 0.025]
-  if bounded:
-    warnings.append(f'bootstrap refits that ended on an optimiser limit: {", ".join(bounded)}; an interval end '
-                    'at that limit (e.g. b = 10) reflects the limit, not the data.')
-  if warnings:
-    out['warning'] = ' Also, '.join(warnings)
+  if fit.a <= 0:
+    warnings.append('a = 0: the best fit is a constant, with no power-law term; the data show no scaling.')
+  unbounded = [f'{k} {side}' for k, v in ci.items() for side, flag in (('below', v.open_low), ('above', v.open_high))
+               if flag]
+  if unbounded:
+    warnings.append(f'the 95% interval is not bounded by the data for {", ".join(unbounded)}: its end there is the '
+                    'search limit (e.g. b = 10), not an estimate.')
+  if runs == 'frontier':
+    warnings.append('fitted on the empirical frontier, whose selection of the luckiest runs biases c downward and '
+                    'narrows the intervals (calibration.py measures by how much).')
+  out['warning'] = ' Also, '.join(warnings) if warnings else ''
+  if not out['warning']:
+    del out['warning']
   return out, boot.draws
 
 
 def analyse(rows: list[dict[str, Any]], metric: str, *, samples: int = 200, holdout_fraction: float = 0.2,
-            seed: int = 0) -> tuple[dict[str, Any], dict[str, list[dict[str, float]]]]:
+            seed: int = 0, compute_runs: str = 'frontier') -> tuple[dict[str, Any], dict[str, list[dict[str, float]]]]:
   """All fits and the extrapolation check of `metric` over the ledger rows (those with a positive, finite metric)."""
   if not rows:
     raise ValueError('The ledger has no rows; run the sweep first.')
@@ -94,66 +106,18 @@ def analyse(rows: list[dict[str, Any]], metric: str, *, samples: int = 200, hold
                              'zero_error_runs': perfect, 'law': 'E = a * (x + d)^(-b) + c', 'fits': {}}
   draws: dict[str, list[dict[str, float]]] = {}
   for axis, key in AXES.items():
-    results['fits'][axis], draws[axis] = fit_axis(usable, key, metric, samples=samples, seed=seed)
+    results['fits'][axis], draws[axis] = fit_axis(usable, key, metric, samples=samples, seed=seed,
+                                                  runs=compute_runs if axis == 'compute' else 'frontier')
   x = np.array([r['train_flops'] for r in usable], np.float64)
   y = np.array([r[metric] for r in usable], np.float64)
-  results['extrapolation'] = laws.extrapolation_check(x, y, holdout_fraction=holdout_fraction)
+  results['extrapolation'] = laws.extrapolation_check(x, y, holdout_fraction=holdout_fraction, runs=compute_runs)
+  try:
+    results['joint'], draws['joint'] = joint.analyse_joint(usable, metric, samples=samples, seed=seed)
+  except ValueError as e:  # Too few sizes or lengths: the report says why.
+    results['joint'] = {'skipped': str(e)}
+  if any(r.get('star_dim') for r in usable):
+    results['shapes'], draws['shapes'] = shape_laws.analyse_shapes(usable, metric, samples=samples, seed=seed)
   return results, draws
-
-
-def _fmt(v: float) -> str:
-  return f'{v:.4g}'
-
-
-def report_markdown(results: dict[str, Any], ledger_path: str) -> str:
-  """report.md: the fitted constants with their intervals, the extrapolation check, and the plots."""
-  metric = results['metric']
-  lines = [f'# Scaling-law report: {metric}', '',
-           f'Ledger: `{ledger_path}` ({results["n_runs"]} runs'
-           + (f'; dropped without a positive {metric}: {", ".join(results["dropped_runs"])}' if results['dropped_runs']
-              else '') + ').', '',
-           f'Law: {metric} = a * (x + d)^(-b) + c (Zhai et al. 2021), fitted on the Pareto frontier of each axis '
-           '(least squares on log error). Intervals: 95% percentile bootstrap over the frontier points.', '',
-           '| x | frontier points | a | b | c | d | RMS log residual |', '|---|---|---|---|---|---|---|']
-  for axis, fit in results['fits'].items():
-    if 'a' not in fit:
-      lines.append(f'| {AXIS_UNITS[axis]} | {fit["n_frontier"]} | skipped: {fit["skipped"]} | | | | |')
-      continue
-    cells = [_fmt(fit[k]) + (f' [{_fmt(fit["ci95"][k][0])}, {_fmt(fit["ci95"][k][1])}]'
-                             if math.isfinite(fit['ci95'][k][0]) else ' [no interval]') for k in laws.PARAM_NAMES]
-    lines.append(f'| {AXIS_UNITS[axis]} | {fit["n_frontier"]} | ' + ' | '.join(cells) + f' | {fit["rmse_log"]:.3f} |')
-  lines.append('')
-  for axis, fit in results['fits'].items():
-    if 'warning' in fit:
-      lines.append(f'- {axis}: {fit["warning"]}')
-  if results['zero_error_runs']:
-    lines.append(f'- {len(results["zero_error_runs"])} runs reached {metric} = 0, which a log-space fit cannot use: '
-                 'they are left out, so the frontier is drawn through the runs they beat. Use a harder eval or a '
-                 f'finer metric (e.g. eval_loss). Runs: {", ".join(results["zero_error_runs"])}.')
-  c = results['fits']['compute']
-  if 'a' in c:
-    lines += ['', f'Compute law: **{metric} = {_fmt(c["a"])} · (C + {_fmt(c["d"])})^(-{c["b"]:.3f}) + {c["c"]:.4f}**'
-              f', b in [{c["ci95"]["b"][0]:.3f}, {c["ci95"]["b"][1]:.3f}], c in [{c["ci95"]["c"][0]:.4f}, '
-              f'{c["ci95"]["c"][1]:.4f}].']
-  e = results['extrapolation']
-  lines += ['', '## Extrapolation check', '',
-            f'Held out the {e["n_held_out_runs"]} highest-compute runs (C >= {_fmt(e["x_cut"])} FLOPs); fitted the '
-            f'frontier of the other {e["n_fit_runs"]}.', '']
-  if 'skipped' in e:
-    lines.append(f'Skipped: {e["skipped"]}')
-  else:
-    f = e['fit']
-    lines += [f'Fit without them: a={_fmt(f["a"])}, b={f["b"]:.3f}, c={f["c"]:.4f}, d={_fmt(f["d"])}.', '',
-              '| C (FLOPs) | actual | predicted | abs error | rel error |', '|---|---|---|---|---|']
-    lines += [f'| {_fmt(p["x"])} | {p["actual"]:.4f} | {p["predicted"]:.4f} | {p["abs_error"]:.4f} | '
-              f'{100 * p["rel_error"]:.1f}% |' for p in e['points']]
-    lines += ['', f'Mean absolute prediction error {e["mean_abs_error"]:.4f} '
-              f'({100 * e["mean_rel_error"]:.1f}% relative).']
-  lines += ['', '## Plots', '',
-            '![error vs compute](error_vs_compute.png)', '', '![error vs parameters](error_vs_params.png)', '',
-            '![error vs examples seen](error_vs_examples.png)', '', '![iso-FLOP curves](isoflop.png)', '',
-            '![residuals](residuals.png)', '']
-  return '\n'.join(lines)
 
 
 def _finite_or_null(tree: Any) -> Any:
@@ -166,9 +130,10 @@ def _finite_or_null(tree: Any) -> Any:
 
 
 def write_report(rows: list[dict[str, Any]], ledger_path: str, out: str, *, metric: str, samples: int,
-                 holdout_fraction: float, seed: int) -> dict[str, Any]:
+                 holdout_fraction: float, seed: int, compute_runs: str = 'frontier') -> dict[str, Any]:
   """Runs `analyse` and writes the plots, report.md and fits.json into `out`; returns the results."""
-  results, draws = analyse(rows, metric, samples=samples, holdout_fraction=holdout_fraction, seed=seed)
+  results, draws = analyse(rows, metric, samples=samples, holdout_fraction=holdout_fraction, seed=seed,
+                           compute_runs=compute_runs)
   os.makedirs(out, exist_ok=True)
   usable = [r for r in rows if r['run'] not in set(results['dropped_runs'])]
   fits = results['fits']
@@ -181,8 +146,12 @@ def write_report(rows: list[dict[str, Any]], ledger_path: str, out: str, *, metr
                   fits['examples_seen'], draws['examples_seen'], color_key='num_params', color_label='parameters')
   results['isoflop'] = plots.plot_isoflop(os.path.join(out, 'isoflop.png'), usable, metric)
   plots.plot_residuals(os.path.join(out, 'residuals.png'), fits, results['extrapolation'])
+  if 'params' in results['joint']:
+    plots.plot_joint(os.path.join(out, 'joint.png'), usable, metric, results['joint'], draws['joint'])
+  if any('params' in r for r in results.get('shapes', {}).get('dims', {}).values()):
+    plots.plot_shapes(os.path.join(out, 'shapes.png'), results['shapes'])
   with open(os.path.join(out, 'report.md'), 'w') as f:
-    f.write(report_markdown(results, ledger_path))
+    f.write(report.report_markdown(results, ledger_path))
   with open(os.path.join(out, 'fits.json'), 'w') as f:
     json.dump(_finite_or_null(results), f, indent=2)
   return results
@@ -191,10 +160,15 @@ def write_report(rows: list[dict[str, Any]], ledger_path: str, out: str, *, metr
 _LEDGER = flags.DEFINE_string('ledger', None, 'The study ledger (DIR/ledger.csv).')
 _OUT = flags.DEFINE_string('out', None, 'Report directory (plots, report.md, fits.json).')
 _METRIC = flags.DEFINE_string('metric', 'eval_error', 'Ledger column to fit, e.g. fewshot_10shot_error.')
-_BOOTSTRAP = flags.DEFINE_integer('bootstrap', 200, 'Bootstrap resamples per fit.')
+_BOOTSTRAP = flags.DEFINE_integer('bootstrap', 200, 'Bootstrap resamples per fit (the plots\' bands and the joint '
+                                  'and shape laws\' intervals).')
 _HOLDOUT = flags.DEFINE_float('holdout_fraction', 0.2, 'Fraction of runs (highest compute) the extrapolation '
                               'check holds out.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Bootstrap seed.')
+_COMPUTE_RUNS = flags.DEFINE_enum(
+    'compute_runs', 'frontier', ['all', 'frontier'], 'Runs the compute law is fitted to: the empirical Pareto '
+    'frontier (right when some runs are far from compute-optimal, but biased: see calibration.py), or all (right '
+    'only when every run is near compute-optimal, as in calibration.py\'s synthetic studies).')
 
 
 def main(argv):
@@ -203,7 +177,8 @@ def main(argv):
   if not os.path.exists(_LEDGER.value):
     raise app.UsageError(f'--ledger={_LEDGER.value} does not exist; run experiments.scaling_laws.sweep first.')
   results = write_report(read_ledger(_LEDGER.value), _LEDGER.value, _OUT.value, metric=_METRIC.value,
-                         samples=_BOOTSTRAP.value, holdout_fraction=_HOLDOUT.value, seed=_SEED.value)
+                         samples=_BOOTSTRAP.value, holdout_fraction=_HOLDOUT.value, seed=_SEED.value,
+                         compute_runs=_COMPUTE_RUNS.value)
   c = results['fits']['compute']
   if 'a' in c:
     print(f'{_METRIC.value} = {c["a"]:.4g} * (C + {c["d"]:.4g})^(-{c["b"]:.4f}) + {c["c"]:.4f}  '

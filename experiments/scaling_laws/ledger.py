@@ -3,13 +3,15 @@
 Each finished run stores its row as DIR/runs/NAME/ledger_row.json; the CSV is rebuilt from those files, so it can
 always be regenerated and concurrent cluster jobs never write the same file.
 
-Columns: the model shape and parameter count; `macs_per_image` and `train_flops` (vit_jax.flops: analytic for plain
-ViTs, XLA's count otherwise, as `flops_method` says; 6 x forward MACs per training image, times the examples seen
-over the whole length, trunk part included) and `run_flops` (what this run itself trained: a branch only its
-cooldown); `examples_seen` = steps x batch; `wall_seconds` (this run's training wall time over all its attempts,
-plus for a branch the trunk's wall time pro rata to the branch step) and `device_hours` (each part's wall time x
-its own devices); the final train loss, eval loss and eval error; and `fewshot_{k}shot_error` for each k in
-study.fewshot.shots (the row also stores the probe's settings, so a changed study.fewshot recomputes the probe).
+Columns: for a star study (study.grid='star'), `star_dim`, the dimension the run's shape varies ('centre' for the
+centre; empty for a full grid); the model shape and parameter count; `macs_per_image` and `train_flops`
+(vit_jax.flops: analytic for plain ViTs, XLA's count otherwise, as `flops_method` says; 6 x forward MACs per
+training image, times the examples seen over the whole length, trunk part included) and `run_flops` (what this run
+itself trained: a branch only its cooldown); `examples_seen` = steps x batch; `wall_seconds` (this run's training
+wall time over all its attempts, plus for a branch the trunk's wall time pro rata to the branch step) and
+`device_hours` (each part's wall time x its own devices); the final train loss, eval loss and eval error; and
+`fewshot_{k}shot_error` for each k in study.fewshot.shots (the row also stores the probe's settings, so a changed
+study.fewshot recomputes the probe).
 """
 from __future__ import annotations
 
@@ -33,9 +35,9 @@ TIMING_FILENAME = 'sweep_timing.json'
 LEDGER_FILENAME = 'ledger.csv'
 SHAPE_FIELDS = ('patch_size', 'hidden_size', 'num_layers', 'num_heads', 'mlp_dim')
 BASE_COLUMNS = (
-    'run', 'trunk', 'branch_step', *SHAPE_FIELDS, 'num_params', 'flops_method', 'image_size', 'batch_size', 'steps',
-    'cooldown_steps', 'train_examples', 'examples_seen', 'macs_per_image', 'train_flops', 'run_flops',
-    'wall_seconds', 'devices', 'device_hours', 'train_loss', 'eval_loss', 'eval_error')
+    'run', 'trunk', 'branch_step', 'star_dim', *SHAPE_FIELDS, 'num_params', 'flops_method', 'image_size',
+    'batch_size', 'steps', 'cooldown_steps', 'train_examples', 'examples_seen', 'macs_per_image', 'train_flops',
+    'run_flops', 'wall_seconds', 'devices', 'device_hours', 'train_loss', 'eval_loss', 'eval_error')
 
 
 def fewshot_column(shots: int) -> str:
@@ -102,7 +104,8 @@ def make_row(run: study_lib.Run, study: ml_collections.ConfigDict, root: epath.P
   per_image = flops.train_flops(shape['macs_per_image'])
   examples_seen = run.steps * config.batch_size
   return {
-      'run': run.name, 'trunk': run.trunk or '', 'branch_step': run.branch_step, **shape,
+      'run': run.name, 'trunk': run.trunk or '', 'branch_step': run.branch_step,
+      'star_dim': study_lib.star_dimension(study, run.shape), **shape,
       'num_params': int(final['num_params']), 'image_size': config.dataset.image_size,
       'batch_size': config.batch_size, 'steps': run.steps, 'cooldown_steps': config.optimizer.cooldown_steps,
       'train_examples': info.num_train_examples, 'examples_seen': examples_seen,

@@ -133,9 +133,9 @@ def plot_residuals(path: str, fits: dict[str, dict[str, Any]], extrapolation: Op
   fig, axes = plt.subplots(1, len(fits), figsize=(4.5 * len(fits), 4), squeeze=False)
   for ax, (axis, fit) in zip(axes[0], fits.items()):
     if 'a' in fit:
-      x, y = np.array(fit['frontier_x']), np.array(fit['frontier_y'])
+      x, y = np.array(fit['fitted_x']), np.array(fit['fitted_y'])
       resid = np.log(y / laws.power_law(x, fit['a'], fit['b'], fit['c'], fit['d']))
-      ax.scatter(x, resid, color='k', label='frontier (fitted)')
+      ax.scatter(x, resid, color='k', label='fitted runs')
       if axis == 'compute' and extrapolation is not None and 'points' in extrapolation:
         px = np.array([p['x'] for p in extrapolation['points']])
         pr = np.log([p['actual'] / p['predicted'] for p in extrapolation['points']])
@@ -149,6 +149,86 @@ def plot_residuals(path: str, fits: dict[str, dict[str, Any]], extrapolation: Op
     ax.set_ylabel('log(actual / fitted)')
     ax.set_title(f'residuals: {axis}')
     ax.grid(True, which='both', alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_joint(path: str, rows: list[dict[str, Any]], metric: str, joint_fit: dict[str, Any],
+               draws: list[dict[str, float]]) -> None:
+  """The joint law's iso-loss contours over (parameters, examples seen) with every run, iso-FLOP lines, and the
+  compute-optimal frontier N*(C), D*(C) (with its 95% bootstrap band) out to the largest budget in the table."""
+  from experiments.scaling_laws import joint  # pylint: disable=g-import-not-at-top
+  n = np.array([r['num_params'] for r in rows], np.float64)
+  d = np.array([r['examples_seen'] for r in rows], np.float64)
+  y = np.array([r[metric] for r in rows], np.float64)
+  params, k = joint_fit['params'], joint_fit['k']
+  top = max(b['compute'] for b in joint_fit['budgets'])
+  budgets = np.logspace(np.log10(float((k * n * d).min())), np.log10(top), 60)
+  opt = joint.optimal_allocation(params, budgets, k)
+  n_lo, n_hi = min(n.min(), opt['N'].min()) / 2, max(n.max(), opt['N'].max()) * 2
+  d_lo, d_hi = min(d.min(), opt['D'].min()) / 2, max(d.max(), opt['D'].max()) * 2
+  gn, gd = np.meshgrid(np.logspace(np.log10(n_lo), np.log10(n_hi), 200),
+                       np.logspace(np.log10(d_lo), np.log10(d_hi), 200))
+  fig, ax = plt.subplots(figsize=(7, 5.5))
+  surface = joint.joint_law(gn, gd, **params)
+  levels = np.quantile(surface, np.linspace(0.02, 0.98, 12))
+  contours = ax.contour(gn, gd, surface, levels=np.unique(levels), cmap='viridis', linewidths=1)
+  ax.clabel(contours, fontsize=7, fmt='%.3f')
+  sc = ax.scatter(n, d, c=y, cmap='viridis', edgecolors='k', s=40, zorder=3, label='runs (colour: error)')
+  fig.colorbar(sc, ax=ax, label=metric)
+  for c in np.logspace(np.log10(budgets[0]), np.log10(top), 6):
+    ns = np.array([n_lo, n_hi])
+    ax.plot(ns, c / (k * ns), color='gray', ls=':', lw=0.8)
+  ax.plot(opt['N'], opt['D'], 'r-', lw=2, label='compute-optimal N*(C), D*(C)')
+  if len(draws) >= 10:
+    curves = np.array([joint.optimal_allocation(s, budgets, k)['N'] for s in draws])
+    lo, hi = np.percentile(curves, 2.5, axis=0), np.percentile(curves, 97.5, axis=0)
+    nd = budgets / k
+    ax.fill(np.concatenate([lo, hi[::-1]]), np.concatenate([nd / lo, (nd / hi)[::-1]]), color='r', alpha=0.15,
+            label='95% bootstrap band')
+  for b in joint_fit['budgets']:
+    ax.scatter([b['N']], [b['D']], marker='*', s=200, color='r', edgecolors='k', zorder=4)
+    ax.annotate(f'{b["factor"]:g}x', (b['N'], b['D']), textcoords='offset points', xytext=(6, 4), fontsize=8)
+  ax.set_xscale('log')
+  ax.set_yscale('log')
+  ax.set_xlim(n_lo, n_hi)
+  ax.set_ylim(d_lo, d_hi)
+  ax.set_xlabel('parameters N')
+  ax.set_ylabel('examples seen D')
+  ax.set_title('Joint law: iso-loss contours, iso-FLOP lines (dotted), compute-optimal frontier')
+  ax.legend(fontsize=7, loc='upper left')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_shapes(path: str, shapes: dict[str, Any]) -> None:
+  """Per star dimension: every run's error vs x_k (colour: training FLOPs), the fitted law at fixed compute for a
+  few budgets, and its optimum x_k*(C) (stars)."""
+  from experiments.scaling_laws import shape_laws  # pylint: disable=g-import-not-at-top
+  dims = {k: v for k, v in shapes['dims'].items() if 'params' in v}
+  fig, axes = plt.subplots(1, len(dims), figsize=(4.8 * len(dims), 4.2), squeeze=False)
+  for ax, (dim, r) in zip(axes[0], dims.items()):
+    x, t, y = (np.array(r[k], np.float64) for k in ('x', 't', 'y'))
+    norm = matplotlib.colors.LogNorm(t.min(), t.max())
+    ax.scatter(x, y, c=t, cmap='plasma', norm=norm, edgecolors='k', s=40, zorder=3)
+    grid = np.geomspace(x.min() / 1.5, x.max() * 1.5, 100)
+    for c in np.geomspace(t.min(), t.max(), 4):
+      color = plt.get_cmap('plasma')(norm(c))
+      ax.plot(grid, shape_laws.shape_law(grid, c, **r['params']), color=color, lw=1.2)
+      x_opt = float(shape_laws.optimal_x(r['params'], c))
+      if grid[0] <= x_opt <= grid[-1]:
+        ax.scatter([x_opt], shape_laws.shape_law(x_opt, c, **r['params']), marker='*', s=160, color=color,
+                   edgecolors='k', zorder=4)
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel(dim)
+    ax.set_ylabel('error')
+    ax.set_title(f'{dim}: s = {r["s"]:.2f} [{r["s_ci95"][0]:.2f}, {r["s_ci95"][1]:.2f}]'
+                 + ('' if r['trusted'] else ' (not trusted)'), fontsize=9)
+    ax.grid(True, which='both', alpha=0.3)
+  fig.suptitle('Shape laws at fixed compute (curves) and their optima (stars)', fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -3,6 +3,11 @@
 A study is one base training config and three axes: model shapes x training lengths x training-set sizes. Every
 grid point is one run of `vit_jax.train.train_and_evaluate` in its own workdir, DIR/runs/NAME.
 
+The shapes are either listed (`study.grid = 'full'`, `study.shapes`) or a SoViT star (`study.grid = 'star'`,
+Alabdulmohsin et al. 2023): a centre shape `study.star.centre` plus, for each dimension in `study.star.vary`
+(e.g. hidden_size, num_layers, mlp_dim), the centre with only that dimension changed to each listed value. Each
+dimension's runs then trace that dimension's own law f_k(x_k, t) (shape_laws.py) with the others held fixed.
+
 Several training lengths from one run (Zhai et al. 2021, big_vision): the base config uses the 'constant' or 'rsqrt'
 schedule, whose lr before the cooldown does not depend on the run's length. For each (shape, train size) the longest
 length T_max is trained in full (the *trunk*, with its own cooldown); every shorter length T with cooldown c(T) =
@@ -37,6 +42,10 @@ def base_study() -> ml_collections.ConfigDict:
   # Model shapes: each a dict of model.* overrides, e.g. dict(hidden_size=64, num_layers=4, mlp_dim=128,
   # num_heads=4, patch_size=4). () trains only the base model.
   s.shapes = ()
+  s.grid = 'full'                # 'full': train study.shapes; 'star': the star below (SoViT's star sweep).
+  s.star = ml_collections.ConfigDict()
+  s.star.centre = {}             # The star's centre shape: model.* overrides, as an entry of study.shapes.
+  s.star.vary = {}               # Per varied dimension, its values, e.g. dict(num_layers=(1, 2, 3, 4)).
   s.steps = (1000,)              # Training lengths (optimizer steps).
   s.train_examples = (0,)        # Training-set sizes: the first N examples of base.dataset.train_split; 0: all.
   s.cooldown_fraction = 0.2      # Each run's linear cooldown, as a fraction of its length.
@@ -53,6 +62,7 @@ def validate_study(study: ml_collections.ConfigDict) -> None:
   schema = base_study()
   unknown = [k for k in study.keys() if k not in schema]
   unknown += [f'fewshot.{k}' for k in study.fewshot.keys() if k not in schema.fewshot]
+  unknown += [f'star.{k}' for k in study.star.keys() if k not in schema.star]
   if unknown:
     raise ValueError(f'Unknown study key(s): {unknown}. The study fields are {sorted(schema.keys())} (see '
                      'experiments/scaling_laws/study.py::base_study).')
@@ -74,6 +84,7 @@ def validate_study(study: ml_collections.ConfigDict) -> None:
   for shape in study.shapes:
     if not isinstance(shape, dict) or not shape:
       raise ValueError(f'Each entry of study.shapes must be a non-empty dict of model.* overrides, got {shape!r}.')
+  _validate_grid(study)
   if any(int(k) <= 0 for k in study.fewshot.shots):
     raise ValueError(f'study.fewshot.shots={tuple(study.fewshot.shots)} must be positive.')
   if study.fewshot.l2_reg <= 0 or study.fewshot.seeds <= 0:
@@ -82,6 +93,56 @@ def validate_study(study: ml_collections.ConfigDict) -> None:
     raise ValueError(f'study.base.optimizer.cooldown_steps={study.base.optimizer.cooldown_steps} would be replaced: '
                      'each run cools down for round(study.cooldown_fraction * steps) steps. Set it to 0 and choose '
                      'study.cooldown_fraction instead.')
+
+
+def _validate_grid(study: ml_collections.ConfigDict) -> None:
+  """study.grid and, for a star, its centre and values (raises ValueError naming the field and the fix)."""
+  if study.grid not in ('full', 'star'):
+    raise ValueError(f"study.grid={study.grid!r} must be 'full' (study.shapes) or 'star' (study.star).")
+  centre, values = dict(study.star.centre), dict(study.star.vary)
+  if study.grid == 'full':
+    if centre or values:
+      raise ValueError("study.star is set but study.grid='full' ignores it: set study.grid='star' or clear "
+                       'study.star.centre and study.star.vary.')
+    return
+  if study.shapes:
+    raise ValueError("study.grid='star' builds its shapes from study.star; leave study.shapes empty.")
+  if not centre or not values:
+    raise ValueError('study.grid=\'star\' needs study.star.centre (a shape dict) and study.star.vary (e.g. '
+                     'dict(hidden_size=(32, 48, 64), num_layers=(1, 2, 4), mlp_dim=(64, 128, 256))).')
+  for dim, vals in values.items():
+    if dim not in centre:
+      raise ValueError(f'study.star.vary varies {dim!r}, which study.star.centre does not set; add it to the '
+                       'centre.')
+    vals = tuple(vals)
+    if len(set(vals) | {centre[dim]}) < 3 or any(int(v) <= 0 for v in vals):
+      raise ValueError(f'study.star.vary.{dim}={vals} must be positive and give, with the centre\'s '
+                       f'{centre[dim]}, at least 3 distinct values: a shape law has 3 exponents to fit.')
+    if dim == 'hidden_size' and 'num_heads' in centre:
+      bad = [v for v in vals if int(v) % int(centre['num_heads'])]
+      if bad:
+        raise ValueError(f'study.star.vary.hidden_size {bad} are not multiples of the centre\'s num_heads='
+                         f'{centre["num_heads"]}; choose widths divisible by it or fewer heads.')
+
+
+def grid_shapes(study: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """The study's shapes: study.shapes for a full grid; for a star, the centre, then per dimension the centre with
+  that dimension at each of its other values (sorted)."""
+  if study.grid != 'star':
+    return [dict(s) for s in study.shapes]
+  centre = dict(study.star.centre)
+  shapes = [centre]
+  for dim, vals in study.star.vary.items():
+    shapes += [{**centre, dim: int(v)} for v in sorted({int(v) for v in vals}) if int(v) != int(centre[dim])]
+  return shapes
+
+
+def star_dimension(study: ml_collections.ConfigDict, shape: dict[str, Any]) -> str:
+  """For a star study, which dimension `shape` varies ('centre' for the centre); '' for a full grid."""
+  if study.grid != 'star':
+    return ''
+  changed = [k for k, v in dict(study.star.centre).items() if int(shape.get(k, v)) != int(v)]
+  return changed[0] if changed else 'centre'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +210,7 @@ def expand(study: ml_collections.ConfigDict) -> list[Run]:
                study.base.total_steps)
   runs = []
   lengths = sorted({int(t) for t in study.steps}, reverse=True)
-  for shape in (study.shapes or ({},)):
+  for shape in (grid_shapes(study) or ({},)):
     shape = dict(shape)
     for n in sorted({int(n) for n in study.train_examples}):
       trunk_len = lengths[0]

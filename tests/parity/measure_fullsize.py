@@ -4,7 +4,8 @@
 
 Builds the timm model (transformers' for CvT, converted from the 'hf' layout), randomises its weights as
 make_fixtures.py does and its BatchNorm running statistics, converts them with `vit_jax.convert.timm_to_params`,
-and prints the max |logit diff| on one random 224 px image (float32 both sides).
+and prints the max |logit diff| on one random 224 px image (float32 both sides); for families that fold for
+deployment (FamilyFacts.fold) also the folded model's diff.
 With --f64 it also prints how far timm's float32 logits and ours are from timm in float64 (random, untrained weights
 amplify rounding, so this floor can exceed 1e-4 at full size).
 """
@@ -39,6 +40,19 @@ CASES = [  # timm name, our name, create_model overrides for timm's numerics
     ('cait_xxs24_224', 'cait_xxs24', {}),
     ('beit_base_patch16_224', 'beit_b16', {}),
     ('maxvit_tiny_tf_224', 'maxvit_t_tf_224', {}),
+    ('levit_128s', 'levit_128s', {}),
+    ('levit_384', 'levit_384', {}),
+    ('efficientvit_m0', 'efficientvit_m0', {}),
+    ('efficientvit_m5', 'efficientvit_m5', {}),
+    ('fastvit_t8', 'fastvit_t8', {}),
+    ('fastvit_sa12', 'fastvit_sa12', {}),
+    ('mobilevit_xxs', 'mobilevit_xxs', {}),
+    ('mobilevit_s', 'mobilevit_s', {}),
+    ('mobilevitv2_050', 'mobilevitv2_050', {}),
+    ('mobilevitv2_200', 'mobilevitv2_200', {}),
+    ('efficientformer_l1', 'efficientformer_l1', {}),
+    ('efficientformerv2_s0', 'efficientformerv2_s0', {}),
+    ('efficientvit_b0', 'efficientvit_b0', {}),
 ]
 # Families whose reference is not timm: (reference, our name, the builder of the randomised reference model, layout).
 OTHER_CASES = [
@@ -82,6 +96,8 @@ def main(argv: list[str]) -> None:
   import timm  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from vit_jax import convert  # pylint: disable=g-import-not-at-top
+  from vit_jax import deploy  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import facts  # pylint: disable=g-import-not-at-top
   from vit_jax.models import create_model, get_model_spec  # pylint: disable=g-import-not-at-top
   torch.set_grad_enabled(False)
   f64 = '--f64' in argv
@@ -106,6 +122,10 @@ def main(argv: list[str]) -> None:
     got = np.asarray(jax.jit(model.apply)(variables, x.transpose(0, 2, 3, 1)))
     line = (f'{name} ({tname}) {size}px: max|logit diff| {np.abs(got - ref).max():.2e} '
             f'(|logits| max {np.abs(ref).max():.2f})')
+    if facts.get_family(get_model_spec(name).family).fold is not None:
+      folded_model, folded = deploy.fold_for_inference(name, variables, num_classes=1000, **overrides)
+      folded_logits = np.asarray(jax.jit(folded_model.apply)(folded, x.transpose(0, 2, 3, 1)))
+      line += f', folded {np.abs(folded_logits - ref).max():.2e}'
     if f64:
       ref64 = _logits(copy.deepcopy(tm).double()(torch.from_numpy(x).double()))
       line += f'; vs timm float64: timm f32 {np.abs(ref - ref64).max():.2e}, ours {np.abs(got - ref64).max():.2e}'

@@ -8,7 +8,9 @@ modules look the facts up by the registry's family name and never name a family 
 - `vit_jax.param_groups` reads `grouping` (layer ids for layer-wise lr decay and freezing);
 - `vit_jax.flops` reads `forward_macs` (analytic count; absent -> XLA's cost analysis);
 - `vit_jax.pretrained` reads `resize` (fitting tables of another geometry when fine-tuning at a new resolution);
-- `vit_jax.deploy` reads `fold` (BatchNorm folding and branch re-parameterisation for inference).
+- `vit_jax.deploy` reads `fold` (BatchNorm folding and branch re-parameterisation for inference);
+- `vit_jax.pretrained` reads `adapt_checkpoint` (starting from another family's weights, e.g. video and audio
+  transformers from an image ViT/DeiT checkpoint).
 
 Adding a family is its model file (with its facts) plus one import line in vit_jax/models/__init__.py.
 """
@@ -113,6 +115,12 @@ class FamilyFacts:
   # inference (BatchNorm folded into the preceding linear/conv, parallel branches merged into one conv) and its
   # variables, giving the same logits. None -> the family has nothing to fold (vit_jax.deploy returns it as is).
   fold: Optional[Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[dict, dict]]] = None
+  # (flat checkpoint arrays under our names, the model's flat param shapes, context) -> (the checkpoint refitted to
+  # this family's parameters, paths to keep at their initial values), or None when the checkpoint already has this
+  # family's layout. How a family starts from another's weights (ViViT from an image ViT: inflated patch kernel,
+  # tiled position embeddings); `vit_jax.pretrained.load_pretrained` calls it before matching parameters.
+  adapt_checkpoint: Optional[Callable[[dict[str, np.ndarray], Mapping[str, Any], 'ResizeContext'],
+                                      Optional[tuple[dict[str, np.ndarray], set[str]]]]] = None
 
   def __post_init__(self):
     if not self.name or not isinstance(self.name, str):

@@ -11,6 +11,8 @@ import fnmatch
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,3 +78,12 @@ def create_model(name: str, *, num_classes: int, **overrides: Any) -> nn.Module:
   if not isinstance(num_classes, int) or num_classes < 0:
     raise ValueError(f'num_classes must be a non-negative int, got {num_classes!r}.')
   return spec.builder(num_classes=num_classes, **{**spec.kwargs, **overrides})
+
+
+def example_input(model: nn.Module, image_size: int, batch: int = 1) -> jax.ShapeDtypeStruct:
+  """The float32 input `model` takes at `image_size`: (batch, image_size, image_size, 3) images, unless the model
+  says otherwise with an `input_shape(image_size)` method (video: (frames, size, size, 3); audio: a spectrogram).
+  What initialisation, conversion and FLOP counting trace the model with."""
+  shape_fn = getattr(model, 'input_shape', None)
+  shape = tuple(shape_fn(image_size)) if callable(shape_fn) else (image_size, image_size, 3)
+  return jax.ShapeDtypeStruct((batch,) + shape, jnp.float32)

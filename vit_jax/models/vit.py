@@ -478,9 +478,10 @@ def num_prefix_tokens(model: VisionTransformer) -> int:
 
 
 def forward_macs(model: Any, image_size: int) -> Optional[float]:
-  """Analytic MACs of a plain ViT/DeiT (no ResNet stem, no representation layer, no MAP head), else None."""
+  """Analytic MACs of a plain ViT/DeiT (no ResNet stem, no representation layer, no MAP head), else None (also
+  for subclasses that take another input than one image, e.g. the frame-averaged video baseline)."""
   if not isinstance(model, VisionTransformer) or model.resnet is not None or model.representation_size or (
-      model.classifier not in ('token', 'gap', 'gap_fc_norm')):
+      model.classifier not in ('token', 'gap', 'gap_fc_norm')) or callable(getattr(model, 'input_shape', None)):
     return None
   distill = model.num_distill_tokens
   return vit_forward_macs(image_size=image_size, patch_size=model.patch_size, hidden_size=model.hidden_size,

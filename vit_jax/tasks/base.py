@@ -131,8 +131,9 @@ class Task(abc.ABC):
   def init_variables(cls, model: Any, rng: jax.Array, image_size: int) -> dict[str, Any]:
     """The model's initial variables: {'params': ..., and collections such as 'batch_stats'}. A classmethod:
     config validation also traces it (on shapes only) to check the model against the image size."""
-    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    return dict(model.init({'params': rng}, dummy, train=False))
+    from vit_jax.models import registry  # pylint: disable=g-import-not-at-top
+    example = registry.example_input(model, image_size)  # Images, or the model's own input (video, audio).
+    return dict(model.init({'params': rng}, jnp.zeros(example.shape, example.dtype), train=False))
 
   def init_extra(self, variables: Mapping[str, Any], rng: jax.Array) -> Any:
     """What the task adds to the train state (None: nothing). `variables` are the boxed initial variables."""
