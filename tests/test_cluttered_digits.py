@@ -19,7 +19,8 @@ def prepared(tmp_path_factory):
 
 def _split(builder, split):
   images, labels = [], []
-  for ex in builder.as_dataset(split=split).as_numpy_iterator():
+  source = builder.as_data_source(split=split)
+  for ex in source.__getitems__(list(range(len(source)))):
     images.append(ex['image'])
     labels.append(ex['label'])
   return np.stack(images), np.asarray(labels)

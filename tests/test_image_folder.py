@@ -1,11 +1,12 @@
 """The image-folder dataset: conversion, corrupt files skipped and counted, clear errors, training end to end."""
 import io
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from vit_jax import input_pipeline, train
+from vit_jax import checkpoint, input_pipeline, train
 from vit_jax.config_schema import base_config
 from vit_jax.datasets import image_folder
 
@@ -77,6 +78,43 @@ def test_changed_folder_is_converted_again(tmp_path):
   assert input_pipeline.get_dataset_info(config).num_train_examples == 24
   (root / 'train' / 'circle' / 'extra.png').write_bytes((root / 'train' / 'circle' / '1.png').read_bytes())
   assert input_pipeline.get_dataset_info(config).num_train_examples == 25
+
+
+
+def test_images_in_nested_subfolders_are_included_and_counted(tmp_path, caplog):
+  root = make_folder(tmp_path / 'images', corrupt=False)
+  nested = root / 'train' / 'circle' / 'indoor' / 'close-up'
+  nested.mkdir(parents=True)
+  (nested / 'n.png').write_bytes((root / 'train' / 'circle' / '1.png').read_bytes())
+  (root / 'train' / 'square' / '.thumbnails').mkdir()  # Hidden folder: ignored.
+  (root / 'train' / 'square' / '.thumbnails' / 't.png').write_bytes((root / 'train' / 'square' / '1.png').read_bytes())
+  with caplog.at_level('INFO'):
+    _, files = image_folder.scan(str(root), ['train', 'val'])
+  assert ('train/circle/indoor/close-up/n.png', 0) in files['train'] and len(files['train']) == 25
+  assert any('1 file(s) in nested subfolders' in r.getMessage() for r in caplog.records)
+  assert input_pipeline.get_dataset_info(_dataset_config(root, tmp_path / 'tfds')).num_train_examples == 25
+
+
+def test_resume_on_a_changed_folder_warns_and_restarts_the_input(tmp_path, caplog):
+  """The checkpointed position names the folder's conversion: on a changed folder it is not applied to new data."""
+  root = make_folder(tmp_path / 'images', corrupt=False)
+  config = _dataset_config(root, tmp_path / 'tfds')
+  it = input_pipeline.create_train_iterator(config, global_batch_size=8, seed=0)
+  next(it)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'run'), keep=2)
+  ckpt.save(1, {'w': jnp.zeros((2,))}, data_iterator=it)
+  ckpt.close()
+  state = {'w': jnp.zeros((2,))}
+  same = input_pipeline.create_train_iterator(config, global_batch_size=8, seed=0)
+  restored = checkpoint.Checkpointer(str(tmp_path / 'run'), keep=2).restore_latest_valid(state, data_iterator=same)
+  assert (restored.data_restored, same.position.position) == (True, 8)  # Unchanged folder: exact resume.
+  (root / 'train' / 'circle' / 'extra.png').write_bytes((root / 'train' / 'circle' / '1.png').read_bytes())
+  changed = input_pipeline.create_train_iterator(config, global_batch_size=8, seed=0)
+  with caplog.at_level('WARNING'):
+    restored = checkpoint.Checkpointer(str(tmp_path / 'run'), keep=2).restore_latest_valid(state,
+                                                                                         data_iterator=changed)
+  assert (restored.step, restored.data_restored, changed.position.position) == (1, False, 0)
+  assert any('training data changed since this checkpoint' in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize('breakage,match', [

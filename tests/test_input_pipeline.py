@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import math
 
 import numpy as np
@@ -10,9 +11,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax import input_pipeline
+from vit_jax import input_pipeline, input_state
 from vit_jax.config_schema import base_config
 from vit_jax.datasets import digits
+
+from tests import tfds_mock
 
 
 @pytest.fixture(scope='module')
@@ -26,8 +29,13 @@ def data_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope='module')
 def raw_test_split(data_dir) -> collections.Counter:
   """Multiset of (image bytes, label) of the digits test split, read straight from TFDS."""
-  ds = tfds.builder('digits', data_dir=data_dir).as_dataset(split='test')
-  return collections.Counter((ex['image'][..., 0].tobytes(), int(ex['label'])) for ex in tfds.as_numpy(ds))
+  return collections.Counter((ex['image'][..., 0].tobytes(), int(ex['label'])) for ex in _read_all(data_dir, 'test'))
+
+
+def _read_all(data_dir: str, split: str) -> list[dict[str, np.ndarray]]:
+  """Every example of a digits split, decoded, in stored order (read by index, as the input pipeline does)."""
+  source = tfds.builder('digits', data_dir=data_dir).as_data_source(split=split)
+  return source.__getitems__(list(range(len(source))))
 
 
 def _config(data_dir: str, **overrides):
@@ -58,7 +66,7 @@ def test_digits_builder(data_dir, raw_test_split):
   assert builder.info.splits['train'].num_examples == 1437
   assert builder.info.splits['test'].num_examples == 360
   assert builder.info.features['label'].num_classes == 10
-  train = list(tfds.as_numpy(builder.as_dataset(split='train')))
+  train = _read_all(data_dir, 'train')
   images = np.stack([ex['image'] for ex in train])
   assert images.shape == (1437, 8, 8, 1) and images.dtype == np.uint8
   assert images.min() == 0 and images.max() == 255
@@ -128,6 +136,53 @@ def test_train_repeats_forever_and_flips(data_dir):
                                                                            shuffle_buffer=0), n=50)])
   is_flipped = [np.array_equal(f, x[:, ::-1]) and not np.array_equal(f, x) for f, x in zip(flipped, flat)]
   assert 0.3 < np.mean(is_flipped) < 0.7
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The position: a few integers, exact resume, per-epoch permutations, per-process parts.
+
+
+def _identities(batches, n: int) -> list[tuple[bytes, int]]:
+  """(stored pixels, label) of the first n examples of un-augmented 8x8 batches."""
+  images = np.concatenate([_to_uint8(b['image'])[..., 0] for b in batches])[:n]
+  labels = np.concatenate([b['label'] for b in batches])[:n]
+  return [(im.tobytes(), int(l)) for im, l in zip(images, labels)]
+
+
+def test_state_is_a_few_integers_and_resumes_bitwise_across_epochs(data_dir):
+  config = _config(data_dir, train_split='train[:300]', train_crop='inception', image_size=12, random_erasing=0.5)
+  it = input_pipeline.create_train_iterator(config, global_batch_size=64, seed=3)
+  for _ in range(4):  # 256 of 300 examples: the saved position sits just before the epoch boundary.
+    next(it)
+  state = it.get_state()
+  assert set(state) == {input_state.STATE_KEY}
+  assert len(state[input_state.STATE_KEY]) <= input_state.MAX_STATE_BYTES
+  fields = json.loads(state[input_state.STATE_KEY])
+  assert all(type(v) is int for v in fields.values()) and len(fields) <= 8, fields
+  assert (fields['position'], fields['seed'], fields['num_examples']) == (256, 3, 300)
+  expected = [next(it) for _ in range(3)]  # Crosses into epoch 2.
+  resumed = input_pipeline.create_train_iterator(config, global_batch_size=64, seed=99)  # The saved seed wins.
+  resumed.set_state(state)
+  for a, b in zip(expected, [next(resumed) for _ in range(3)]):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  assert resumed.get_state() == it.get_state()
+
+
+def test_epochs_are_permutations_and_processes_read_disjoint_parts(data_dir):
+  config = _config(data_dir, train_crop='resize', flip=False)
+  train = collections.Counter((ex['image'][..., 0].tobytes(), int(ex['label'])) for ex in _read_all(data_dir, 'train'))
+  parts = []
+  for process_index in range(3):
+    it = input_pipeline.create_train_iterator(config, global_batch_size=96, seed=0, process_index=process_index,
+                                              process_count=3)
+    n = it.position.num_examples
+    seen = _identities([next(it) for _ in range(2 * n // 32 + 1)], 2 * n)
+    first, second = seen[:n], seen[n:]
+    assert collections.Counter(first) == collections.Counter(second), 'each epoch holds the part exactly once'
+    assert first != second, 'each epoch has its own order'
+    parts.append(collections.Counter(first))
+  assert sum(parts, collections.Counter()) == train  # The parts tile the split.
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -206,7 +261,7 @@ def mock_metadata_dir(tmp_path_factory) -> str:
 def test_mocked_tfds_datasets(mock_metadata_dir, name, eval_split, train_crop, num_classes):
   config = _config(mock_metadata_dir, name=name, eval_split=eval_split, train_crop=train_crop, image_size=32,
                    eval_crop_fraction=0.875)
-  with tfds.testing.mock_data(num_examples=10, data_dir=mock_metadata_dir):
+  with tfds.testing.mock_data(data_dir=mock_metadata_dir, as_data_source_fn=tfds_mock.fake_data_source):
     info = input_pipeline.get_dataset_info(config)
     assert info == input_pipeline.DatasetInfo(num_classes, 20, 10)
     train = _train_batches(config, n=2, global_batch_size=8)
@@ -255,3 +310,25 @@ def test_unprepared_dataset_says_how_to_fix(tmp_path):
     input_pipeline.get_dataset_info(_config(str(tmp_path), name='cifar10'))
   with pytest.raises(FileNotFoundError, match='ILSVRC2012_img_train.tar'):
     input_pipeline.get_dataset_info(_config(str(tmp_path), name='imagenet2012'))
+
+
+def test_position_of_other_data_or_an_older_format_is_refused(data_dir):
+  state = input_pipeline.create_train_iterator(_config(data_dir), global_batch_size=32, seed=0).get_state()
+  other_split = input_pipeline.create_train_iterator(_config(data_dir, train_split='train[:1000]'),
+                                                     global_batch_size=32, seed=0)
+  with pytest.raises(input_state.InputStateMismatchError, match='training data changed since this checkpoint'):
+    other_split.set_state(state)
+  other_part = input_pipeline.create_train_iterator(_config(data_dir), global_batch_size=32, seed=0,
+                                                    process_index=1, process_count=2)
+  with pytest.raises(input_state.InputStateMismatchError):
+    other_part.set_state(state)
+  with pytest.raises(input_state.InputStateMismatchError, match='older vit_jax input pipeline'):
+    other_split.set_state({'.index': b'\0', '.data-00000-of-00001': b'\1'})  # A tf.data iterator snapshot.
+  with pytest.raises(input_state.InputStateMismatchError, match='unreadable'):
+    other_split.set_state({input_state.STATE_KEY: b'{"position": 3'})
+
+
+def test_streaming_only_format_says_how_to_fix(tmp_path):
+  tfds.builder('digits', data_dir=str(tmp_path)).download_and_prepare(file_format='tfrecord')
+  with pytest.raises(ValueError, match=r'stored as tfrecord.*tfds build digits --file_format=array_record'):
+    input_pipeline.create_train_iterator(_config(str(tmp_path)), global_batch_size=8, seed=0)

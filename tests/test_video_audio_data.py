@@ -17,9 +17,12 @@ from configs import ast_speech_commands
 from configs import vivit_ucf101
 from vit_jax import config_schema
 from vit_jax import input_pipeline
+from vit_jax import input_state
 from vit_jax import video_audio_pipeline as vap
 from vit_jax.datasets import moving_digits
 from vit_jax.datasets import synthetic_sounds
+
+from tests import tfds_mock
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -105,7 +108,7 @@ def test_ucf101_config_on_mock_data(mock_metadata_dir):
   config = vivit_ucf101.get_config().dataset
   config.update(image_size=32, data_dir=mock_metadata_dir)
   config.video.update(num_frames=4, frame_stride=2)
-  with tfds.testing.mock_data(num_examples=3, data_dir=mock_metadata_dir):
+  with tfds.testing.mock_data(data_dir=mock_metadata_dir, as_data_source_fn=tfds_mock.fake_data_source):
     assert input_pipeline.get_dataset_info(config).num_classes == 101
     batch = next(input_pipeline.create_train_iterator(config, global_batch_size=2, seed=0))
     evals = list(input_pipeline.create_eval_iterator(config, global_batch_size=2))
@@ -117,12 +120,37 @@ def test_ucf101_config_on_mock_data(mock_metadata_dir):
 def test_speech_commands_config_on_mock_data(mock_metadata_dir):
   config = ast_speech_commands.get_config().dataset
   config.update(data_dir=mock_metadata_dir)
-  with tfds.testing.mock_data(num_examples=3, data_dir=mock_metadata_dir):
+  with tfds.testing.mock_data(data_dir=mock_metadata_dir, as_data_source_fn=tfds_mock.fake_data_source):
     assert input_pipeline.get_dataset_info(config).num_classes == 12
     batch = next(input_pipeline.create_train_iterator(config, global_batch_size=2, seed=0))
     evals = list(input_pipeline.create_eval_iterator(config, global_batch_size=2))
   assert batch['image'].shape == (2, 128, 98, 1) and np.isfinite(batch['image']).all()
   assert [b['mask'].sum() for b in evals] == [2, 1] and evals[0]['image'].shape == (2, 128, 98, 1)
+
+
+def test_audio_stream_resumes_exactly_and_eval_pads_processes(mock_metadata_dir):
+  """Video/audio go through input_pipeline's index-based stream: a few integers of state, bitwise resume, and
+  all-masked eval batches where one process's part is shorter."""
+  config = ast_speech_commands.get_config().dataset
+  config.update(data_dir=mock_metadata_dir, image_size=16)
+  config.audio.frames = 8
+  with tfds.testing.mock_data(data_dir=mock_metadata_dir, as_data_source_fn=tfds_mock.fake_data_source):
+    it = input_pipeline.create_train_iterator(config, global_batch_size=2, seed=3)
+    first = [next(it) for _ in range(3)]  # 6 examples: the 4-example train split wraps into a second epoch.
+    state = it.get_state()
+    later = [next(it) for _ in range(2)]
+    resumed = input_pipeline.create_train_iterator(config, global_batch_size=2, seed=3)
+    resumed.set_state(state)
+    again = [next(resumed) for _ in range(2)]
+    parts = [list(input_pipeline.create_eval_iterator(config, global_batch_size=2, process_index=i,
+                                                      process_count=2)) for i in range(2)]
+  assert sum(len(v) for v in state.values()) <= input_state.MAX_STATE_BYTES
+  for a, b in zip(later, again):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  assert not np.array_equal(first[0]['image'], first[1]['image'])
+  assert [[b['mask'].sum() for b in p] for p in parts] == [[1, 1], [1, 0]]
+  assert all(b['image'].shape == (1, 16, 8, 1) for p in parts for b in p)
 
 
 def test_bad_video_audio_config():

@@ -85,8 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.crop_min_area = 0.05      # 'inception': smallest crop, as a fraction of the image area (MAE: 0.2).
   c.dataset.flip = True
   c.dataset.eval_crop_fraction = 0.875  # Resize to image_size / fraction, then centre crop; 1.0: plain resize.
-  c.dataset.shuffle_buffer = 10_000
-  c.dataset.cache = False             # Cache decoded train examples in memory (small datasets).
+  c.dataset.shuffle_buffer = 10_000   # > 1: a fresh global shuffle each epoch (nothing buffered); 1: stored order.
+  c.dataset.cache = False             # Keep the encoded train records in memory (small datasets).
   c.dataset.randaugment_layers = 0    # RandAugment N (ops per image; vit_jax/augment.py); 0 disables.
   c.dataset.randaugment_magnitude = 10.0  # RandAugment M (10 = the reference's maximum level; may exceed it).
   c.dataset.random_erasing = 0.0      # Probability of timm/DeiT random erasing (one box, 2%..1/3 of the area).

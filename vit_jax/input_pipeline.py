@@ -1,23 +1,28 @@
-"""tf.data input pipelines over TFDS datasets, yielding numpy batches for the trainer.
+"""Index-based tf.data input pipelines over TFDS datasets, yielding numpy batches for the trainer.
 
 Reads every field of `config.dataset` (see config_schema.py). Each process reads only its own part of a split
 (`tfds.split_for_jax_process`), so batches here are per-process: global_batch_size // process_count examples.
 Images come out as float32 (b, image_size, image_size, 3) in [-1, 1] (x / 127.5 - 1, as the official ViT), labels
 as int32 (b,).
+
+Examples are read by index from ArrayRecord files (`builder.as_data_source`): the k-th training example of a process
+is record `order(k)` of its part, where `order` is a fresh random permutation every epoch
+(tf's stateless RandomIndexShuffle op: a global shuffle that buffers nothing), and its augmentation seed is folded
+from k. Decoding and augmentation are tf ops run in parallel by tf.data, in order. So the iterator's whole state is
+a few integers (vit_jax/input_state.py), and a resumed run draws exactly the batches an uninterrupted one would.
+`dataset.shuffle_buffer` > 1 turns the per-epoch shuffle on (its size no longer matters: nothing is buffered);
+0 or 1 reads each epoch in stored order. `dataset.cache` holds the encoded records in memory (small datasets).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import dataclasses
 import difflib
 import io
 import logging
 import math
-import os
-import pathlib
 import re
-import tempfile
 from typing import Any
 
 import jax
@@ -28,6 +33,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax import augment
+from vit_jax import input_state
 from vit_jax import datasets as _vit_jax_datasets  # Registers vit_jax's own TFDS builders (digits).
 from vit_jax.datasets import image_folder
 
@@ -92,8 +98,8 @@ def _get_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.Dataset
   raise FileNotFoundError(
       f'Dataset {name!r} is not prepared in data_dir={where} (looked for {builder.data_dir}), and this machine '
       f'cannot download it. Prepare it on a machine with internet with `tfds build {builder.name} '
-      f'--data_dir=DATA_DIR` and copy DATA_DIR/{builder.name} into the data_dir here, or set '
-      f'config.dataset.data_dir to a directory where it is already prepared.{manual}')
+      f'--file_format=array_record --data_dir=DATA_DIR` and copy DATA_DIR/{builder.name} into the data_dir here, '
+      f'or set config.dataset.data_dir to a directory where it is already prepared.{manual}')
 
 
 def _prepare_once(builder: tfds.core.DatasetBuilder,
@@ -174,18 +180,66 @@ def get_dataset_info(dataset_config: ml_collections.ConfigDict) -> DatasetInfo:
 # Image ops (tf, per example). Images are uint8 (h, w, c) until resized; resizing gives float32 in [0, 255].
 
 
-def _decoders() -> dict[str, Any]:
-  """Read images still encoded, so shuffle buffers hold compressed bytes and decoding runs after shuffling."""
-  return {'image': tfds.decode.SkipDecoding()}
+def _data_source(builder: tfds.core.DatasetBuilder, subsplit: Any) -> Sequence[bytes]:
+  """This process's part of a split as a random-access sequence of serialized examples (ArrayRecord files)."""
+  try:
+    return builder.as_data_source(split=subsplit, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  except NotImplementedError:
+    stored = builder.info.file_format.value if builder.info.file_format else 'an unknown format'
+    raise ValueError(
+        f'Dataset {builder.name!r} in {builder.data_dir} is stored as {stored}, which cannot be read by index. '
+        'vit_jax reads examples by index (a few integers of input state; exact resume), which needs ArrayRecord '
+        f'files: prepare it with `tfds build {builder.name} --file_format=array_record --data_dir=DATA_DIR`, or '
+        f'add ArrayRecord files beside the prepared ones with `tfds convert_format --dataset_version_dir='
+        f'{builder.data_dir} --out_file_format=array_record` (needs apache_beam).') from None
 
 
-def _decode_fn(builder: tfds.core.DatasetBuilder) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
-  """Returns a fn decoding the (skipped) image with the dataset's own Image feature, keeping only image/label."""
-  image_feature = builder.info.features['image']
+def _record_reader(source: Sequence[bytes], in_memory: bool) -> Callable[[tf.Tensor], tf.Tensor]:
+  """Returns fn: int64 indices (n,) -> their serialized examples, string (n,); `in_memory` reads all once."""
+  # TFDS's ArrayRecord sources read a batch of keys in parallel; any other Sequence is read key by key.
+  get_many = getattr(source, '__getitems__', None) or (lambda keys: [source[k] for k in keys])
+  if in_memory:
+    records = tf.constant(np.array(get_many(list(range(len(source)))), dtype=object))
+    return lambda indices: tf.gather(records, indices)
 
-  def decode(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    return {'image': image_feature.decode_example(example['image']), 'label': example['label']}
-  return decode
+  def read(indices: np.ndarray) -> np.ndarray:
+    return np.array(get_many(indices.tolist()), dtype=object)
+
+  def reader(indices: tf.Tensor) -> tf.Tensor:
+    records = tf.numpy_function(read, [indices], tf.string)
+    records.set_shape(indices.shape)
+    return records
+  return reader
+
+
+def _parse_fn(builder: tfds.core.DatasetBuilder) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+  """Returns a fn: serialized example -> every feature decoded with the dataset's own features (images uint8)."""
+  return builder.info.features.deserialize_example
+
+
+_READ_CHUNK = 32  # Records fetched per call into the data source (one Python call per chunk, not per example).
+
+
+def _examples(source: Sequence[bytes], *, in_memory: bool, start: int, stop: int,
+              order: Callable[[tf.Tensor], tf.Tensor]) -> tf.data.Dataset:
+  """(k, serialized record `order(k)`) for k in [start, stop), in order; reads in chunks."""
+  reader = _record_reader(source, in_memory)
+  ds = tf.data.Dataset.range(start, stop).batch(_READ_CHUNK)
+  ds = ds.map(lambda ks: (ks, reader(order(ks))))
+  return ds.unbatch()
+
+
+def _epoch_order(num_examples: int, shuffle_seed: int | None) -> Callable[[tf.Tensor], tf.Tensor]:
+  """Returns fn: stream positions k (int64) -> record indices; a new permutation per epoch (None: stored order)."""
+  def order(ks: tf.Tensor) -> tf.Tensor:
+    epoch, index = ks // num_examples, ks % num_examples
+    if shuffle_seed is None:
+      return index
+    # The raw op takes per-element seeds [n, 3] (the tf.random.experimental wrapper mis-pads rank-2 seeds).
+    seeds = tf.stack([tf.fill(tf.shape(ks), tf.constant(shuffle_seed, tf.int64)), epoch, tf.zeros_like(ks)], axis=-1)
+    return tf.raw_ops.RandomIndexShuffle(index=index, seed=seeds, max_index=tf.fill(tf.shape(ks), tf.constant(
+        num_examples - 1, tf.int64)), rounds=4)
+  return order
 
 
 def _to_rgb(image: tf.Tensor) -> tf.Tensor:
@@ -294,44 +348,143 @@ def _check_multicrop_config(dataset_config: ml_collections.ConfigDict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Iterators.
+# Iterators. Every modality shares them: it supplies only a per-example `Preprocess` (images here, clips and
+# spectrograms in vit_jax/video_audio_pipeline.py), so reading, sharding, shuffling and the resumable position are
+# one path.
+
+# fn(example, seed) -> model inputs {'image', 'label', ...}: `example` holds every feature of the dataset, decoded;
+# `seed` is the example's own stateless seed (int64 (2,), from its position in the stream) for training, None for
+# eval. Output shapes must be static (eval pads with all-masked batches of them).
+Preprocess = Callable[[dict[str, tf.Tensor], tf.Tensor | None], dict[str, tf.Tensor]]
 
 
-def _process_seeds(seed: int, process_index: int) -> tuple[int, int, np.ndarray]:
-  """(shuffle seed, file-shuffle seed, augmentation seed pair) derived from (seed, process_index): differ by process."""
+def _process_seeds(seed: int, process_index: int) -> tuple[int, np.ndarray]:
+  """(shuffle seed, augmentation seed pair) derived from (seed, process_index): they differ by process."""
   words = np.random.SeedSequence([seed, process_index]).generate_state(4, dtype=np.uint32)
-  return int(words[0]), int(words[1]), words[2:].astype(np.int64)
+  return int(words[0]), words[2:].astype(np.int64)
 
 
 class TrainIterator:
-  """Numpy batches from a tf.data pipeline whose position can be captured and restored (exact resume).
+  """Numpy batches from an index-based tf.data pipeline whose position is a few integers (exact resume).
 
-  `get_state()` snapshots the iterator (shuffle buffer, RNG state, position, prefetched batches) with
-  tf.train.Checkpoint, as {file suffix: bytes}; `set_state` on an iterator built from the same config continues
-  where the snapshot was taken. The state is small for datasets read from files; with `dataset.cache` it includes
-  the cached examples.
+  `make_dataset(start, seed)` builds the batches of the stream from example `start` on; the tf.data iterator is
+  created at the first `next()`, so a `set_state` right after construction builds nothing twice. `get_state()`
+  returns {input_state.STATE_KEY: ~150 bytes} whatever the dataset; `set_state` on an iterator over the same data
+  and process part continues where it was taken (with the saved seed), and raises
+  input_state.InputStateMismatchError, naming why, for another dataset (e.g. a changed image folder) or part.
   """
 
-  def __init__(self, dataset: tf.data.Dataset):
-    self._iterator = iter(dataset)
-    self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+  def __init__(self, make_dataset: Callable[[int, int], tf.data.Dataset], position: input_state.InputPosition,
+               batch_size: int):
+    self._make_dataset = make_dataset
+    self._position = position
+    self._batch_size = batch_size
+    self._iterator: Iterator[Any] | None = None
 
   def __iter__(self) -> TrainIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return tf.nest.map_structure(lambda t: t.numpy(), next(self._iterator))
+    if self._iterator is None:
+      self._iterator = iter(self._make_dataset(self._position.position, self._position.seed))
+    batch = tf.nest.map_structure(lambda t: t.numpy(), next(self._iterator))
+    self._position = dataclasses.replace(self._position, position=self._position.position + self._batch_size)
+    return batch
+
+  @property
+  def position(self) -> input_state.InputPosition:
+    return self._position
 
   def get_state(self) -> dict[str, bytes]:
-    with tempfile.TemporaryDirectory() as tmp:
-      self._checkpoint.write(os.path.join(tmp, 'it'))
-      return {name[len('it'):]: pathlib.Path(tmp, name).read_bytes() for name in sorted(os.listdir(tmp))}
+    return self._position.to_state()
 
   def set_state(self, state: dict[str, bytes]) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-      for suffix, data in state.items():
-        pathlib.Path(tmp, 'it' + suffix).write_bytes(data)
-      self._checkpoint.read(os.path.join(tmp, 'it')).assert_consumed()
+    saved = input_state.InputPosition.from_state(state)
+    self._position.check_continues(saved)
+    self._position, self._iterator = saved, None
+
+
+def train_batches(dataset_config: ml_collections.ConfigDict,
+                  preprocess_for: Callable[[tfds.core.DatasetBuilder], Preprocess], *, global_batch_size: int,
+                  seed: int, process_index: int | None = None, process_count: int | None = None) -> TrainIterator:
+  """Endless training batches of this process's part of `dataset_config.train_split`, read by index.
+
+  The k-th example of the stream is record order(k) of the part (a fresh permutation each epoch when
+  dataset.shuffle_buffer > 1), decoded and passed to `preprocess_for(builder)` with the seed
+  fold_in(augmentation seed, k); batches of global_batch_size // process_count, remainder dropped. Deterministic
+  given `seed` and the process; the position is a few integers (TrainIterator). Unreadable datasets and an empty
+  part are errors here, not at the first `next()`.
+  """
+  builder, subsplit, process_index, process_count, local_batch = _process_split(
+      dataset_config, 'train_split', global_batch_size, process_index, process_count)
+  source = _data_source(builder, subsplit)
+  num_examples = len(source)
+  if num_examples < 1:
+    raise ValueError(f'Process {process_index} of {process_count} has no examples of train split '
+                     f'{dataset_config.train_split!r} of {builder.name!r}; use a larger split or fewer processes.')
+  shuffle = bool(dataset_config.shuffle_buffer and dataset_config.shuffle_buffer > 1)
+  in_memory = bool(dataset_config.cache)
+  parse, preprocess = _parse_fn(builder), preprocess_for(builder)
+
+  def make_dataset(start: int, stream_seed: int) -> tf.data.Dataset:
+    shuffle_seed, aug_seed = _process_seeds(stream_seed, process_index)
+    order = _epoch_order(num_examples, shuffle_seed if shuffle else None)
+
+    def one(k: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
+      return preprocess(parse(record), tf.random.experimental.stateless_fold_in(tf.constant(aug_seed), k))
+
+    ds = _examples(source, in_memory=in_memory, start=start, stop=2**62, order=order)
+    ds = ds.map(one, num_parallel_calls=_AUTOTUNE)
+    return ds.batch(local_batch, drop_remainder=True).prefetch(_AUTOTUNE)
+
+  position = input_state.InputPosition(
+      position=0, seed=seed, process_index=process_index, process_count=process_count, num_examples=num_examples,
+      dataset=input_state.dataset_fingerprint(builder.info.full_name, dataset_config.train_split, process_index,
+                                              process_count))
+  return TrainIterator(make_dataset, position, local_batch)
+
+
+def eval_batches(dataset_config: ml_collections.ConfigDict,
+                 preprocess_for: Callable[[tfds.core.DatasetBuilder], Preprocess], *, global_batch_size: int,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """One pass, in stored order, over this process's part of `dataset_config.eval_split`, each example through
+  `preprocess_for(builder)` with seed None; batches padded to the local batch size with a float32 'mask' (1 real,
+  0 padding), and as many batches on every process (all-masked ones at the end), so collective steps never hang.
+  """
+  builder, subsplit, _, process_count, local_batch = _process_split(
+      dataset_config, 'eval_split', global_batch_size, process_index, process_count)
+  split = dataset_config.eval_split
+  largest_part = max(builder.info.splits[s].num_examples
+                     for s in tfds.even_splits(split, n=process_count))
+  num_batches = math.ceil(largest_part / local_batch)
+  parse, preprocess = _parse_fn(builder), preprocess_for(builder)
+  source = _data_source(builder, subsplit)
+  ds = _examples(source, in_memory=False, start=0, stop=len(source), order=lambda ks: ks)
+  ds = ds.map(lambda k, record: preprocess(parse(record), None), num_parallel_calls=_AUTOTUNE)
+  ds = ds.batch(local_batch).prefetch(_AUTOTUNE)
+  empty = {k: np.zeros((0,) + tuple(spec.shape[1:]), spec.dtype.as_numpy_dtype) for k, spec in ds.element_spec.items()}
+
+  def padded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    n = len(batch['label'])
+    out = {k: np.zeros((local_batch,) + v.shape[1:], v.dtype) for k, v in batch.items()}
+    for k, v in batch.items():
+      out[k][:n] = v
+    out['mask'] = (np.arange(local_batch) < n).astype(np.float32)
+    return out
+
+  def batches() -> Iterator[dict[str, np.ndarray]]:
+    count = 0
+    for batch in ds.as_numpy_iterator():
+      count += 1
+      if count > num_batches:
+        raise RuntimeError(f'Eval split {split!r} of {builder.name!r} has more examples than its metadata says '
+                           f'({largest_part} per process at most); re-prepare the dataset.')
+      yield padded(batch)
+    for _ in range(num_batches - count):
+      yield padded(empty)
+
+  return batches()
 
 
 def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
@@ -341,7 +494,8 @@ def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_b
 
   Yields {'image': float32 (b, image_size, image_size, 3) in [-1, 1], 'label': int32 (b,)} with
   b = global_batch_size // process_count. With train_crop='multicrop' (DINO), 'image' holds the 2 global views
-  (b, 2, image_size, image_size, 3) and 'local_image' the local ones (b, local_crops, local_image_size, ..., 3). Errors in the config are raised here, not at the first `next()`.
+  (b, 2, image_size, image_size, 3) and 'local_image' the local ones (b, local_crops, local_image_size, ..., 3).
+  Errors in the config and unreadable datasets are raised here, not at the first `next()`.
   dataset.modality 'video' / 'audio': clips or spectrograms from vit_jax/video_audio_pipeline.py.
   """
   if dataset_config.get('modality', 'image') != 'image':
@@ -349,25 +503,17 @@ def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_b
     return video_audio_pipeline.create_train_iterator(dataset_config, global_batch_size=global_batch_size, seed=seed,
                                                       process_index=process_index, process_count=process_count)
   _check_image_config(dataset_config)
-  builder, subsplit, process_index, _, local_batch = _process_split(
-      dataset_config, 'train_split', global_batch_size, process_index, process_count)
-  shuffle_seed, file_seed, aug_seed = _process_seeds(seed, process_index)
+  preprocess = _image_train_fn(dataset_config)
+  return train_batches(dataset_config, lambda builder: preprocess, global_batch_size=global_batch_size, seed=seed,
+                       process_index=process_index, process_count=process_count)
+
+
+def _image_train_fn(dataset_config: ml_collections.ConfigDict) -> Preprocess:
+  """The training transform of one image example: crop, flip, RandAugment, normalise, random erasing."""
   size = dataset_config.image_size
   train_crop, padding, flip = dataset_config.train_crop, dataset_config.crop_padding, dataset_config.flip
-  decode = _decode_fn(builder)
 
-  ds = builder.as_dataset(split=subsplit, shuffle_files=True, decoders=_decoders(),
-                          read_config=tfds.ReadConfig(shuffle_seed=file_seed))
-  if dataset_config.cache:  # Small datasets: decode once and keep the decoded images in memory.
-    ds = ds.map(decode, num_parallel_calls=_AUTOTUNE).cache()
-  if dataset_config.shuffle_buffer and dataset_config.shuffle_buffer > 1:
-    ds = ds.shuffle(dataset_config.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
-  ds = ds.repeat().enumerate()  # The running index gives each example its own stateless augmentation seed.
-
-  def preprocess(index: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    if not dataset_config.cache:
-      example = decode(example)
-    rng = tf.random.experimental.stateless_fold_in(tf.constant(aug_seed), index)
+  def preprocess(example: dict[str, tf.Tensor], rng: tf.Tensor) -> dict[str, tf.Tensor]:
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(rng, 2))
     image = _to_rgb(example['image'])
     if train_crop == 'multicrop':  # DINO: 2 global and `local_crops` local views (augment.dino_multicrop).
@@ -394,10 +540,7 @@ def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_b
       image = augment.random_erasing(image, dataset_config.random_erasing,
                                      tf.random.experimental.stateless_fold_in(rng, 3))
     return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
-
-  ds = ds.map(preprocess, num_parallel_calls=_AUTOTUNE)
-  ds = ds.batch(local_batch, drop_remainder=True).prefetch(_AUTOTUNE)
-  return TrainIterator(ds)
+  return preprocess
 
 
 def create_eval_iterator(dataset_config: ml_collections.ConfigDict, *, global_batch_size: int,
@@ -415,41 +558,12 @@ def create_eval_iterator(dataset_config: ml_collections.ConfigDict, *, global_ba
     return video_audio_pipeline.create_eval_iterator(dataset_config, global_batch_size=global_batch_size,
                                                      process_index=process_index, process_count=process_count)
   _check_image_config(dataset_config)
-  builder, subsplit, _, process_count, local_batch = _process_split(
-      dataset_config, 'eval_split', global_batch_size, process_index, process_count)
-  split = dataset_config.eval_split
-  largest_part = max(builder.info.splits[s].num_examples
-                     for s in tfds.even_splits(split, n=process_count))
-  num_batches = math.ceil(largest_part / local_batch)
   size = dataset_config.image_size
-  decode = _decode_fn(builder)
 
-  def preprocess(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    example = decode(example)
-    return {'image': eval_preprocess(example['image'], dataset_config),
-            'label': tf.cast(example['label'], tf.int32)}
+  def preprocess(example: dict[str, tf.Tensor], seed: None) -> dict[str, tf.Tensor]:
+    del seed
+    image = tf.ensure_shape(eval_preprocess(example['image'], dataset_config), [size, size, 3])
+    return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
 
-  ds = builder.as_dataset(split=subsplit, shuffle_files=False, decoders=_decoders())
-  ds = ds.map(preprocess, num_parallel_calls=_AUTOTUNE).batch(local_batch).prefetch(_AUTOTUNE)
-
-  def padded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    n = len(batch['label'])
-    out = {k: np.zeros((local_batch,) + v.shape[1:], v.dtype) for k, v in batch.items()}
-    for k, v in batch.items():
-      out[k][:n] = v
-    out['mask'] = (np.arange(local_batch) < n).astype(np.float32)
-    return out
-
-  def batches() -> Iterator[dict[str, np.ndarray]]:
-    count = 0
-    for batch in ds.as_numpy_iterator():
-      count += 1
-      if count > num_batches:
-        raise RuntimeError(f'Eval split {split!r} of {builder.name!r} has more examples than its metadata says '
-                           f'({largest_part} per process at most); re-prepare the dataset.')
-      yield padded(batch)
-    empty = {'image': np.zeros((0, size, size, 3), np.float32), 'label': np.zeros((0,), np.int32)}
-    for _ in range(num_batches - count):
-      yield padded(empty)
-
-  return batches()
+  return eval_batches(dataset_config, lambda builder: preprocess, global_batch_size=global_batch_size,
+                      process_index=process_index, process_count=process_count)

@@ -22,7 +22,8 @@ for eval) to the samples that give exactly audio.frames frames. SpecAugment (tra
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -32,7 +33,6 @@ import tensorflow_datasets as tfds
 from vit_jax import input_pipeline
 
 MODALITIES = ('video', 'audio')
-_AUTOTUNE = tf.data.AUTOTUNE
 
 
 def check_config(dataset_config: ml_collections.ConfigDict) -> None:
@@ -172,8 +172,8 @@ def _waveform(example: dict[str, tf.Tensor]) -> tf.Tensor:
 
 # ------------------------------------------------------------------------------------------------------ iterators
 
-def _preprocess_fn(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, train: bool
-                   ) -> Callable[[dict[str, tf.Tensor], tf.Tensor | None], dict[str, tf.Tensor]]:
+def _preprocess_fn(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
+                   train: bool) -> input_pipeline.Preprocess:
   """(example, seed or None for eval) -> {'image', 'label'} for the configured modality."""
   feature = _feature(builder, config.modality)
   label = lambda example: tf.cast(example['label'], tf.int32)
@@ -211,59 +211,20 @@ def _preprocess_fn(config: ml_collections.ConfigDict, builder: tfds.core.Dataset
 def create_train_iterator(dataset_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
                           process_index: int | None = None,
                           process_count: int | None = None) -> input_pipeline.TrainIterator:
-  """Endless, shuffled, augmented per-process training batches of clips or spectrograms (module docstring);
-  deterministic given `seed` and the process, and checkpointable as input_pipeline's."""
+  """Endless, shuffled, augmented per-process training batches of clips or spectrograms (module docstring):
+  input_pipeline's index-based stream (deterministic given `seed` and the process; a few integers of state)."""
   check_config(dataset_config)
-  builder, subsplit, process_index, _, local_batch = input_pipeline._process_split(  # pylint: disable=protected-access
-      dataset_config, 'train_split', global_batch_size, process_index, process_count)
-  shuffle_seed, file_seed, aug_seed = input_pipeline._process_seeds(seed, process_index)  # pylint: disable=protected-access
-  preprocess = _preprocess_fn(dataset_config, builder, train=True)
-  ds = builder.as_dataset(split=subsplit, shuffle_files=True, read_config=tfds.ReadConfig(shuffle_seed=file_seed))
-  if dataset_config.cache:
-    ds = ds.cache()
-  if dataset_config.shuffle_buffer and dataset_config.shuffle_buffer > 1:
-    ds = ds.shuffle(dataset_config.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
-  ds = ds.repeat().enumerate()
-
-  def with_seed(index, example):
-    return preprocess(example, tf.random.experimental.stateless_fold_in(tf.constant(aug_seed), index))
-
-  ds = ds.map(with_seed, num_parallel_calls=_AUTOTUNE).batch(local_batch, drop_remainder=True).prefetch(_AUTOTUNE)
-  return input_pipeline.TrainIterator(ds)
+  return input_pipeline.train_batches(
+      dataset_config, lambda builder: _preprocess_fn(dataset_config, builder, train=True),
+      global_batch_size=global_batch_size, seed=seed, process_index=process_index, process_count=process_count)
 
 
 def create_eval_iterator(dataset_config: ml_collections.ConfigDict, *, global_batch_size: int,
                          process_index: int | None = None,
                          process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """One deterministic pass over this process's part of the eval split (centre clips / windows), padded to whole
-  batches with a 'mask' as input_pipeline's; every process yields the same number of batches."""
+  batches with a 'mask' by input_pipeline.eval_batches; every process yields the same number of batches."""
   check_config(dataset_config)
-  builder, subsplit, _, process_count, local_batch = input_pipeline._process_split(  # pylint: disable=protected-access
-      dataset_config, 'eval_split', global_batch_size, process_index, process_count)
-  split = dataset_config.eval_split
-  largest = max(builder.info.splits[s].num_examples for s in tfds.even_splits(split, n=process_count))
-  num_batches = math.ceil(largest / local_batch)
-  preprocess = _preprocess_fn(dataset_config, builder, train=False)
-  ds = builder.as_dataset(split=subsplit, shuffle_files=False)
-  ds = ds.map(lambda example: preprocess(example, None), num_parallel_calls=_AUTOTUNE)
-  ds = ds.batch(local_batch).prefetch(_AUTOTUNE)
-  shape = tuple(ds.element_spec['image'].shape[1:])
-
-  def padded(batch):
-    n = len(batch['label'])
-    out = {k: np.zeros((local_batch,) + v.shape[1:], v.dtype) for k, v in batch.items()}
-    for k, v in batch.items():
-      out[k][:n] = v
-    out['mask'] = (np.arange(local_batch) < n).astype(np.float32)
-    return out
-
-  def batches():
-    count = 0
-    for batch in ds.as_numpy_iterator():
-      count += 1
-      yield padded(batch)
-    empty = {'image': np.zeros((0,) + shape, np.float32), 'label': np.zeros((0,), np.int32)}
-    for _ in range(num_batches - count):
-      yield padded(empty)
-
-  return batches()
+  return input_pipeline.eval_batches(
+      dataset_config, lambda builder: _preprocess_fn(dataset_config, builder, train=False),
+      global_batch_size=global_batch_size, process_index=process_index, process_count=process_count)

@@ -37,11 +37,12 @@ def split_indices() -> dict[str, np.ndarray]:
   return {'train': np.sort(perm[NUM_TEST:]), 'test': np.sort(perm[:NUM_TEST])}
 
 
-class Digits(local_builder.LocalCodePath, tfds.core.GeneratorBasedBuilder):
+class Digits(local_builder.LocalCodePath, local_builder.ArrayRecordFormat, tfds.core.GeneratorBasedBuilder):
   """scikit-learn's 8x8 digits (10 classes), 1,437 train / 360 test, prepared without a download."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release: seeded 1,437/360 train/test split.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release: seeded 1,437/360 train/test split.',
+                   '1.1.0': 'Stored as ArrayRecord (read by index); the same examples.'}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(

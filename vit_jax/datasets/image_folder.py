@@ -2,14 +2,17 @@
 
 Layout: FOLDER/train/cat/1.jpg, FOLDER/train/dog/2.png, FOLDER/val/cat/3.jpg, ... One subdirectory per split
 (any names: train, val, test), one subdirectory per class inside; the train split's class folders (sorted) define
-the label ids, and every other split may only use those classes. Hidden files (.name) are ignored.
+the label ids, and every other split may only use those classes. Files in nested subfolders of a class folder
+(FOLDER/train/cat/indoor/4.jpg) belong to that class; how many there are is logged. Hidden files and folders
+(.name) are ignored.
 
 The folder is converted once into TFDS files under data_dir (one builder config per folder and file listing: a
 changed folder gets a fresh conversion, the old one is left alone), so training reads it through the same
-input pipeline as any TFDS dataset (per-process splits, shuffling, exact resume). During conversion every image is
-decoded once: undecodable or corrupt files are skipped, counted per split and listed in the dataset's metadata;
-they never crash a run. An empty class folder, a split without class folders, or a missing split is an error that
-names the folder.
+input pipeline as any TFDS dataset (per-process splits, shuffling, exact resume). A checkpoint's input position
+names the conversion it was taken on, so a run resumed on a changed folder warns and restarts its input order.
+During conversion every image is decoded once: undecodable or corrupt files are skipped, counted per split and
+listed in the dataset's metadata; they never crash a run. An empty class folder, a split without class folders, or
+a missing split is an error that names the folder.
 """
 from __future__ import annotations
 
@@ -65,15 +68,32 @@ def scan(folder: str, splits: Sequence[str]) -> tuple[list[str], dict[str, list[
     if unknown:
       raise ImageFolderError(f'{split_dir} has class folders {unknown} that {root / train} lacks. Every class '
                              f'must have training images; add them there or remove these folders.')
-    entries = []
+    entries, nested = [], 0
     for class_dir in class_dirs:
-      images = sorted(p for p in class_dir.iterdir() if p.is_file() and _visible(p))
+      images = _files_below(class_dir)
       if not images:
         raise ImageFolderError(f'Class folder {class_dir} is empty. Add images to it or remove it.')
       label = classes.index(class_dir.name)
       entries.extend((str(p.relative_to(root)), label) for p in images)
+      nested += sum(p.parent != class_dir for p in images)
+    if nested:
+      logging.info('image_folder: %d file(s) in nested subfolders of the class folders of %s are included, each '
+                   'labelled by its top-level class folder.', nested, split_dir)
     files[split] = entries
   return classes, files
+
+
+def _files_below(directory: epath.Path) -> list[epath.Path]:
+  """Every visible file under `directory`, at any depth (hidden files and folders skipped), sorted by path."""
+  found = []
+  for p in directory.iterdir():
+    if not _visible(p):
+      continue
+    if p.is_dir():
+      found.extend(_files_below(p))
+    elif p.is_file():
+      found.append(p)
+  return sorted(found)
 
 
 def _fingerprint(folder: str, files: dict[str, list[tuple[str, int]]]) -> str:
@@ -96,12 +116,13 @@ def decode_ok(data: bytes) -> bool:
     return False
 
 
-class ImageFolder(local_builder.LocalCodePath, tfds.core.GeneratorBasedBuilder,
+class ImageFolder(local_builder.LocalCodePath, local_builder.ArrayRecordFormat, tfds.core.GeneratorBasedBuilder,
                   skip_registration=True):
   """Images in FOLDER/SPLIT/CLASS/; build with `image_folder.builder(folder, splits, data_dir)`."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Folder of class folders per split; undecodable files skipped and counted.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Folder of class folders per split; undecodable files skipped and counted.',
+                   '1.1.0': 'Files in nested subfolders of a class folder included; stored as ArrayRecord.'}
 
   def __init__(self, *, folder: str, splits: Sequence[str], data_dir: Any = None):
     self._folder = os.path.abspath(folder)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 from etils import epath
 import tensorflow_datasets as tfds
@@ -18,3 +19,15 @@ class LocalCodePath:
   @classmethod
   def code_path(cls) -> epath.Path:
     return epath.Path(inspect.getfile(cls))
+
+
+class ArrayRecordFormat:
+  """Mixin (list it before the TFDS builder base): `download_and_prepare` writes ArrayRecord files by default.
+
+  The input pipeline reads examples by index (`builder.as_data_source`), which needs a random-access file format;
+  TFDS's default, TFRecord, only streams. A copy already prepared in another format is read as it is (and the input
+  pipeline says how to convert it).
+  """
+
+  def download_and_prepare(self, *, file_format: Any = None, **kwargs: Any) -> None:
+    super().download_and_prepare(file_format=file_format or tfds.core.FileFormat.ARRAY_RECORD, **kwargs)
