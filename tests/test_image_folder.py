@@ -88,7 +88,7 @@ def test_images_in_nested_subfolders_are_included_and_counted(tmp_path, caplog):
   (nested / 'n.png').write_bytes((root / 'train' / 'circle' / '1.png').read_bytes())
   (root / 'train' / 'square' / '.thumbnails').mkdir()  # Hidden folder: ignored.
   (root / 'train' / 'square' / '.thumbnails' / 't.png').write_bytes((root / 'train' / 'square' / '1.png').read_bytes())
-  with caplog.at_level('INFO'):
+  with caplog.at_level('INFO', logger='absl'):  # absl's own level (e.g. WARNING once absl flags are parsed)
     _, files = image_folder.scan(str(root), ['train', 'val'])
   assert ('train/circle/indoor/close-up/n.png', 0) in files['train'] and len(files['train']) == 25
   assert any('1 file(s) in nested subfolders' in r.getMessage() for r in caplog.records)
