@@ -150,7 +150,7 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict,
         previous, current, json.loads(defaults.to_json_best_effort()) if defaults is not None else None)
     if added:
       logging.warning('Workdir %s was started before these config fields existed; resuming with their defaults: %s',
-                   workdir, ', '.join(added))
+                      workdir, ', '.join(added))
     diffs = config_differences(previous, current, ignore=added)
     if diffs:
       raise WorkdirConflictError(
