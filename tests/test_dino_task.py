@@ -45,6 +45,34 @@ def test_bad_dino_configs_fail_before_building(change, match):
     config_schema.validate_config(config)
 
 
+def test_collapse_diagnostics_tell_the_two_collapses_apart():
+  k, temp = 64, 0.04
+  center = jnp.zeros((1, k))
+  # Uniform collapse: every teacher output equal, so after centring each image's distribution is uniform.
+  flat = jnp.ones((2, 8, k))
+  d = dino.collapse_diagnostics(flat, center, jnp.float32(np.log(k)), teacher_temp=temp)
+  assert float(d['teacher_entropy']) == pytest.approx(np.log(k), rel=1e-5)
+  assert float(d['teacher_batch_entropy']) == pytest.approx(np.log(k), rel=1e-5)
+  assert abs(float(d['kl'])) < 1e-4  # A uniform student matches it.
+  # One-prototype collapse: every image puts its mass on prototype 3.
+  spike = jnp.zeros((2, 8, k)).at[..., 3].set(1.0)
+  d = dino.collapse_diagnostics(spike, center, jnp.float32(0.5), teacher_temp=temp)
+  assert float(d['teacher_entropy']) < 0.01 and float(d['teacher_batch_entropy']) < 0.01
+  # Healthy: each image sharp on its own prototype, the batch spread over many.
+  own = jnp.zeros((2, 8, k)).at[:, jnp.arange(8), jnp.arange(8)].set(1.0)
+  d = dino.collapse_diagnostics(own, center, jnp.float32(1.0), teacher_temp=temp)
+  assert float(d['teacher_entropy']) < 0.01 and float(d['teacher_batch_entropy']) == pytest.approx(np.log(8), rel=1e-3)
+  # kl is the loss minus the teacher entropy: the cross-entropy's decomposition, against dino_loss itself.
+  rng = np.random.RandomState(0)
+  teacher, student = jnp.asarray(rng.randn(2, 8, k)), jnp.asarray(rng.randn(4, 8, k))
+  loss, _ = dino.dino_loss(student, teacher, center, student_temp=0.1, teacher_temp=temp, center_momentum=0.9)
+  d = dino.collapse_diagnostics(teacher, center, loss, teacher_temp=temp)
+  p = jax.nn.softmax(teacher / temp, axis=-1)
+  log_q = jax.nn.log_softmax(student / 0.1, axis=-1)
+  kl = [jnp.mean(jnp.sum(p[i] * (jnp.log(p[i]) - log_q[v]), axis=-1)) for i in range(2) for v in range(4) if v != i]
+  assert float(d['kl']) == pytest.approx(float(np.mean(kl)), rel=1e-4)
+
+
 def test_optimizer_clips_each_parameter_and_freezes_the_last_layer():
   config = _digits_config()
   config.optimizer.update(name='sgd', b1=0.0, lr=1.0, schedule='constant', warmup_steps=0, weight_decay=0.1,
@@ -106,6 +134,8 @@ def test_cli_run_and_exact_resume(digits_data_dir, tmp_path, monkeypatch):
   assert proc.returncode == 0, proc.stderr[-3000:]
   ref_final = json.loads((ref / 'final_metrics.json').read_text())
   assert ref_final['step'] == 4 and np.isfinite(ref_final['train_loss']) and 'eval_accuracy' not in ref_final
+  assert 0 <= ref_final['train_teacher_entropy'] <= np.log(_digits_config().model.out_dim) + 1e-3
+  assert np.isfinite(ref_final['train_kl']) and 'train_teacher_batch_entropy' in ref_final
 
   config = _digits_config(digits_data_dir)
   config.total_steps, config.checkpoint_every, config.log_every, config.optimizer.warmup_steps = 4, 2, 2, 1

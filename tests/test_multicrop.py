@@ -54,6 +54,24 @@ def test_gaussian_blur_is_a_normalised_gaussian():
   assert out.sum() == pytest.approx(3.0, rel=1e-5)
 
 
+def test_blur_sigma_range_sets_the_kernel():
+  impulse = np.zeros((15, 15, 3), np.float32)
+  impulse[7, 7] = 1.0
+  # A small max_sigma shrinks the kernel to 3 max_sigma each side: sigma 0.3 reaches 1 pixel, not 6.
+  out = augment.gaussian_blur(tf.constant(impulse), 0.3, max_sigma=0.3).numpy()[..., 0]
+  taps = np.exp(-0.5 * (np.arange(-1, 2) / 0.3) ** 2)
+  np.testing.assert_allclose(out[6:9, 6:9], np.outer(taps, taps) / taps.sum() ** 2, atol=1e-6)
+  assert out.sum() == pytest.approx(1.0, rel=1e-5) and out[5].max() == 0
+  # Through the views: a tiny sigma range barely blurs the always-blurred first global view; DINO's range does.
+  image = tf.constant(np.random.RandomState(0).uniform(0, 255, (16, 16, 3)).astype(np.float32))
+  seed = tf.constant([5, 0], tf.int64)
+  kwargs = dict(global_size=16, local_size=8, num_local=0, global_scale=(1.0, 1.0))
+  sharp = augment.dino_multicrop(image, seed, blur_sigma=(0.01, 0.02), **kwargs)[0][0].numpy()
+  blurred = augment.dino_multicrop(image, seed, **kwargs)[0][0].numpy()
+  roughness = lambda x: np.abs(np.diff(x, axis=0)).mean()
+  assert roughness(blurred) < 0.8 * roughness(sharp)
+
+
 def test_random_resized_crop_shape_and_area():
   # A ramp image: a crop's value range shows how much of each axis it spans.
   ramp = tf.constant(np.broadcast_to(np.arange(100, dtype=np.float32)[:, None, None], (100, 100, 3)))
@@ -96,6 +114,10 @@ def test_multicrop_pipeline_batches(digits_data_dir):
   assert a['image'].shape == (8, 2, 16, 16, 3) and a['local_image'].shape == (8, 3, 8, 8, 3)
   assert a['label'].shape == (8,) and a['image'].min() >= -1 and a['image'].max() <= 1
   assert np.abs(a['image'][:, 0] - a['image'][:, 1]).max() > 0.1  # Two different global views.
+  config.blur_sigma = (0.1, 9.0)
+  with pytest.raises(ValueError, match=r'blur_sigma=\(0.1, 9.0\) must be a sigma range'):
+    input_pipeline.create_train_iterator(config, global_batch_size=8, seed=0)
+  config.blur_sigma = (0.1, 2.0)
   config.local_crop_scale = (0.5, 0.2)
   with pytest.raises(ValueError, match='local_crop_scale'):
     input_pipeline.create_train_iterator(config, global_batch_size=8, seed=0)

@@ -273,7 +273,8 @@ def random_erasing(image: tf.Tensor, prob: float, seed: tf.Tensor) -> tf.Tensor:
 GLOBAL_CROP_SCALE = (0.4, 1.0)
 LOCAL_CROP_SCALE = (0.05, 0.4)
 JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
-BLUR_SIGMA = (0.1, 2.0)
+BLUR_SIGMA = (0.1, 2.0)  # DINO's, in pixels of 224 px global and 96 px local views (config.dataset.blur_sigma).
+MAX_BLUR_SIGMA = 5.0     # The largest sigma a config may ask for (the kernel spans 3 sigma each side).
 _GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert('L') and torchvision.
 
 
@@ -330,9 +331,10 @@ def color_jitter(image: tf.Tensor, seed: tf.Tensor, strength: tuple[float, float
   return image
 
 
-def gaussian_blur(image: tf.Tensor, sigma: Any) -> tf.Tensor:
-  """Separable Gaussian blur with standard deviation `sigma` px (<= BLUR_SIGMA[1]), reflect padding at the edges."""
-  radius = int(math.ceil(3 * BLUR_SIGMA[1]))
+def gaussian_blur(image: tf.Tensor, sigma: Any, max_sigma: float = BLUR_SIGMA[1]) -> tf.Tensor:
+  """Separable Gaussian blur with standard deviation `sigma` px (<= max_sigma, which sizes the kernel to 3 max_sigma
+  each side), reflect padding at the edges."""
+  radius = int(math.ceil(3 * max_sigma))
   taps = tf.range(-radius, radius + 1, dtype=tf.float32)
   weights = tf.exp(-0.5 * tf.square(taps / tf.cast(sigma, tf.float32)))
   weights = weights / tf.reduce_sum(weights)
@@ -359,16 +361,17 @@ def _maybe(image: tf.Tensor, prob: float, fn: Callable[[tf.Tensor], tf.Tensor], 
 
 
 def dino_view(image: tf.Tensor, size: int, scale: tuple[float, float], seed: tf.Tensor, *, blur_prob: float,
-              solarize_prob: float) -> tf.Tensor:
-  """One DINO view of a [0, 255] image: crop, flip, jitter p 0.8, grey p 0.2, blur, solarise; float [0, 255]."""
+              solarize_prob: float, blur_sigma: tuple[float, float] = BLUR_SIGMA) -> tf.Tensor:
+  """One DINO view of a [0, 255] image: crop, flip, jitter p 0.8, grey p 0.2, blur (sigma uniform in blur_sigma
+  px), solarise; float [0, 255]."""
   seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 8))
   x = random_resized_crop(image, size, scale, seeds[0])
   x = tf.image.stateless_random_flip_left_right(x, seed=seeds[1])
   x = _maybe(x, 0.8, lambda y: color_jitter(y, seeds[2]), seeds[3])
   x = _maybe(x, 0.2, grayscale, seeds[4])
-  sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * tf.random.stateless_uniform(
-      [], seed=tf.random.experimental.stateless_fold_in(seeds[5], 1))
-  x = _maybe(x, blur_prob, lambda y: gaussian_blur(y, sigma), seeds[5])
+  lo, hi = blur_sigma
+  sigma = lo + (hi - lo) * tf.random.stateless_uniform([], seed=tf.random.experimental.stateless_fold_in(seeds[5], 1))
+  x = _maybe(x, blur_prob, lambda y: gaussian_blur(y, sigma, max_sigma=hi), seeds[5])
   x = _maybe(x, solarize_prob, solarize_float, seeds[6])
   x.set_shape([size, size, 3])
   return x
@@ -376,17 +379,21 @@ def dino_view(image: tf.Tensor, size: int, scale: tuple[float, float], seed: tf.
 
 def dino_multicrop(image: tf.Tensor, seed: tf.Tensor, *, global_size: int, local_size: int, num_local: int,
                    global_scale: tuple[float, float] = GLOBAL_CROP_SCALE,
-                   local_scale: tuple[float, float] = LOCAL_CROP_SCALE) -> tuple[tf.Tensor, tf.Tensor]:
+                   local_scale: tuple[float, float] = LOCAL_CROP_SCALE,
+                   blur_sigma: tuple[float, float] = BLUR_SIGMA) -> tuple[tf.Tensor, tf.Tensor]:
   """(2, global_size, global_size, 3) and (num_local, local_size, local_size, 3) DINO views, [0, 255] floats.
 
-  Global view 1: blur p 1.0; global view 2: blur p 0.1 and solarise p 0.2; local views: blur p 0.5.
+  Global view 1: blur p 1.0; global view 2: blur p 0.1 and solarise p 0.2; local views: blur p 0.5; the blur's sigma
+  is uniform in `blur_sigma` pixels.
   """
   seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 2 + max(num_local, 1)))
-  globals_ = tf.stack([dino_view(image, global_size, global_scale, seeds[0], blur_prob=1.0, solarize_prob=0.0),
-                       dino_view(image, global_size, global_scale, seeds[1], blur_prob=0.1, solarize_prob=0.2)])
+  globals_ = tf.stack([dino_view(image, global_size, global_scale, seeds[0], blur_prob=1.0, solarize_prob=0.0,
+                                 blur_sigma=blur_sigma),
+                       dino_view(image, global_size, global_scale, seeds[1], blur_prob=0.1, solarize_prob=0.2,
+                                 blur_sigma=blur_sigma)])
   if num_local:
-    locals_ = tf.stack([dino_view(image, local_size, local_scale, seeds[2 + i], blur_prob=0.5, solarize_prob=0.0)
-                        for i in range(num_local)])
+    locals_ = tf.stack([dino_view(image, local_size, local_scale, seeds[2 + i], blur_prob=0.5, solarize_prob=0.0,
+                                  blur_sigma=blur_sigma) for i in range(num_local)])
   else:
     locals_ = tf.zeros([0, local_size, local_size, 3], tf.float32)
   return globals_, locals_

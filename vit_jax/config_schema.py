@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.local_image_size = 96
   c.dataset.global_crop_scale = (0.4, 1.0)
   c.dataset.local_crop_scale = (0.05, 0.4)
+  # Gaussian-blur sigma range of the multi-crop views, in pixels of the view. DINO's (0.1, 2.0) is for 224 px global
+  # and 96 px local views; on small images scale it with the image (e.g. x 32/224 at 32 px), or blur erases them.
+  c.dataset.blur_sigma = (0.1, 2.0)
   c.dataset.crop_padding = 4          # Pixels of padding for 'pad_and_crop'.
   c.dataset.crop_min_area = 0.05      # 'inception': smallest crop, as a fraction of the image area (MAE: 0.2).
   c.dataset.flip = True

@@ -345,6 +345,10 @@ def _check_multicrop_config(dataset_config: ml_collections.ConfigDict) -> None:
     if not 0.0 < lo <= hi <= 1.0:
       raise ValueError(f'config.dataset.{key}={tuple(dataset_config[key])} must be an area range (lo, hi) with '
                        '0 < lo <= hi <= 1, e.g. (0.4, 1.0) for global and (0.05, 0.4) for local crops.')
+  lo, hi = dataset_config.blur_sigma
+  if not 0.0 < lo <= hi <= augment.MAX_BLUR_SIGMA:
+    raise ValueError(f'config.dataset.blur_sigma={tuple(dataset_config.blur_sigma)} must be a sigma range (lo, hi) '
+                     f'in pixels with 0 < lo <= hi <= {augment.MAX_BLUR_SIGMA}, e.g. DINO\'s (0.1, 2.0) at 224 px.')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -520,7 +524,7 @@ def _image_train_fn(dataset_config: ml_collections.ConfigDict) -> Preprocess:
       views, local_views = augment.dino_multicrop(
           tf.cast(image, tf.float32), crop_seed, global_size=size, local_size=dataset_config.local_image_size,
           num_local=dataset_config.local_crops, global_scale=tuple(dataset_config.global_crop_scale),
-          local_scale=tuple(dataset_config.local_crop_scale))
+          local_scale=tuple(dataset_config.local_crop_scale), blur_sigma=tuple(dataset_config.blur_sigma))
       return {'image': _normalize(views), 'local_image': _normalize(local_views),
               'label': tf.cast(example['label'], tf.int32)}
     if train_crop == 'inception':

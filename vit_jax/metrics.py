@@ -5,6 +5,8 @@ No `from __future__ import annotations` here: clu reads the metric classes from 
 
 from typing import Any, Mapping, Optional
 
+from absl import logging
+
 import flax
 import numpy as np
 import jax
@@ -123,6 +125,11 @@ def collection_to_json(collection: Optional[metrics.Collection]) -> Optional[dic
 def collection_from_json(empty: metrics.Collection, data: Optional[Mapping[str, Any]]) -> Optional[metrics.Collection]:
   """Inverse of `collection_to_json`: bitwise the same leaves, in the structure of `empty` (Collection.empty())."""
   if data is None:
+    return None
+  if set(data) != set(empty.__dataclass_fields__):
+    # Saved by a version with other metrics: only the current logging window's running means are lost.
+    logging.warning('The saved train metrics hold %s, not %s: starting this logging window afresh.', sorted(data),
+                    sorted(empty.__dataclass_fields__))
     return None
   is_leaf = lambda x: isinstance(x, Mapping) and set(x) == {'dtype', 'value'}
   state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x['value'], dtype=x['dtype'])), dict(data), is_leaf=is_leaf)

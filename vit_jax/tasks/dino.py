@@ -26,6 +26,7 @@ import dataclasses
 import re
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -69,6 +70,26 @@ def dino_loss(student_out: Array, teacher_out: Array, center: Array, *, student_
   pairs = jnp.arange(2)[:, None] != jnp.arange(n_crops)[None, :]  # Skip a view against itself.
   loss = jnp.sum(jnp.where(pairs, cross, 0.0)) / (2 * n_crops - 2)
   return loss, update_center(center, teacher_out, center_momentum)
+
+
+def collapse_diagnostics(teacher_out: Array, center: Array, loss: Array, *, teacher_temp: Any) -> dict[str, Array]:
+  """DINO's collapse signals (Caron et al. 2021, section 5.3 and Fig. 7) for one step's teacher outputs (2, B, K).
+
+  - 'teacher_entropy': the mean entropy of the centred, sharpened teacher distribution of one image. Near ln K: the
+    uniform collapse (centring won); near 0 with a low batch entropy: the one-prototype collapse (sharpening won).
+  - 'teacher_batch_entropy': the entropy of that distribution averaged over the batch; near 0 when every image
+    lands on the same prototype.
+  - 'kl': the mean KL(teacher || student) over the loss's view pairs, i.e. `loss` minus the teacher entropy (each
+    teacher view enters the loss equally often). It goes to 0 in either collapse.
+  """
+  k = teacher_out.shape[-1]
+  logits = (jax.lax.stop_gradient(teacher_out).astype(jnp.float32) - center.reshape(1, 1, k)) / teacher_temp
+  probs = jax.nn.softmax(logits, axis=-1)
+  entropy = -jnp.mean(jnp.sum(probs * jax.nn.log_softmax(logits, axis=-1), axis=-1))
+  mean_probs = jnp.mean(probs, axis=(0, 1))
+  batch_entropy = -jnp.sum(mean_probs * jnp.log(jnp.maximum(mean_probs, 1e-30)))
+  return {'teacher_entropy': entropy, 'teacher_batch_entropy': batch_entropy,
+          'kl': jax.lax.stop_gradient(loss) - entropy}
 
 
 def update_center(center: Array, teacher_out: Array, momentum: float) -> Array:
@@ -129,12 +150,22 @@ LAST_LAYER = r'(^|/)dino_head/last_layer/'
 
 # ------------------------------------------------------------------------------------------------------ task
 
+DIAGNOSTICS = ('teacher_entropy', 'teacher_batch_entropy', 'kl')
+# The loss, gradient norm and learning rate, plus `collapse_diagnostics` averaged over the logging window. Built with
+# type() because clu reads the metric classes from the class's own real annotations, which this module's future
+# import would turn into strings.
+DinoTrainMetrics = flax.struct.dataclass(type('DinoTrainMetrics', (metrics.LossTrainMetrics,), {
+    '__annotations__': {**metrics.LossTrainMetrics.__annotations__,
+                        **{name: metrics.FiniteAverage.from_output(name) for name in DIAGNOSTICS}},
+    '__module__': __name__}))
+
+
 @base.register_task
 @dataclasses.dataclass(frozen=True)
 class Dino(base.Task):
   """DINO self-distillation with a momentum teacher, centring and sharpening (see the module docstring)."""
   name = 'dino'
-  train_metrics = metrics.LossTrainMetrics
+  train_metrics = DinoTrainMetrics
   eval_metrics = None
   evaluators = ('knn', 'linear_probe')
 
@@ -248,10 +279,11 @@ class Dino(base.Task):
     crops = [batch['image'][:, 0], batch['image'][:, 1]]
     crops += [batch['local_image'][:, i] for i in range(batch['local_image'].shape[1])]
     student, model_state = ctx.apply(params, crops, train=True, rngs={'dropout': rng}, method='forward_crops')
-    loss, _ = dino_loss(student, batch['teacher'].swapaxes(0, 1), ctx.extra['center'],
-                        student_temp=self.student_temp, teacher_temp=self.teacher_temperature(ctx.step),
-                        center_momentum=self.center_momentum)
-    return loss, {'loss': loss}, model_state
+    teacher_out, teacher_temp = batch['teacher'].swapaxes(0, 1), self.teacher_temperature(ctx.step)
+    loss, _ = dino_loss(student, teacher_out, ctx.extra['center'], student_temp=self.student_temp,
+                        teacher_temp=teacher_temp, center_momentum=self.center_momentum)
+    diagnostics = collapse_diagnostics(teacher_out, ctx.extra['center'], loss, teacher_temp=teacher_temp)
+    return loss, {'loss': loss, **diagnostics}, model_state
 
   def after_update(self, state: Any, batch: base.Batch, outputs: base.Outputs) -> Any:
     """Teacher EMA with the momentum of the update just made (step - 1), and the centre of its outputs."""
