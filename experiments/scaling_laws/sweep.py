@@ -1,10 +1,11 @@
 """Trains a scaling study's grid and writes its ledger.
 
   python -m experiments.scaling_laws.sweep --config=experiments/scaling_laws/configs/NAME.py --workdir=DIR
-      [--config.base.dataset.data_dir=...] [--emit_commands] [--only=RUN] [--ledger_only]
+      [--config.base.dataset.data_dir=...] [--parallel=N] [--emit_commands] [--only=RUN] [--ledger_only]
 
 Locally the runs train one after another (trunks before the branches that start from their checkpoints; see
-study.py) and DIR/ledger.csv is rewritten after each. A run whose ledger row exists is skipped; an unfinished one
+study.py) and DIR/ledger.csv is rewritten after each; --parallel=N trains N at a time, each in its own process (logs
+in DIR/logs/), which suits small runs on a multi-core CPU. A run whose ledger row exists is skipped; an unfinished one
 resumes from its latest checkpoint (vit_jax.train does that). --emit_commands prints one command per run for a
 cluster scheduler, in stages: stage 2 (branches) needs stage 1 (trunks) finished, and the last command builds the
 ledger. A run's workdir is DIR/runs/NAME; a workdir that holds a different config is refused before anything trains,
@@ -26,6 +27,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Study config (experim
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Study directory: runs/, ledger.csv.')
 _EMIT = flags.DEFINE_bool('emit_commands', False, 'Print one command per run (for a cluster scheduler); train nothing.')
 _ONLY = flags.DEFINE_string('only', None, 'Train only this run (a name printed by --emit_commands).')
+_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Runs to train at once, each in its own process (1: one after '
+                                 'another in this process). Small runs keep about one core busy each.', lower_bound=1)
 _LEDGER_ONLY = flags.DEFINE_bool('ledger_only', False, 'Train nothing; rebuild DIR/ledger.csv from finished runs.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -46,8 +49,12 @@ def main(argv):
     print('\n'.join(runner.emit_commands(study_lib.expand(_CONFIG.value), _WORKDIR.value, sys.argv[1:])))
     return
   try:
-    path, count, total = runner.run_study(_CONFIG.value, _WORKDIR.value, only=_ONLY.value,
-                                          ledger_only=_LEDGER_ONLY.value)
+    if _PARALLEL.value > 1 and not (_ONLY.value or _LEDGER_ONLY.value):
+      path, count, total = runner.run_parallel(_CONFIG.value, _WORKDIR.value, workers=_PARALLEL.value,
+                                               launch=runner.sweep_launcher(_WORKDIR.value, sys.argv[1:]))
+    else:
+      path, count, total = runner.run_study(_CONFIG.value, _WORKDIR.value, only=_ONLY.value,
+                                            ledger_only=_LEDGER_ONLY.value)
   except runner.RunPreempted as e:
     sys.exit(f'Preempted: {e}')  # Exit status 1: the scheduler should rerun this command.
   if path:
