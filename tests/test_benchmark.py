@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from vit_jax import benchmark, sharding, train
+from tests import xla_env
 from tests.test_train import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -19,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_cli_last_line_is_json(tmp_path):
   env = {**os.environ, 'PYTHONPATH': f'{ROOT}{os.pathsep}{os.environ.get("PYTHONPATH", "")}',
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+         'XLA_FLAGS': xla_env.xla_flags(device_count=2)}
   cmd = [sys.executable, '-m', 'vit_jax.benchmark', '--model', 'vit_pico', '--batch_size', '4', '--image_size', '8',
          '--mode', 'train', '--steps', '2', '--warmup', '1']
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True).stdout

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from tests import model_utils
+from tests import xla_env
 from vit_jax import convert
 from vit_jax import deploy
 from vit_jax import finetune
@@ -280,7 +281,7 @@ def test_main_job_trains_family_on_digits(family, digits_data_dir, tmp_path):
          f'--config.dataset.data_dir={digits_data_dir}', '--config.total_steps=3', '--config.batch_size=16',
          '--config.log_every=1', '--config.eval_every=3', '--config.checkpoint_every=3',
          '--config.optimizer.warmup_steps=1', *MAIN_OVERRIDES[family]]
-  env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}
+  env = xla_env.subprocess_env()
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   final = json.loads((workdir / 'final_metrics.json').read_text())

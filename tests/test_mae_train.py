@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests import model_utils
+from tests import xla_env
 from tests.test_reliability import _assert_bitwise_equal, _hook_iterator, _params, _same_metrics
 from tests.test_train import ROOT
 from vit_jax import config_schema, finetune, train
@@ -126,7 +127,7 @@ def test_cli_short_mae_run(tmp_path, digits_data_dir):
          '--config.model.drop_path_rate=0.0', '--config.batch_size=32', '--config.total_steps=4',
          '--config.log_every=2', '--config.eval_every=4', '--config.checkpoint_every=4',
          '--config.optimizer.warmup_steps=1', *flags]
-  env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}
+  env = xla_env.subprocess_env()
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   final = json.loads((workdir / 'final_metrics.json').read_text())

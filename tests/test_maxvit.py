@@ -5,8 +5,6 @@ tests/parity/make_maxvit_fixtures.py; full-size models only through jax.eval_sha
 """
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +12,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from tests import main_job
 from tests import model_utils
 from vit_jax import convert
 from vit_jax import param_groups
+from vit_jax import train
 from vit_jax.models import maxvit
 from vit_jax.models import registry
 
@@ -315,7 +315,6 @@ def test_layer_grouping_decay_and_freezing():
 
 # -- the main job trains MaxViT at tiny width on digits --------------------------------------------------------------
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The default config's 16 px digits: stem map 8, two stages (maps 4 and 2) with 2x2 partitions. The config's
 # model.patch_size (4, for its ViT) is MaxViT's stem stride: set back to the paper's 2.
 MAIN_OVERRIDES = {'patch_size': 2, 'embed_dim': (8, 16), 'depths': (1, 1), 'stem_width': 8, 'dim_head': 8,
@@ -324,17 +323,10 @@ MAIN_OVERRIDES = {'patch_size': 2, 'embed_dim': (8, 16), 'depths': (1, 1), 'stem
 
 @pytest.mark.slow
 def test_main_job_trains_maxvit_on_digits(digits_data_dir, tmp_path):
-  """`python -m vit_jax.main --config=configs/default.py --config.model.name=maxvit_t ...` trains 3 steps; the
-  BatchNorm statistics are in the train state's checkpoint."""
+  """The main job's config (configs/default.py, model.name=maxvit_t) trains 3 steps; the BatchNorm statistics are in
+  the train state's checkpoint."""
   workdir = tmp_path / 'run'
-  cmd = [sys.executable, '-m', 'vit_jax.main', f'--config={ROOT}/configs/default.py', f'--workdir={workdir}',
-         f'--config.dataset.data_dir={digits_data_dir}', '--config.total_steps=3', '--config.batch_size=16',
-         '--config.log_every=1', '--config.eval_every=3', '--config.checkpoint_every=3',
-         '--config.optimizer.warmup_steps=1', '--config.model.name=maxvit_t',
-         *[f'--config.model.{k}={v}' for k, v in MAIN_OVERRIDES.items()]]
-  env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  train.train_and_evaluate(main_job.short_run_config(digits_data_dir, 'maxvit_t', **MAIN_OVERRIDES), str(workdir))
   with open(workdir / 'final_metrics.json') as f:
     final = json.load(f)
   assert final['step'] == 3 and all(np.isfinite(v) for v in final.values())

@@ -17,6 +17,7 @@ import pytest
 from flax import traverse_util
 
 from tests import model_utils
+from tests import xla_env
 from vit_jax import convert
 from vit_jax import deploy
 from vit_jax import finetune
@@ -239,7 +240,7 @@ def test_main_job_trains_mobilevit_on_digits(name, digits_data_dir, tmp_path):
          '--config.log_every=1', '--config.eval_every=3', '--config.checkpoint_every=3',
          '--config.optimizer.warmup_steps=1', f'--config.model.name={name}',
          *[f'--config.model.{k}={v}' for k, v in MAIN_OVERRIDES[name].items()]]
-  env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}
+  env = xla_env.subprocess_env()
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)  # 736 s seen at load 30.
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(workdir / 'final_metrics.json') as f:

@@ -17,6 +17,7 @@ import pytest
 from flax import traverse_util
 
 from tests import multihost_worker
+from tests import xla_env
 from vit_jax import input_pipeline, train
 
 NUM_PROCESSES = 2
@@ -58,8 +59,8 @@ def _two_process_batches(real):
 
 
 def _launch(args, timeout=600):
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu',
-         'PYTHONPATH': os.pathsep.join([str(multihost_worker.ROOT), os.environ.get('PYTHONPATH', '')])}
+  pythonpath = os.pathsep.join([str(multihost_worker.ROOT), os.environ.get('PYTHONPATH', '')])
+  env = xla_env.subprocess_env(device_count=4, PYTHONPATH=pythonpath)
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, str(multihost_worker.ROOT / 'tests' / 'multihost_worker.py'), str(i),
                              str(NUM_PROCESSES), str(port), *args], cwd=multihost_worker.ROOT, env=env,

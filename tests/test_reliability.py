@@ -15,6 +15,7 @@ import pytest
 
 from vit_jax import checkpoint, guards, input_pipeline, optim, preemption, train
 from tests.test_train import ROOT, _main_cmd, tiny_config
+from tests import xla_env
 
 # Wall-clock fields; every other field of final_metrics.json must be identical between interrupted and not.
 TIME_FIELDS = ('train_seconds', 'resumed_from_step')
@@ -203,7 +204,7 @@ def test_cli_sigterm_saves_and_exits_zero(tmp_path, digits_data_dir):
   workdir = tmp_path / 'w'
   cmd = _main_cmd(workdir, digits_data_dir, '--config.total_steps=5000', '--config.checkpoint_every=10000',
                   '--config.eval_every=0', '--config.log_every=1', '--config.model.num_layers=1')
-  env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}
+  env = xla_env.subprocess_env()
   rc, stderr = _sigterm_after(cmd, env, '/5000  loss ')  # A console step line: training has started.
   assert rc == 0, stderr[-2000:]
   saved = [int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()]

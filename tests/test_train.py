@@ -1,7 +1,6 @@
 """End to end: a short run, resume, data parallelism equal to one device, and bad-input errors."""
 import functools
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -14,6 +13,8 @@ import pytest
 
 from vit_jax import checkpoint, input_pipeline, optim, sharding, train
 from vit_jax.config_schema import base_config
+
+from tests import xla_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -140,7 +141,7 @@ def test_cli_killed_run_resumes(tmp_path, digits_data_dir):
   workdir = tmp_path / 'w'
   cmd = _main_cmd(workdir, digits_data_dir, '--config.total_steps=400', '--config.checkpoint_every=40',
                   '--config.eval_every=0', '--config.model.num_layers=1')
-  env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}
+  env = xla_env.subprocess_env()
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 240
   ckpts = workdir / 'checkpoints'

@@ -2,7 +2,6 @@
 synthetic_sounds data, the ucf101 / speech_commands configs on tfds.testing.mock_data, and one short main job per
 modality (slow)."""
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from vit_jax.datasets import moving_digits
 from vit_jax.datasets import synthetic_sounds
 
 from tests import tfds_mock
+from tests import xla_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -174,7 +174,7 @@ def test_main_job_trains_video_and_audio(config, model, classes, tmp_path):
          f'--config.dataset.data_dir={tmp_path / "data"}', '--config.total_steps=3', '--config.batch_size=8',
          '--config.log_every=1', '--config.eval_every=3', '--config.checkpoint_every=3',
          '--config.optimizer.warmup_steps=1']
-  env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}
+  env = xla_env.subprocess_env()
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
   final = json.loads((workdir / 'final_metrics.json').read_text())
