@@ -443,45 +443,43 @@ def test_digits_star_study_expands():
 
 
 def _sleeper_launcher(codes, log):
-  """A launcher of short real processes (no training) that exit with codes[name] (default 0), recording each start
-  with which runs were then still running."""
-  procs = {}
+  """A launcher of short real processes (no training) that exit with codes[lane] (default 0), recording each start
+  with how many lanes were then still running."""
+  procs = []
 
-  def launch(run, log_path):
-    running = [n for n, p in procs.items() if p.poll() is None]
-    log.append((run.name, running, {n: p.returncode for n, p in procs.items()}))
-    assert log_path.parent.name == runner.LOGS_DIRNAME and log_path.name == f'{run.name}.log'
-    code = codes.get(run.name, 0)
-    procs[run.name] = subprocess.Popen([sys.executable, '-c', f'import sys, time; time.sleep(0.3); sys.exit({code})'])
-    return procs[run.name]
+  def launch(lane, log_path):
+    assert log_path.parent.name == runner.LOGS_DIRNAME and log_path.name == f'lane_{lane}.log'
+    log.append((lane, sum(p.poll() is None for p in procs)))
+    procs.append(subprocess.Popen([sys.executable, '-c',
+                                   f'import sys, time; time.sleep(0.3); sys.exit({codes.get(lane, 0)})']))
+    return procs[-1]
   return launch
 
 
-def test_parallel_sweep_keeps_trunks_before_branches_and_at_most_n_running(tmp_path):
-  study = _tiny_study(None, shapes=(dict(hidden_size=16, num_layers=1, mlp_dim=32, num_heads=2),
-                                    dict(hidden_size=8, num_layers=1, mlp_dim=16, num_heads=2)))
+def test_lanes_keep_each_trunk_with_its_branches_and_balance_the_steps():
+  study = _tiny_study(None, steps=(8, 16, 32), shapes=tuple(
+      dict(hidden_size=w, num_layers=1, mlp_dim=32, num_heads=2) for w in (8, 16, 24)))
   runs = study_lib.expand(study)
-  trunk_of = {r.name: r.trunk for r in runs}
+  lanes = runner.split_lanes(runs, 2)
+  assert sorted(r.name for lane in lanes for r in lane) == sorted(r.name for r in runs)  # Each run once.
+  for lane in lanes:
+    names = [r.name for r in lane]
+    for i, run in enumerate(lane):
+      if run.trunk:
+        assert run.trunk in names[:i], f'{run.name} is not after its trunk in the same lane'
+  trained = [sum(r.steps - r.branch_step for r in lane) for lane in lanes]
+  assert sorted(len(lane) for lane in lanes) == [3, 6] and max(trained) <= 2 * min(trained)
+  assert runner.split_lanes(runs, 1) == [runs]  # Equal costs: the study's own order.
+  with pytest.raises(ValueError, match='--parallel=0 must be >= 1'):
+    runner.split_lanes(runs, 0)
+
+
+def test_parallel_sweep_runs_every_lane_at_once_and_names_a_failed_one(tmp_path):
+  study = _tiny_study(None)
   log = []
   runner.run_parallel(study, str(tmp_path), workers=2, launch=_sleeper_launcher({}, log), poll_seconds=0.05)
-  assert sorted(name for name, _, _ in log) == sorted(trunk_of)  # Every run started once.
-  assert max(len(running) for _, running, _ in log) <= 1  # With one more starting: at most 2 at once.
-  assert [name for name, _, _ in log[:2]] == [r.name for r in runs if not r.trunk]  # Both trunks first, together.
-  for name, _, codes in log:
-    if trunk_of[name]:
-      assert codes[trunk_of[name]] == 0, f'{name} started before its trunk finished'
-
-
-def test_parallel_sweep_stops_on_a_failed_or_preempted_run_and_names_it(tmp_path):
-  study = _tiny_study(None)
-  trunk, branch = study_lib.expand(study)
-  log = []
-  with pytest.raises(RuntimeError, match=rf'{trunk.name} \(exit 3, log .*logs/{trunk.name}.log\).*rerun'):
-    runner.run_parallel(study, str(tmp_path), workers=2, launch=_sleeper_launcher({trunk.name: 3}, log),
-                        poll_seconds=0.05)
-  assert [name for name, _, _ in log] == [trunk.name]  # Its branch never started.
-  with pytest.raises(runner.RunPreempted, match=f'preempted: {trunk.name}.*Rerun the same command'):
-    runner.run_parallel(study, str(tmp_path), workers=2, launch=_sleeper_launcher({trunk.name: 1}, []),
-                        poll_seconds=0.05)
-  with pytest.raises(ValueError, match='--parallel=0 must be >= 1'):
-    runner.run_parallel(study, str(tmp_path), workers=0, launch=_sleeper_launcher({}, []))
+  assert log == [(0, 0), (1, 1)]  # Both lanes started, the second while the first was still running.
+  with pytest.raises(RuntimeError, match=r'lane 1 \(exit 3, log .*logs/lane_1.log\).*rerun the same command'):
+    runner.run_parallel(study, str(tmp_path), workers=2, launch=_sleeper_launcher({1: 3}, []), poll_seconds=0.05)
+  with pytest.raises(runner.RunPreempted, match=r'preempted lanes: \[0\]\). Rerun the same command'):
+    runner.run_parallel(study, str(tmp_path), workers=2, launch=_sleeper_launcher({0: 1}, []), poll_seconds=0.05)

@@ -189,92 +189,105 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, only: Optional[
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]  # Where `python -m experiments.scaling_laws.sweep` runs.
 LOGS_DIRNAME = 'logs'
 
-# launch(run, log_path) -> a started process (subprocess.Popen-like: poll(), wait(), send_signal(), returncode).
-Launcher = Callable[[study_lib.Run, pathlib.Path], Any]
+# launch(lane, log_path) -> a started process (subprocess.Popen-like: poll(), wait(), send_signal(), returncode).
+Launcher = Callable[[int, pathlib.Path], Any]
 
 
-def sweep_launcher(workdir: str, argv: list[str]) -> Launcher:
-  """Starts `python -m experiments.scaling_laws.sweep <the same --config args> --only=RUN`, output to a log file."""
-  base = [sys.executable, '-m', 'experiments.scaling_laws.sweep', *_config_args(argv), f'--workdir={workdir}']
+def split_lanes(runs: list[study_lib.Run], lanes: int) -> list[list[study_lib.Run]]:
+  """The runs in `lanes` independent queues: a trunk and its branches stay together, trunk first (so no lane waits on
+  another), and each group goes to the lane with the fewest steps to train so far (a branch trains only its
+  cooldown: steps - branch_step)."""
+  if lanes < 1:
+    raise ValueError(f'--parallel={lanes} must be >= 1.')
+  groups: dict[str, list[study_lib.Run]] = {}
+  for run in runs:
+    groups.setdefault(run.trunk or run.name, []).append(run)
+  cost = lambda group: sum(r.steps - r.branch_step for r in group)
+  queues: list[list[study_lib.Run]] = [[] for _ in range(lanes)]
+  for group in sorted(groups.values(), key=cost, reverse=True):
+    lightest = min(range(lanes), key=lambda i: (cost(queues[i]), i))
+    queues[lightest].extend(group)
+  return queues
 
-  def launch(run: study_lib.Run, log_path: pathlib.Path) -> subprocess.Popen:
+
+def run_lane(study: ml_collections.ConfigDict, workdir: str, *, lane: int, lanes: int) -> None:
+  """Trains lane `lane` of `split_lanes(runs, lanes)` in this process, one run after another (no ledger: the
+  process that started the lanes writes it)."""
+  runs = study_lib.expand(study)
+  queues = split_lanes(runs, lanes)
+  if not 0 <= lane < lanes:
+    raise ValueError(f'--lane={lane} must be in [0, {lanes}).')
+  root = epath.Path(workdir)
+  check_before_training(root, runs, study)
+  by_name = {r.name: r for r in runs}
+  for i, run in enumerate(queues[lane]):
+    logging.info('Lane %d, run %d/%d: %s', lane, i + 1, len(queues[lane]), run.name)
+    execute(root, run, study, by_name.get(run.trunk))
+
+
+def sweep_launcher(workdir: str, argv: list[str], lanes: int) -> Launcher:
+  """Starts `python -m experiments.scaling_laws.sweep <the same --config args> --parallel=N --lane=K`, its output
+  to a log file."""
+  base = [sys.executable, '-m', 'experiments.scaling_laws.sweep', *_config_args(argv), f'--workdir={workdir}',
+          f'--parallel={lanes}']
+
+  def launch(lane: int, log_path: pathlib.Path) -> subprocess.Popen:
     with open(log_path, 'ab') as log:
-      return subprocess.Popen(base + [f'--only={run.name}'], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+      return subprocess.Popen(base + [f'--lane={lane}'], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
   return launch
 
 
 def run_parallel(study: ml_collections.ConfigDict, workdir: str, *, workers: int, launch: Launcher,
                  poll_seconds: float = 0.5) -> tuple[str, int, int]:
-  """Trains the study's runs `workers` at a time, each in its own process, then writes the ledger.
+  """Trains the study in `workers` lanes at once, each a process of its own (`split_lanes`), then writes the ledger.
 
   For a machine with more cores than one small run keeps busy (a tiny model's step is mostly serial Python and
-  dispatch): 2 workers on a 2-core CPU take the digits studies to about half their wall time. A branch starts once
-  its trunk has finished. Finished runs are skipped without starting a process. Each run's output goes to
-  DIR/logs/NAME.log. If a run fails or is preempted, no new run starts; the running ones finish (SIGTERM to this
-  process is passed on to them, so they checkpoint), and the error names each failed run and its log. Rerunning
-  the same command resumes.
+  dispatch). Each lane imports and compiles once for all its runs; its output goes to DIR/logs/lane_K.log. A lane
+  that fails or is preempted does not stop the others; the error names it and its log. SIGTERM to this process is
+  passed on to the lanes, so their runs checkpoint; rerunning the same command resumes, skipping finished runs.
   """
-  if workers < 1:
-    raise ValueError(f'--parallel={workers} must be >= 1.')
   runs = study_lib.expand(study)
+  split_lanes(runs, workers)  # Checks `workers`.
   root = epath.Path(workdir)
   check_before_training(root, runs, study)
   root.mkdir(parents=True, exist_ok=True)
   logs = pathlib.Path(os.fspath(root)) / LOGS_DIRNAME
   logs.mkdir(exist_ok=True)
-
-  def is_done(run: study_lib.Run) -> bool:
-    row = ledger.read_row(run_dir_of(root, run))
-    return row is not None and ledger.probe_is_current(row, study)
-
-  done = {r.name for r in runs if is_done(r)}
-  pending = [r for r in runs if r.name not in done]
-  running: dict[str, Any] = {}
-  failed: dict[str, int] = {}
+  log_paths = [logs / f'lane_{lane}.log' for lane in range(workers)]
+  procs: list[Any] = []
   stopping = []
-  start = time.time()
   previous = signal.getsignal(signal.SIGTERM)
 
   def on_sigterm(signum, frame):
     del frame
     stopping.append(signum)
-    for proc in running.values():
-      proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+      if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
   signal.signal(signal.SIGTERM, on_sigterm)
+  start = time.time()
   try:
-    while pending or running:
-      for name, proc in list(running.items()):
-        if proc.poll() is None:
-          continue
-        del running[name]
-        if proc.returncode == 0:
-          done.add(name)
-          logging.info('Run %s: finished (%d of %d, %.0f s into the sweep).', name, len(done), len(runs),
-                       time.time() - start)
-        else:
-          failed[name] = proc.returncode
-      if not failed and not stopping:
-        for run in [r for r in pending if not r.trunk or r.trunk in done][:workers - len(running)]:
-          pending.remove(run)
-          logging.info('Run %s: started (%d running).', run.name, len(running) + 1)
-          running[run.name] = launch(run, logs / f'{run.name}.log')
-      elif not running:
-        break
+    for lane, log_path in enumerate(log_paths):
+      procs.append(launch(lane, log_path))
+      logging.info('Lane %d started; its output goes to %s.', lane, log_path)
+    while any(proc.poll() is None for proc in procs):
       time.sleep(poll_seconds)
   finally:
-    for proc in running.values():  # Only on an exception here: let the runs checkpoint and exit.
-      proc.send_signal(signal.SIGTERM)
-      proc.wait()
+    for proc in procs:  # Only on an exception here: let the runs checkpoint and exit.
+      if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
     signal.signal(signal.SIGTERM, previous)
   path, count = ledger.write_ledger(root, runs, study)
+  logging.info('Lanes finished in %.0f s; %s has %d of %d rows.', time.time() - start, path, count, len(runs))
+  failed = {lane: proc.returncode for lane, proc in enumerate(procs) if proc.returncode != 0}
+  crashed = {lane: code for lane, code in failed.items() if code != 1}
+  if crashed:
+    raise RuntimeError('Lanes failed: ' + '; '.join(f'lane {lane} (exit {code}, log {log_paths[lane]})'
+                                                     for lane, code in crashed.items()) +
+                       f'. {count} of {len(runs)} runs are finished. Fix the cause and rerun the same command: '
+                       'finished runs are skipped.')
   if failed or stopping:
-    preempted = [n for n, code in failed.items() if code == 1]
-    crashed = {n: code for n, code in failed.items() if code != 1}
-    if crashed:
-      raise RuntimeError('Runs failed: ' + '; '.join(f'{n} (exit {c}, log {logs / (n + ".log")})'
-                                                       for n, c in crashed.items()) +
-                         '. Fix the cause and rerun the same command: finished runs are skipped.')
-    raise RunPreempted(f'The sweep was stopped ({len(done)} of {len(runs)} runs finished'
-                       + (f'; preempted: {", ".join(preempted)}' if preempted else '') +
-                       '). Rerun the same command to resume.')
+    raise RunPreempted(f'The sweep was stopped with {count} of {len(runs)} runs finished (preempted lanes: '
+                       f'{sorted(failed) or "none"}). Rerun the same command to resume.')
   return str(path), count, len(runs)

@@ -2,13 +2,12 @@
 
 Centre w48 d3 m96 (2 heads, patch 4); widths 24-64, depths 1-5, MLP sizes 24-192 (4 values each, centre included),
 each at 3 training lengths on the whole train split: 10 shapes x 3 lengths = 30 ledger rows from 10 full runs and 20
-cooldown branches. Each run's fixed cost (compiling its train step, the final eval and few-shot probe) outweighs its
-steps here, so the study is sized by its number of runs: 30, against digits.py's 48 runs in 10 minutes on an idle
-2-core CPU, so about 7 minutes idle (scaled, not measured: on 2026-12-01 the machine never idled; at a load average of
-25-30 a run took 3.5-7 minutes, and 12 of the 30 finished in 65 minutes over up to three parallel lanes). Then the
+cooldown branches. Measured on the 2-core CPU (2026-12-02): 17.4 minutes one run after another (a tiny run keeps
+about one core busy), 9.8 minutes with --parallel=2 (two lanes), plus about 1 minute for the fit. Then the
 per-dimension shape laws f_k(x_k, t) (shape_laws.py) give each dimension's compute-optimal exponent s_k:
 
-  python -m experiments.scaling_laws.sweep --config=experiments/scaling_laws/configs/digits_star.py --workdir=DIR
+  python -m experiments.scaling_laws.sweep --config=experiments/scaling_laws/configs/digits_star.py --workdir=DIR \
+      --parallel=2
   python -m experiments.scaling_laws.fit --ledger=DIR/ledger.csv --out=DIR/report
 """
 import sys
