@@ -179,3 +179,17 @@ def test_cli_run_and_exact_resume(digits_data_dir, tmp_path, monkeypatch):
   assert jax.tree.structure(teacher) == jax.tree.structure(student) and 'head' not in student
   assert any(np.abs(np.asarray(t) - np.asarray(s)).max() > 0 for t, s in zip(jax.tree.leaves(teacher),
                                                                               jax.tree.leaves(student)))
+
+
+def test_saved_metrics_of_other_fields_restart_the_logging_window():
+  """A checkpoint written before the collapse signals existed holds LossTrainMetrics: resuming it under
+  DinoTrainMetrics drops that window's running means (with a warning) instead of failing; equal fields round-trip."""
+  from vit_jax import metrics  # pylint: disable=g-import-not-at-top
+  outputs = dict(loss=jnp.float32(2.0), grad_norm=jnp.float32(1.0), learning_rate=jnp.float32(0.1),
+                 nonfinite_updates=jnp.int32(0))
+  old = metrics.collection_to_json(metrics.LossTrainMetrics.single_from_model_output(**outputs))
+  assert metrics.collection_from_json(dino.DinoTrainMetrics.empty(), old) is None
+  new = dino.DinoTrainMetrics.single_from_model_output(**outputs, teacher_entropy=jnp.float32(3.0),
+                                                        teacher_batch_entropy=jnp.float32(4.0), kl=jnp.float32(0.5))
+  back = metrics.collection_from_json(dino.DinoTrainMetrics.empty(), metrics.collection_to_json(new))
+  assert {k: float(v) for k, v in back.compute().items()} == {k: float(v) for k, v in new.compute().items()}
