@@ -105,3 +105,14 @@ def test_loop_compiles_train_and_eval_step_once(digits_data_dir, tmp_path):
     jax.monitoring.unregister_event_duration_listener(listener)
   assert compiled['jit(train_step)'] == 1, compiled
   assert compiled['jit(eval_step)'] == 1, compiled
+
+
+@pytest.mark.slow  # A registry-size conv model's two compiles: ~30 s on the 2-core CPU.
+def test_build_step_runs_a_batchnorm_family_in_both_modes():
+  """Conv families keep BatchNorm statistics outside 'params': inference reads them, training updates them."""
+  for mode in ('infer', 'train'):
+    run, _, _ = benchmark.build_step(model_name='mobilevit_xxs', batch_size=2, image_size=64, mode=mode,
+                                     num_classes=10, devices=jax.local_devices()[:1])
+    out = run()
+    leaves = jax.tree.leaves(out)
+    assert leaves and all(np.isfinite(np.asarray(x, np.float32)).all() for x in leaves)

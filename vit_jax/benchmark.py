@@ -108,12 +108,18 @@ def build_step(*, model_name: str, batch_size: int, image_size: int, dtype: str 
   images = jax.device_put(jax.random.normal(jax.random.key(0), (batch_size, image_size, image_size, 3)),
                           batch_sharding)
   labels = jax.device_put(jnp.arange(batch_size, dtype=jnp.int32) % max(num_classes, 1), batch_sharding)
-  init = jax.jit(lambda key: model.init(key, images[:1], train=False)['params'], out_shardings=replicated)
-  params = init(jax.random.key(1))  # float32 parameters; `dtype` is the compute dtype.
+  init = jax.jit(lambda key: model.init(key, images[:1], train=False), out_shardings=replicated)
+  variables = init(jax.random.key(1))
+  params = variables['params']  # float32 parameters; `dtype` is the compute dtype.
+  model_state = {k: v for k, v in variables.items() if k != 'params'}  # BatchNorm statistics, for the conv families.
   tx = optax.adamw(1e-4)
 
   def loss_fn(p, x, y, key):
-    logits = model.apply({'params': p}, x, train=True, rngs={'dropout': key})
+    if model_state:  # Train-mode BatchNorm updates its statistics; the benchmark times that and drops them.
+      logits, _ = model.apply({'params': p, **model_state}, x, train=True, rngs={'dropout': key},
+                              mutable=list(model_state))
+    else:
+      logits = model.apply({'params': p}, x, train=True, rngs={'dropout': key})
     logits = logits[0] if isinstance(logits, tuple) else logits  # DeiT distilled: (cls, dist) heads in training.
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
 
@@ -132,7 +138,8 @@ def build_step(*, model_name: str, batch_size: int, image_size: int, dtype: str 
       holder[0] = compiled(holder[0], images, labels)
       return holder[0]
   else:
-    compiled = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)).lower(params, images).compile()
+    compiled = jax.jit(lambda p, x: model.apply({'params': p, **model_state}, x, train=False)).lower(
+        params, images).compile()
     run = lambda: compiled(params, images)
   return run, compiled, model
 
