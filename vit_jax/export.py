@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import layers
+
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 FORMATS = ('stablehlo', 'savedmodel', 'onnx')
@@ -100,7 +102,8 @@ def export_savedmodel(model: Any, variables: Any, image_size: int, path: str, *,
 
   module.serving_default = serving_default
   try:
-    tf.saved_model.save(module, path, signatures={'serving_default': serving_default})
+    with layers.gelu_via_erfc():  # TensorFlow's StableHLO cannot load erf's serialised form; tracing happens here.
+      tf.saved_model.save(module, path, signatures={'serving_default': serving_default})
   except Exception as e:  # pylint: disable=broad-except
     raise ExportError(f'savedmodel: jax2tf could not convert {type(model).__name__} ({type(e).__name__}: {e}).') from e
   return path

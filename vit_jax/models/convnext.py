@@ -29,6 +29,7 @@ import numpy as np
 from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
+from vit_jax.models.conv import Conv
 from vit_jax.models.layers import DropPath, constrain, logical
 
 Array = jax.Array
@@ -44,9 +45,9 @@ def _conv(features: int, kernel: int, *, stride: int = 1, groups: int = 1, dtype
   """timm-initialised conv (trunc-normal 0.02 kernel, zero bias) with PyTorch's symmetric padding kernel // 2 for
   odd kernels and none for the patchifying (kernel == stride) convs."""
   pad = 'VALID' if kernel == stride else ((kernel // 2, kernel // 2),) * 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, feature_group_count=groups,
-                 dtype=dtype, kernel_init=logical(_trunc_normal, (None, None, None, 'embed')),
-                 bias_init=logical(_zeros, ('embed',)), name=name)
+  return Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, feature_group_count=groups,
+              dtype=dtype, kernel_init=logical(_trunc_normal, (None, None, None, 'embed')),
+              bias_init=logical(_zeros, ('embed',)), name=name)
 
 
 class ConvNeXtBlock(nn.Module):

@@ -43,6 +43,7 @@ from vit_jax.models import attention
 from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
+from vit_jax.models.conv import Conv
 from vit_jax.models.layers import DropPath
 
 Array = jax.Array
@@ -85,8 +86,8 @@ class ConvEmbedding(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     p = self.padding
-    x = nn.Conv(self.embed_dim, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                padding=((p, p), (p, p)), dtype=self.dtype, kernel_init=_trunc_normal, name='projection')(x)
+    x = Conv(self.embed_dim, (self.kernel, self.kernel), strides=(self.stride, self.stride),
+             padding=((p, p), (p, p)), dtype=self.dtype, kernel_init=_trunc_normal, name='projection')(x)
     return _layer_norm('normalization', self.dtype)(x)
 
 
@@ -99,9 +100,9 @@ class ConvProjection(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     c = x.shape[-1]
     p = _QKV_KERNEL // 2
-    x = nn.Conv(c, (_QKV_KERNEL, _QKV_KERNEL), strides=(self.stride, self.stride), padding=((p, p), (p, p)),
-                feature_group_count=c, use_bias=False, dtype=self.dtype, kernel_init=_trunc_normal,
-                name='convolution')(x)
+    x = Conv(c, (_QKV_KERNEL, _QKV_KERNEL), strides=(self.stride, self.stride), padding=((p, p), (p, p)),
+             feature_group_count=c, use_bias=False, dtype=self.dtype, kernel_init=_trunc_normal,
+             name='convolution')(x)
     x = layers.torch_batch_norm('normalization', train=train, dtype=self.dtype)(x)
     return x.reshape(x.shape[0], -1, c)
 
@@ -165,7 +166,7 @@ class CvtBlock(nn.Module):
                           _layer_norm('layernorm_before', self.dtype)(x), grid, train)
     x = x + drop_path(y)
     y = _layer_norm('layernorm_after', self.dtype)(x)
-    y = nn.gelu(_dense(int(c * self.mlp_ratio), 'fc1', self.dtype)(y), approximate=False)
+    y = layers.gelu(_dense(int(c * self.mlp_ratio), 'fc1', self.dtype)(y), approximate=False)
     y = _dense(c, 'fc2', self.dtype)(y)
     y = nn.Dropout(self.drop_rate)(y, deterministic=not train)
     return x + drop_path(y)

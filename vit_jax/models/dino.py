@@ -92,7 +92,7 @@ class DINOHead(nn.Module):
                    kernel_init=layers.logical(init, names), bias_init=layers.logical(nn.initializers.zeros,
                                                                                       names[1:]))(x)
       if i < self.num_layers - 1:
-        x = nn.gelu(x, approximate=False)
+        x = layers.gelu(x, approximate=False)
     x = x.astype(jnp.float32)
     x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize(eps=1e-12)
     return WeightNormDense(self.out_dim, learn_scale=not self.norm_last_layer, dtype=self.dtype,

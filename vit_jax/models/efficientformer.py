@@ -50,6 +50,7 @@ from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
 from vit_jax.models import resize
+from vit_jax.models.conv import Conv
 from vit_jax.models.layers import DropPath
 
 Array = jax.Array
@@ -64,9 +65,9 @@ def _conv(features: int, kernel: int, *, stride: int = 1, dtype: Any, name: str)
   """A conv with bias and PyTorch's symmetric padding kernel // 2 (timm's default Conv2d init is kept simple:
   trunc-normal 0.02, zero bias)."""
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                 dtype=dtype, kernel_init=layers.logical(_trunc_normal, (None, None, None, 'embed')),
-                 bias_init=layers.logical(_zeros, ('embed',)), name=name)
+  return Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+              dtype=dtype, kernel_init=layers.logical(_trunc_normal, (None, None, None, 'embed')),
+              bias_init=layers.logical(_zeros, ('embed',)), name=name)
 
 
 def _dense(features: int, *, dtype: Any, name: str) -> nn.Dense:
@@ -126,7 +127,7 @@ class ConvMlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     y = _conv(self.hidden_dim, 1, dtype=self.dtype, name='fc1')(x)
-    y = nn.gelu(_norm_or_identity(self.deploy, 'norm1', train, self.dtype)(y), approximate=False)
+    y = layers.gelu(_norm_or_identity(self.deploy, 'norm1', train, self.dtype)(y), approximate=False)
     y = _conv(x.shape[-1], 1, dtype=self.dtype, name='fc2')(y)
     return _norm_or_identity(self.deploy, 'norm2', train, self.dtype)(y)
 
@@ -138,7 +139,7 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    y = nn.gelu(_dense(self.hidden_dim, dtype=self.dtype, name='fc1')(x), approximate=False)
+    y = layers.gelu(_dense(self.hidden_dim, dtype=self.dtype, name='fc1')(x), approximate=False)
     return _dense(x.shape[-1], dtype=self.dtype, name='fc2')(y)
 
 
@@ -587,11 +588,11 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     pad = ((self.stride - 1) + (self.kernel - 1)) // 2
-    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                padding=((pad, pad), (pad, pad)), feature_group_count=self.groups, dtype=self.dtype,
-                kernel_init=_trunc_normal, bias_init=_zeros, name='conv')(x)
+    x = Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
+             padding=((pad, pad), (pad, pad)), feature_group_count=self.groups, dtype=self.dtype,
+             kernel_init=_trunc_normal, bias_init=_zeros, name='conv')(x)
     x = _norm_or_identity(self.deploy, 'bn', train, self.dtype)(x)
-    return nn.gelu(x, approximate=False) if self.act else x
+    return layers.gelu(x, approximate=False) if self.act else x
 
 
 class Attention2d(nn.Module):
@@ -623,15 +624,15 @@ class Attention2d(nn.Module):
     biases = self.param('attention_biases', _zeros, (heads, n))
     bias = jnp.asarray(biases)[:, attention_bias_index(self.resolution)].transpose(1, 2, 0)  # (N, N, heads)
     attn = jnp.einsum('bnhd,bmhd->bnmh', q, k) * (self.key_dim ** -0.5) + bias.astype(q.dtype)
-    head_mix = lambda name: nn.Conv(heads, (1, 1), dtype=self.dtype, kernel_init=_trunc_normal, bias_init=_zeros,
-                                    name=name)
+    head_mix = lambda name: Conv(heads, (1, 1), dtype=self.dtype, kernel_init=_trunc_normal, bias_init=_zeros,
+                                 name=name)
     attn = head_mix('talking_head1')(attn)
     attn = jax.nn.softmax(attn.astype(jnp.float32), axis=2).astype(v.dtype)
     attn = head_mix('talking_head2')(attn)
     out = jnp.einsum('bnmh,bmhd->bnhd', attn, v.reshape(b, n, heads, d)).reshape(b, h, w, heads * d) + v_local
     if self.stride is not None:
       out = upsample2_bilinear(out)
-    return conv(dim, 'proj')(nn.gelu(out, approximate=False), train)
+    return conv(dim, 'proj')(layers.gelu(out, approximate=False), train)
 
 
 class LocalGlobalQuery(nn.Module):
@@ -643,8 +644,8 @@ class LocalGlobalQuery(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     c = x.shape[-1]
-    local = nn.Conv(c, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), feature_group_count=c, dtype=self.dtype,
-                    kernel_init=_trunc_normal, bias_init=_zeros, name='local')(x)
+    local = Conv(c, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), feature_group_count=c, dtype=self.dtype,
+                 kernel_init=_trunc_normal, bias_init=_zeros, name='local')(x)
     return ConvBN(self.features, deploy=self.deploy, dtype=self.dtype, name='proj')(local + x[:, ::2, ::2], train)
 
 
@@ -678,7 +679,7 @@ class Attention2dDownsample(nn.Module):
     attn = jnp.einsum('bnhd,bmhd->bhnm', q, k) * (self.key_dim ** -0.5) + bias.astype(q.dtype)
     attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
     out = jnp.einsum('bhnm,bmhd->bnhd', attn, v.reshape(b, h * w, heads, d)).reshape(b, h2, w2, heads * d)
-    return conv(self.out_dim, 'proj')(nn.gelu(out + v_local, approximate=False), train)
+    return conv(self.out_dim, 'proj')(layers.gelu(out + v_local, approximate=False), train)
 
 
 class DownsampleV2(nn.Module):

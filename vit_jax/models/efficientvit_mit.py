@@ -45,6 +45,7 @@ import numpy as np
 from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
+from vit_jax.models.conv import Conv
 from vit_jax.models.layers import DropPath
 
 Array = jax.Array
@@ -74,10 +75,10 @@ class ConvNormAct(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     pad = ((self.stride - 1) + (self.kernel - 1)) // 2
     norm = self.norm and not self.deploy
-    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
-                use_bias=self.use_bias or (self.norm and self.deploy), dtype=self.dtype,
-                kernel_init=nn.initializers.kaiming_normal(), bias_init=nn.initializers.zeros, name='conv')(x)
+    x = Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
+             padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
+             use_bias=self.use_bias or (self.norm and self.deploy), dtype=self.dtype,
+             kernel_init=nn.initializers.kaiming_normal(), bias_init=nn.initializers.zeros, name='conv')(x)
     if norm:
       x = layers.torch_batch_norm('norm', train=train, dtype=self.dtype, epsilon=BN_EPS)(x)
     return jax.nn.hard_swish(x) if self.act else x
@@ -150,10 +151,10 @@ class LiteMLA(nn.Module):
     qkv = ConvNormAct(3 * total, 1, norm=False, deploy=self.deploy, dtype=self.dtype, name='qkv')(x, train)
     groups = [qkv]
     for i, s in enumerate(self.scales):
-      y = nn.Conv(3 * total, (s, s), padding=((s // 2, s // 2),) * 2, feature_group_count=3 * total, use_bias=False,
-                  dtype=self.dtype, kernel_init=nn.initializers.kaiming_normal(), name=f'aggreg_{i}_0')(qkv)
-      groups.append(nn.Conv(3 * total, (1, 1), feature_group_count=3 * heads, use_bias=False, dtype=self.dtype,
-                            kernel_init=nn.initializers.kaiming_normal(), name=f'aggreg_{i}_1')(y))
+      y = Conv(3 * total, (s, s), padding=((s // 2, s // 2),) * 2, feature_group_count=3 * total, use_bias=False,
+               dtype=self.dtype, kernel_init=nn.initializers.kaiming_normal(), name=f'aggreg_{i}_0')(qkv)
+      groups.append(Conv(3 * total, (1, 1), feature_group_count=3 * heads, use_bias=False, dtype=self.dtype,
+                         kernel_init=nn.initializers.kaiming_normal(), name=f'aggreg_{i}_1')(y))
     # Channels [q, k, v] of head_dim each per (scale, head) group, groups in channel order (as timm's reshape).
     qkv = jnp.concatenate(groups, axis=-1).reshape(b, h * w, -1, 3 * self.head_dim).transpose(0, 2, 1, 3)
     q, k, v = jnp.split(qkv, 3, axis=-1)

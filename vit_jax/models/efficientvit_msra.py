@@ -35,6 +35,7 @@ from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import levit
 from vit_jax.models import registry
+from vit_jax.models.conv import Conv
 from vit_jax.models.layers import DropPath, logical
 
 Array = jax.Array
@@ -60,8 +61,8 @@ class SqueezeExcite(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     c = x.shape[-1]
-    conv = lambda features, name: nn.Conv(features, (1, 1), dtype=self.dtype, name=name,
-                                          kernel_init=logical(levit._torch_default, (None, None, None, 'embed')))  # pylint: disable=protected-access
+    conv = lambda features, name: Conv(features, (1, 1), dtype=self.dtype, name=name,
+                                       kernel_init=logical(levit._torch_default, (None, None, None, 'embed')))  # pylint: disable=protected-access
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
     s = conv(c, 'fc2')(jax.nn.relu(conv(_make_divisible(c * 0.25), 'fc1')(s)))
     return x * jax.nn.sigmoid(s)

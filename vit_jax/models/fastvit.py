@@ -37,6 +37,7 @@ from vit_jax.models import attention
 from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
+from vit_jax.models.conv import Conv
 from vit_jax.models.layers import DropPath
 
 Array = jax.Array
@@ -55,8 +56,8 @@ def _conv(features: int, kernel: int, *, stride: int = 1, groups: int = 1, use_b
           dtype: Any = jnp.float32, name: str) -> nn.Conv:
   """A PyTorch-style conv: symmetric padding k // 2 (timm's padding for odd kernels at stride 1 and 2)."""
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                 feature_group_count=groups, use_bias=use_bias, dtype=dtype, name=name)
+  return Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+              feature_group_count=groups, use_bias=use_bias, dtype=dtype, name=name)
 
 
 class ConvBN(nn.Module):
@@ -118,7 +119,7 @@ class MobileOneBlock(nn.Module):
                        name=f'conv_kxk_{i}')(x, train)
     if self.use_se:
       y = SqueezeExcite(dtype=self.dtype, name='se')(y)
-    return nn.gelu(y, approximate=False) if self.use_act else y
+    return layers.gelu(y, approximate=False) if self.use_act else y
 
 
 class ReparamLargeKernelConv(nn.Module):
@@ -201,9 +202,9 @@ class ConvMlp(nn.Module):
     dim = x.shape[-1]
     x = ConvBN(dim, 7, groups=dim, dtype=self.dtype, name='conv')(x, train)
     fc = dict(kernel_init=_trunc_normal, bias_init=_zeros, dtype=self.dtype)
-    x = nn.Conv(self.hidden, (1, 1), name='fc1', **fc)(x)
-    x = nn.Dropout(self.drop)(nn.gelu(x, approximate=False), deterministic=not train)
-    x = nn.Conv(dim, (1, 1), name='fc2', **fc)(x)
+    x = Conv(self.hidden, (1, 1), name='fc1', **fc)(x)
+    x = nn.Dropout(self.drop)(layers.gelu(x, approximate=False), deterministic=not train)
+    x = Conv(dim, (1, 1), name='fc2', **fc)(x)
     return nn.Dropout(self.drop)(x, deterministic=not train)
 
 

@@ -69,6 +69,36 @@ def constrain(x: Array, names: LogicalNames) -> Array:
   return nn.with_logical_constraint(x, tuple(names))
 
 
+_GELU_VIA_ERFC = contextvars.ContextVar('vit_jax_gelu_via_erfc', default=False)
+
+
+@contextlib.contextmanager
+def gelu_via_erfc() -> Iterator[None]:
+  """Within the block, `gelu(approximate=False)` is traced through erfc (jax.nn.gelu's form) instead of erf.
+
+  For consumers whose StableHLO is older than the serialised form of erf (a composite op): TensorFlow 2.21 cannot
+  load a jax2tf SavedModel that contains one, so `vit_jax.export` writes SavedModels inside this block. It changes
+  tracing only: a function compiled before keeps the form it was traced with.
+  """
+  token = _GELU_VIA_ERFC.set(True)
+  try:
+    yield
+  finally:
+    _GELU_VIA_ERFC.reset(token)
+
+
+def gelu(x: Array, approximate: bool = True) -> Array:
+  """nn.gelu; the exact form is computed as x (1 + erf(x / sqrt 2)) / 2, PyTorch's formula.
+
+  jax.nn.gelu's exact form goes through erfc, which XLA:CPU expands into exponentials and a division: on a
+  128x128x48 activation it took 1.2 ms against 0.54 ms for the erf form, and GELU sits after every conv of the
+  convolutional families. Both are within 1.1e-6 of float64 PyTorch over |x| <= 12.
+  """
+  if approximate or _GELU_VIA_ERFC.get():
+    return nn.gelu(x, approximate=approximate)
+  return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(1 / np.sqrt(2), x.dtype)))
+
+
 def layer_norm(name: str, *, epsilon: float, dtype: Dtype, axis_name: str = 'embed',
                scale_init: Initializer = nn.initializers.ones,
                bias_init: Initializer = nn.initializers.zeros) -> nn.LayerNorm:
@@ -117,7 +147,7 @@ class MlpBlock(nn.Module):
     hidden = ('batch',) + ('length',) * (x.ndim - 2) + ('mlp',)
     x = nn.Dense(self.mlp_dim, name='Dense_0', kernel_init=logical(self.kernel_init, ('embed', 'mlp')),
                  bias_init=logical(self.bias_init, ('mlp',)), **dense)(x)
-    x = constrain(nn.gelu(x, approximate=self.gelu_approximate), hidden)
+    x = constrain(gelu(x, approximate=self.gelu_approximate), hidden)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     x = nn.Dense(out_dim, name='Dense_1', kernel_init=logical(self.kernel_init, ('mlp', 'embed')),
                  bias_init=logical(self.bias_init, ('embed',)), **dense)(x)

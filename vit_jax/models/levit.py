@@ -40,6 +40,7 @@ from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
 from vit_jax.models import resize
+from vit_jax.models.conv import Conv
 from vit_jax.models.layers import DropPath, logical
 
 Array = jax.Array
@@ -72,9 +73,9 @@ class ConvNorm(nn.Module):
                        kernel_init=logical(_torch_default, ('embed', None)))
     else:
       k, pad = self.kernel_size, self.kernel_size // 2
-      layer = nn.Conv(self.features, (k, k), strides=(self.stride, self.stride), padding=((pad, pad), (pad, pad)),
-                      feature_group_count=self.groups, use_bias=self.deploy, dtype=self.dtype, name=self.inner_name,
-                      kernel_init=logical(_torch_default, (None, None, None, 'embed')))
+      layer = Conv(self.features, (k, k), strides=(self.stride, self.stride), padding=((pad, pad), (pad, pad)),
+                   feature_group_count=self.groups, use_bias=self.deploy, dtype=self.dtype, name=self.inner_name,
+                   kernel_init=logical(_torch_default, (None, None, None, 'embed')))
     x = layer(x)
     if self.deploy:
       if train:

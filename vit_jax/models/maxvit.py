@@ -55,6 +55,7 @@ from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
 from vit_jax.models import resize
+from vit_jax.models.conv import Conv
 from vit_jax.models.layers import DropPath
 
 Array = jax.Array
@@ -169,9 +170,9 @@ def _batch_norm(name: str, eps: float, train: bool, dtype: Any) -> nn.BatchNorm:
 
 def _conv(features, kernel, *, stride=1, groups=1, use_bias=True, padding='torch', dtype=jnp.float32, name):
   """A conv with explicit pads whose params sit directly under `name` (timm's module name)."""
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, feature_group_count=groups,
-                 use_bias=use_bias, dtype=dtype, kernel_init=_conv_init(groups), bias_init=nn.initializers.zeros,
-                 name=name)
+  return Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, feature_group_count=groups,
+              use_bias=use_bias, dtype=dtype, kernel_init=_conv_init(groups), bias_init=nn.initializers.zeros,
+              name=name)
 
 
 def avg_pool2(x: Array, padding: str) -> Array:
@@ -199,7 +200,7 @@ class Stem(nn.Module):
                                          padding=conv_pads(x.shape[1:3], 3, stride, self.padding),
                                          dtype=self.dtype, name=name)(x)
     x = conv(x, self.stride, 'conv1')
-    x = nn.gelu(_batch_norm('norm1', self.bn_eps, train, self.dtype)(x), approximate=self.gelu_approximate)
+    x = layers.gelu(_batch_norm('norm1', self.bn_eps, train, self.dtype)(x), approximate=self.gelu_approximate)
     return conv(x, 1, 'conv2')
 
 
@@ -233,7 +234,7 @@ class MBConv(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     mid = make_divisible(self.out_dim * self.expand_ratio)
     bn = lambda name: _batch_norm(name, self.bn_eps, train, self.dtype)
-    act = lambda t: nn.gelu(t, approximate=self.gelu_approximate)
+    act = lambda t: layers.gelu(t, approximate=self.gelu_approximate)
     shortcut = x
     if self.stride == 2:
       shortcut = avg_pool2(shortcut, self.padding)
@@ -339,7 +340,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     dense = dict(dtype=self.dtype, kernel_init=_xavier, bias_init=nn.initializers.normal(1e-6))
-    y = nn.gelu(nn.Dense(self.hidden_dim, name='fc1', **dense)(x), approximate=self.gelu_approximate)
+    y = layers.gelu(nn.Dense(self.hidden_dim, name='fc1', **dense)(x), approximate=self.gelu_approximate)
     return nn.Dense(x.shape[-1], name='fc2', **dense)(y)
 
 

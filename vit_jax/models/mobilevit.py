@@ -41,6 +41,7 @@ from vit_jax.models import attention
 from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
+from vit_jax.models.conv import Conv
 from vit_jax.models.layers import DropPath
 
 Array = jax.Array
@@ -108,9 +109,9 @@ class ConvNormAct(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     p = self.kernel // 2
-    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                padding=((p, p), (p, p)), feature_group_count=self.groups, use_bias=self.folded, dtype=self.dtype,
-                name='conv')(x)
+    x = Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
+             padding=((p, p), (p, p)), feature_group_count=self.groups, use_bias=self.folded, dtype=self.dtype,
+             name='conv')(x)
     if not self.folded:
       x = layers.torch_batch_norm('bn', train=train, dtype=self.dtype)(x)
     return nn.silu(x) if self.act else x
@@ -146,7 +147,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     layer = lambda features, name: (
-        nn.Conv(features, (1, 1), kernel_init=_trunc_normal, bias_init=_zeros, dtype=self.dtype, name=name)
+        Conv(features, (1, 1), kernel_init=_trunc_normal, bias_init=_zeros, dtype=self.dtype, name=name)
         if self.conv else nn.Dense(features, kernel_init=_trunc_normal, bias_init=_zeros, dtype=self.dtype,
                                    name=name))
     return layer(x.shape[-1], 'fc2')(nn.silu(layer(self.hidden, 'fc1')(x)))
@@ -197,11 +198,11 @@ class LinearSelfAttention(nn.Module):
   def __call__(self, x: Array) -> Array:
     dim = x.shape[-1]
     conv = dict(kernel_init=_trunc_normal, bias_init=_zeros, dtype=self.dtype)
-    qkv = nn.Conv(1 + 2 * dim, (1, 1), name='qkv_proj', **conv)(x)
+    qkv = Conv(1 + 2 * dim, (1, 1), name='qkv_proj', **conv)(x)
     query, key, value = qkv[..., :1], qkv[..., 1:1 + dim], qkv[..., 1 + dim:]
     scores = jax.nn.softmax(query.astype(jnp.float32), axis=2).astype(x.dtype)
     context = jnp.sum(key * scores, axis=2, keepdims=True)
-    return nn.Conv(dim, (1, 1), name='out_proj', **conv)(nn.relu(value) * context)
+    return Conv(dim, (1, 1), name='out_proj', **conv)(nn.relu(value) * context)
 
 
 class LinearTransformerBlock(nn.Module):
@@ -244,7 +245,7 @@ class MobileViTBlock(nn.Module):
       x = resize_bilinear(x, size, align_corners=True)
     shortcut = x
     y = ConvNormAct(c, 3, groups=c if v2 else 1, name='conv_kxk', **cna)(x, train)
-    y = nn.Conv(self.transformer_dim, (1, 1), use_bias=False, dtype=self.dtype, name='conv_1x1')(y)
+    y = Conv(self.transformer_dim, (1, 1), use_bias=False, dtype=self.dtype, name='conv_1x1')(y)
     if not v2 and size != (h, w):
       y = resize_bilinear(y, size, align_corners=False)
     y = unfold(y, p)  # (B, P, N, C)

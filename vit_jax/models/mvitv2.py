@@ -41,6 +41,7 @@ from vit_jax.models import attention
 from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
+from vit_jax.models.conv import Conv
 from vit_jax.models.layers import DropPath
 
 Array = jax.Array
@@ -105,8 +106,8 @@ class _PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     k, s, p = _PATCH
-    return nn.Conv(self.embed_dim, (k, k), strides=(s, s), padding=((p, p), (p, p)), dtype=self.dtype,
-                   name='proj')(x)
+    return Conv(self.embed_dim, (k, k), strides=(s, s), padding=((p, p), (p, p)), dtype=self.dtype,
+                name='proj')(x)
 
 
 class MultiScaleAttention(nn.Module):
@@ -136,8 +137,8 @@ class MultiScaleAttention(nn.Module):
       # Depthwise conv over head_dim channels, weights shared by all heads, then LayerNorm(head_dim).
       t = t.reshape(b * heads, h, w, hd)
       p = _POOL_KERNEL // 2
-      t = nn.Conv(hd, (_POOL_KERNEL, _POOL_KERNEL), strides=(stride, stride), padding=((p, p), (p, p)),
-                  feature_group_count=hd, use_bias=False, dtype=self.dtype, name=f'pool_{name}')(t)
+      t = Conv(hd, (_POOL_KERNEL, _POOL_KERNEL), strides=(stride, stride), padding=((p, p), (p, p)),
+               feature_group_count=hd, use_bias=False, dtype=self.dtype, name=f'pool_{name}')(t)
       size = t.shape[1:3]
       t = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name=f'norm_{name}')(t)
       return t.reshape(b, heads, size[0] * size[1], hd), size
@@ -209,7 +210,7 @@ class _Mlp(nn.Module):
     dense = dict(dtype=self.dtype, kernel_init=_trunc_normal, bias_init=nn.initializers.zeros)
     dim = x.shape[-1]
     x = nn.Dense(self.hidden_dim, name='fc1', **dense)(x)
-    x = nn.gelu(x, approximate=False)
+    x = layers.gelu(x, approximate=False)
     return nn.Dense(dim, name='fc2', **dense)(x)
 
 

@@ -40,6 +40,7 @@ from vit_jax.models import attention
 from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
+from vit_jax.models.conv import Conv
 from vit_jax.models.layers import DropPath
 
 Array = jax.Array
@@ -96,8 +97,8 @@ class OverlapPatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     k, p = self.patch_size, self.patch_size // 2
-    x = nn.Conv(self.embed_dim, (k, k), strides=(self.stride, self.stride), padding=((p, p), (p, p)),
-                dtype=self.dtype, kernel_init=_conv_init(), name='proj')(x)
+    x = Conv(self.embed_dim, (k, k), strides=(self.stride, self.stride), padding=((p, p), (p, p)),
+             dtype=self.dtype, kernel_init=_conv_init(), name='proj')(x)
     return nn.LayerNorm(epsilon=_TORCH_LN_EPS, dtype=self.dtype, name='norm')(x)
 
 
@@ -125,15 +126,15 @@ class SpatialReductionAttention(nn.Module):
     kv_in = x
     if self.linear:
       kv_in = adaptive_avg_pool(kv_in, (_LINEAR_POOL, _LINEAR_POOL))
-      kv_in = nn.Conv(dim, (1, 1), dtype=self.dtype, kernel_init=_conv_init(), name='sr')(kv_in)
+      kv_in = Conv(dim, (1, 1), dtype=self.dtype, kernel_init=_conv_init(), name='sr')(kv_in)
       kv_in = nn.LayerNorm(epsilon=_TORCH_LN_EPS, dtype=self.dtype, name='norm')(kv_in)
-      kv_in = nn.gelu(kv_in, approximate=False)
+      kv_in = layers.gelu(kv_in, approximate=False)
     elif self.sr_ratio > 1:
       r = self.sr_ratio
       if h < r or w < r:
         raise ValueError(f'Feature map {h}x{w} is smaller than the spatial-reduction ratio {r}.')
-      kv_in = nn.Conv(dim, (r, r), strides=(r, r), padding='VALID', dtype=self.dtype, kernel_init=_conv_init(),
-                      name='sr')(kv_in)
+      kv_in = Conv(dim, (r, r), strides=(r, r), padding='VALID', dtype=self.dtype, kernel_init=_conv_init(),
+                   name='sr')(kv_in)
       kv_in = nn.LayerNorm(epsilon=_TORCH_LN_EPS, dtype=self.dtype, name='norm')(kv_in)
     kv_in = kv_in.reshape(b, -1, dim)
     kv = nn.Dense(2 * dim, use_bias=self.qkv_bias, name='kv', **dense)(kv_in)
@@ -163,9 +164,9 @@ class MlpWithDepthwiseConv(nn.Module):
     x = nn.Dense(self.hidden_dim, name='fc1', **dense)(x)
     if self.extra_relu:
       x = nn.relu(x)
-    x = nn.Conv(self.hidden_dim, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=self.hidden_dim,
-                dtype=self.dtype, kernel_init=_conv_init(self.hidden_dim), name='dwconv')(x)
-    x = nn.gelu(x, approximate=False)
+    x = Conv(self.hidden_dim, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=self.hidden_dim,
+             dtype=self.dtype, kernel_init=_conv_init(self.hidden_dim), name='dwconv')(x)
+    x = layers.gelu(x, approximate=False)
     x = nn.Dropout(self.drop_rate)(x, deterministic=deterministic)
     x = nn.Dense(dim, name='fc2', **dense)(x)
     return nn.Dropout(self.drop_rate)(x, deterministic=deterministic)

@@ -161,7 +161,7 @@ class Mlp(nn.Module):
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     dim = x.shape[-1]
     x = _dense(self.hidden_dim, ('embed', 'mlp'), dtype=self.dtype, name='fc1')(x)
-    x = constrain(nn.gelu(x, approximate=False), _MAP[:-1] + ('mlp',))
+    x = constrain(layers.gelu(x, approximate=False), _MAP[:-1] + ('mlp',))
     x = nn.Dropout(self.drop_rate)(x, deterministic=deterministic)
     x = _dense(dim, ('mlp', 'embed'), dtype=self.dtype, name='fc2')(x)
     return nn.Dropout(self.drop_rate)(x, deterministic=deterministic)

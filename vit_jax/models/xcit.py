@@ -47,6 +47,7 @@ from vit_jax.models import attention
 from vit_jax.models import facts
 from vit_jax.models import layers
 from vit_jax.models import registry
+from vit_jax.models.conv import Conv
 from vit_jax.models.layers import DropPath
 
 Array = jax.Array
@@ -108,9 +109,9 @@ class ConvPatchEmbed(nn.Module):
     for k in range(n):
       width = self.embed_dim // 2 ** (n - 1 - k)
       if k:
-        x = nn.gelu(x, approximate=False)
-      x = nn.Conv(width, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
-                  kernel_init=_torch_conv_init, name=f'proj_{k}_conv')(x)
+        x = layers.gelu(x, approximate=False)
+      x = Conv(width, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
+               kernel_init=_torch_conv_init, name=f'proj_{k}_conv')(x)
       x = layers.torch_batch_norm(f'proj_{k}_bn', train=train, dtype=self.dtype)(x)
     return x
 
@@ -123,8 +124,8 @@ class FourierPositionEncoding(nn.Module):
   @nn.compact
   def __call__(self, height: int, width: int) -> Array:
     feats = jnp.asarray(fourier_features(height, width))[None]
-    return nn.Conv(self.dim, (1, 1), dtype=self.dtype, kernel_init=_torch_conv_init,
-                   name='token_projection')(feats)  # (1, H, W, dim)
+    return Conv(self.dim, (1, 1), dtype=self.dtype, kernel_init=_torch_conv_init,
+                name='token_projection')(feats)  # (1, H, W, dim)
 
 
 class CrossCovarianceAttention(nn.Module):
@@ -172,9 +173,9 @@ class LocalPatchInteraction(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     c = x.shape[-1]
-    conv = lambda name: nn.Conv(c, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=c, dtype=self.dtype,
-                                kernel_init=_torch_conv_init, name=name)
-    x = nn.gelu(conv('conv1')(x), approximate=False)
+    conv = lambda name: Conv(c, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=c, dtype=self.dtype,
+                             kernel_init=_torch_conv_init, name=name)
+    x = layers.gelu(conv('conv1')(x), approximate=False)
     x = layers.torch_batch_norm('bn', train=train, dtype=self.dtype)(x)
     return conv('conv2')(x)
 
@@ -188,7 +189,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     dim = x.shape[-1]
-    x = nn.gelu(_dense(self.hidden_dim, 'fc1', self.dtype)(x), approximate=False)
+    x = layers.gelu(_dense(self.hidden_dim, 'fc1', self.dtype)(x), approximate=False)
     x = nn.Dropout(self.drop_rate)(x, deterministic=deterministic)
     x = _dense(dim, 'fc2', self.dtype)(x)
     return nn.Dropout(self.drop_rate)(x, deterministic=deterministic)
