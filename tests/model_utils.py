@@ -72,20 +72,23 @@ _MATMULS = ('dot_general', 'conv_general_dilated')
 
 def xla_matmul_flops(fn: Callable[..., Any], *args: Any) -> float:
   """XLA's cost analysis of every matmul and convolution in fn's jaxpr (each lowered on its own), summed: what an
-  analytic FLOP count (FamilyFacts.forward_macs) is checked against. Shapes only; nothing is compiled or run."""
-  total = 0.0
-  def walk(jaxpr, times):
-    nonlocal total
+  analytic FLOP count (FamilyFacts.forward_macs) is checked against. A `cond` runs one branch, so it counts its
+  costliest (e.g. `Conv`'s per-platform choice between a 1x1 conv and a dot counts once). Shapes only; nothing is
+  compiled or run."""
+  def walk(jaxpr) -> float:
+    total = 0.0
     for eqn in jaxpr.eqns:
       if eqn.primitive.name in _MATMULS:
-        total += times * _op_flops(eqn)
-      for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-          inner = getattr(sub, 'jaxpr', sub)
-          if hasattr(inner, 'eqns'):
-            walk(inner, times * (eqn.params.get('length', 1) if eqn.primitive.name == 'scan' else 1))
-  walk(jax.make_jaxpr(fn)(*args).jaxpr, 1)
-  return total
+        total += _op_flops(eqn)
+      inner = [getattr(sub, 'jaxpr', sub) for value in eqn.params.values()
+               for sub in (value if isinstance(value, (tuple, list)) else (value,))]
+      inner = [walk(j) for j in inner if hasattr(j, 'eqns')]
+      if inner and eqn.primitive.name == 'cond':
+        total += max(inner)
+      elif inner:
+        total += sum(inner) * (eqn.params.get('length', 1) if eqn.primitive.name == 'scan' else 1)
+    return total
+  return walk(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def _op_flops(eqn: Any) -> float:
