@@ -3,7 +3,7 @@
 XLA:CPU runs a depthwise (grouped, one channel per group) convolution through its generic grouped-conv path at about
 0.3-0.4 GMAC/s on this project's 2-core machine: a 7x7 depthwise conv on 64x64x48 took 21-28 ms, nearly half of a
 mobile family's batch-1 latency. The same conv written as k*k shifted multiply-adds (`shifted_depthwise_conv`) is one
-elementwise loop fusion and runs 20-50x faster there (`experiments/benchmarks/depthwise_conv.py` measures it).
+elementwise loop fusion and runs 8-50x faster there (`experiments/benchmarks/depthwise_conv.py` measures it).
 On GPU and TPU the library convolution is the fast one, so the choice is made per platform inside the compiled
 program (`jax.lax.platform_dependent`): only the branch of the platform being compiled for is kept. Exporters keep
 the choice (`jax.export` for the platforms it is asked for); jax2onnx takes the library branch, i.e. ONNX `Conv`s.
