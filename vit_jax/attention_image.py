@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import sharding, visualize
+from vit_jax import compile_options, sharding, visualize
 
 # Anchors of a dark-to-bright colour ramp (the `inferno` map at 0, 1/4, 1/2, 3/4, 1), as RGB in [0, 255].
 _RAMP = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)], np.float32) / 255.0
@@ -92,7 +92,8 @@ def rollout_overlay(model: nn.Module, variables: Any, image: np.ndarray) -> Opti
   image = np.asarray(image, np.float32)
   if unsupported_reason(model, image.shape) is not None:
     return None
-  return overlay(image, np.asarray(jax.jit(functools.partial(rollout_heat, model))(variables, image)))
+  heat = compile_options.jit_inference(functools.partial(rollout_heat, model))(variables, image)
+  return overlay(image, np.asarray(heat))
 
 
 def _attempt(fn: Callable[[], Any]) -> tuple[bool, Any]:
@@ -124,7 +125,7 @@ class RolloutImage:
       logging.debug('No attention-rollout image in TensorBoard: %s.', reason)  # Shown with --verbosity=1.
       return
     out = {} if mesh is None else {'out_shardings': sharding.replicated(mesh)}
-    self._image, self._heat = image, jax.jit(functools.partial(rollout_heat, model), **out)
+    self._image, self._heat = image, compile_options.jit_inference(functools.partial(rollout_heat, model), **out)
 
   @classmethod
   def of_first_example(cls, model: nn.Module, batches: Iterable[dict[str, np.ndarray]],

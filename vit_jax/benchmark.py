@@ -25,7 +25,7 @@ import optax
 from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vit_jax import flops, models
+from vit_jax import compile_options, flops, models
 from vit_jax.models import attention
 
 # Dense peak TFLOP/s per chip by compute dtype, matched against `device.device_kind` (first match wins).
@@ -138,8 +138,8 @@ def build_step(*, model_name: str, batch_size: int, image_size: int, dtype: str 
       holder[0] = compiled(holder[0], images, labels)
       return holder[0]
   else:
-    compiled = jax.jit(lambda p, x: model.apply({'params': p, **model_state}, x, train=False)).lower(
-        params, images).compile()
+    compiled = compile_options.jit_inference(
+        lambda p, x: model.apply({'params': p, **model_state}, x, train=False)).lower(params, images).compile()
     run = lambda: compiled(params, images)
   return run, compiled, model
 

@@ -139,7 +139,9 @@ def predict_files(loaded: LoadedModel, files: Sequence[str], *, k: int = 5, batc
   """([{'file', 'top_k'}] for every decodable file, [(file, reason)] of the skipped ones). Batches are padded to
   `batch_size`, so the model compiles once."""
   import jax  # pylint: disable=g-import-not-at-top
-  apply = jax.jit(lambda v, x: jax.nn.softmax(loaded.model.apply(v, x, train=False).astype(np.float32), axis=-1))
+  from vit_jax import compile_options  # pylint: disable=g-import-not-at-top
+  apply = compile_options.jit_inference(
+      lambda v, x: jax.nn.softmax(loaded.model.apply(v, x, train=False).astype(np.float32), axis=-1))
   skipped: list[tuple[str, str]] = []
   results = []
   bar = None

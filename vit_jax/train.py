@@ -24,8 +24,8 @@ from clu import periodic_actions
 from etils import epath
 from flax.training import train_state
 
-from vit_jax import (attention_image, checkpoint, config_schema, console, ema, finetune, guards, input_pipeline,
-                     labels, metrics, models, preemption, sharding, tasks)
+from vit_jax import (attention_image, checkpoint, compile_options, config_schema, console, ema, finetune, guards,
+                     input_pipeline, labels, metrics, models, preemption, sharding, tasks)
 from vit_jax.tasks import base as task_base
 from vit_jax.tasks import classification
 
@@ -424,8 +424,9 @@ def _train_claimed(config: ml_collections.ConfigDict, workdir: str, run: RunSetu
           mesh, run.rules),
       in_shardings=(state_shardings, batch_spec, constants_sharding), out_shardings=(state_shardings, replicated),
       donate_argnums=0)
-  p_eval_step = jax.jit(sharding.with_activation_sharding(functools.partial(eval_step, task=task), mesh, run.rules),
-                        in_shardings=(state_shardings, batch_spec), out_shardings=replicated)
+  p_eval_step = compile_options.jit_inference(
+      sharding.with_activation_sharding(functools.partial(eval_step, task=task), mesh, run.rules),
+      in_shardings=(state_shardings, batch_spec), out_shardings=replicated)
 
   has_eval = task.eval_metrics is not None
   run_eval = functools.partial(evaluate, p_eval_step, mesh=mesh, num_classes=info.num_classes)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import deploy, flops, models
+from vit_jax import compile_options, deploy, flops, models
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['levit_128s', 'efficientvit_m0'], 'Registry model names (comma-separated).')
@@ -56,7 +56,7 @@ def our_step(name: str) -> tuple[Step, dict[str, Any]]:
     return jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype)
   variables = jax.tree_util.tree_map_with_path(fill, shapes)
   folded_model, folded = deploy.fold_for_inference(name, variables, num_classes=1000)
-  forward = jax.jit(lambda v, x: folded_model.apply(v, x, train=False))
+  forward = compile_options.jit_inference(lambda v, x: folded_model.apply(v, x, train=False))
   forward(folded, x).block_until_ready()  # Compile outside the timed calls.
   count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(folded['params']))
   fl, how = flops.model_forward_flops(folded_model, size, family=spec.family)

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vit_jax import input_pipeline, sharding
+from vit_jax import compile_options, input_pipeline, sharding
 
 # (variables, images (B, H, W, 3) in [-1, 1]) -> features (B, D). Build it once and reuse it: it is compiled once
 # per (function, mesh).
@@ -64,7 +64,8 @@ def pre_logits_fn(model: Any) -> FeatureFn:
 @functools.lru_cache(maxsize=16)
 def _compiled(feature_fn: FeatureFn, mesh: jax.sharding.Mesh) -> Callable[..., jax.Array]:
   """`feature_fn` jitted with features replicated on every device, so each process can read all of them."""
-  return jax.jit(lambda v, x: feature_fn(v, x).astype(jnp.float32), out_shardings=sharding.replicated(mesh))
+  return compile_options.jit_inference(lambda v, x: feature_fn(v, x).astype(jnp.float32),
+                                      out_shardings=sharding.replicated(mesh))
 
 
 def _gather_local(x: np.ndarray) -> np.ndarray:
