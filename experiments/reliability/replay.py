@@ -196,6 +196,9 @@ def case_double_ctrl_c(r: Replay, w: pathlib.Path) -> tuple[bool, str]:
   proc = r.start(w, '--config.checkpoint_every=100000', steps=100000)
   _wait_for(proc, 'train_loss')
   proc.send_signal(signal.SIGINT)
+  # As a person would: the second Ctrl-C after the first one's message. Two signals sent back to back can reach the
+  # process as one (a pending signal is not queued twice), and then the run rightly checkpoints and exits 0.
+  _wait_for(proc, 'press Ctrl-C again', timeout=120)
   proc.send_signal(signal.SIGINT)
   start = time.time()
   proc.communicate(timeout=300)
