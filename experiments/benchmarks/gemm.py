@@ -32,7 +32,7 @@ flags.DEFINE_integer('rounds', 5, 'Alternating rounds.')
 flags.DEFINE_integer('iters', 5, 'Timed calls per variant per round.')
 flags.DEFINE_integer('batch_size', 8, 'Images per step; the products have batch_size * 197 rows.')
 
-# (layer, input width, output width) of one ViT-S/16 block; `qkv` is the three projections as one product.
+# (layer, input width, output width) of one ViT-S/16 block; q, k and v are three products of the same shape.
 LAYERS = [('mlp fc1', 384, 1536), ('mlp fc2', 1536, 384), ('attn q/k/v (each)', 384, 384),
           ('attn out', 384, 384)]
 TOKENS = 197
